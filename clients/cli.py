@@ -1,0 +1,332 @@
+"""The ``neurolens`` command: run a server, submit and watch jobs, fetch artifacts.
+
+Every command but ``serve`` talks to a server over HTTP through :class:`NeuroLensClient`
+(``--server`` or ``$NEUROLENS_SERVER``). Failures print one ``error: ...`` line to stderr and
+exit with status 1; nothing here prints a traceback for an expected failure.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from clients.client import SERVER_ENV, NeuroLensClient
+from clients.exceptions import NeuroLensError
+from clients.format import (
+    format_bytes, format_duration, format_memory, format_progress, status_label,
+)
+
+app = typer.Typer(
+    name="neurolens",
+    help="Train EEG-to-text models on a NeuroLens server.",
+    no_args_is_help=True,
+    add_completion=False,
+    # Local variables in tracebacks could print tokens or paths; expected errors never reach
+    # the traceback handler anyway (see _connect).
+    pretty_exceptions_enable=False,
+)
+
+console = Console(highlight=False)
+
+
+@dataclass
+class _Options:
+    server: str | None
+
+
+def _fail(message: str, code: int = 1) -> typer.Exit:
+    """Print one line to stderr and return the Exit to raise (``raise _fail(...)``)."""
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(code)
+
+
+@contextmanager
+def _connect(ctx: typer.Context) -> Iterator[NeuroLensClient]:
+    """A client for the chosen server; NeuroLens errors become one stderr line and exit 1."""
+    try:
+        with NeuroLensClient(ctx.obj.server if ctx.obj else None) as client:
+            yield client
+    except NeuroLensError as exc:
+        raise _fail(str(exc)) from None
+
+
+@app.callback()
+def _main(
+    ctx: typer.Context,
+    server: Annotated[Optional[str], typer.Option(
+        "--server", "-s", envvar=SERVER_ENV, show_envvar=True,
+        help="Server URL, e.g. http://gpu-box:8000 (default http://127.0.0.1:8000).")] = None,
+) -> None:
+    ctx.obj = _Options(server=server)
+
+
+# -- serve -------------------------------------------------------------------------------------
+
+@app.command()
+def serve(
+    host: Annotated[Optional[str], typer.Option(help="Interface to bind (0.0.0.0 for all).")] = None,
+    port: Annotated[Optional[int], typer.Option(help="Port to listen on.")] = None,
+    data_dir: Annotated[Optional[Path], typer.Option(help="Database, jobs and artifacts directory.")] = None,
+    demo: Annotated[bool, typer.Option("--demo", help="Queue the synthetic demo pipeline on first start.")] = False,
+) -> None:
+    """Run the NeuroLens server (flags override NEUROLENS_* environment variables)."""
+    # Imported here so that client commands never pay for FastAPI, SQLModel and uvicorn.
+    from server.app import serve as run_server
+    from server.settings import Settings
+
+    overrides: dict[str, Any] = {}
+    if host is not None:
+        overrides["host"] = host
+    if port is not None:
+        overrides["port"] = port
+    if data_dir is not None:
+        overrides["data_dir"] = data_dir
+    if demo:
+        overrides["demo"] = True
+    from pydantic import ValidationError
+
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as exc:  # e.g. --port 70000, or a bad NEUROLENS_* variable
+        problems = "; ".join(
+            f"invalid {'.'.join(str(p) for p in err['loc'])} {err.get('input')!r}: {err['msg']}"
+            for err in exc.errors())
+        raise _fail(problems) from None
+    run_server(settings)
+
+
+# -- jobs --------------------------------------------------------------------------------------
+
+def _parse_assignment(text: str) -> tuple[str, Any]:
+    """``key=value`` with the value read as JSON when it parses (numbers, booleans), else a string."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise typer.BadParameter(f"expected key=value, got {text!r}", param_hint="--set")
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        value = raw
+    return key.strip(), value
+
+
+@app.command()
+def submit(
+    ctx: typer.Context,
+    stage: Annotated[str, typer.Argument(help="stage1 (encoder) or stage2 (BART on the encoder).")],
+    dataset: Annotated[str, typer.Option(help="'synthetic', 'synthetic:null' or a path on the server.")] = "synthetic",
+    preset: Annotated[Optional[str], typer.Option(help="Model size, e.g. tiny, small, base.")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Optimizer steps in total.")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option(
+        "--set", help="Other config fields as key=value (repeatable), e.g. --set lr=3e-4.")] = None,
+    after: Annotated[Optional[int], typer.Option(help="Stage 2: start from this Stage 1 job's encoder.")] = None,
+    encoder_artifact: Annotated[Optional[int], typer.Option(help="Stage 2: start from this encoder artifact.")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the new job id.")] = False,
+) -> None:
+    """Queue a training job."""
+    config: dict[str, Any] = dict(_parse_assignment(item) for item in set_ or ())
+    if preset is not None:
+        config["preset"] = preset
+    if steps is not None:
+        config["steps"] = steps
+    with _connect(ctx) as client:
+        job = client.submit_job(stage, dataset, config, after=after, encoder_artifact=encoder_artifact)
+    if quiet:
+        typer.echo(job["id"])
+        return
+    console.print(f"Job {job['id']} submitted: {job['stage']} on {job['dataset']}, {status_label(job)}.")
+
+
+@app.command("jobs")
+def list_jobs(
+    ctx: typer.Context,
+    status: Annotated[Optional[str], typer.Option(help="Only jobs with this status.")] = None,
+    stage: Annotated[Optional[str], typer.Option(help="Only stage1 or stage2 jobs.")] = None,
+) -> None:
+    """List jobs, newest first."""
+    with _connect(ctx) as client:
+        jobs = client.list_jobs(status=status, stage=stage)
+    if not jobs:
+        console.print("No jobs.")
+        return
+    table = Table(show_edge=False, pad_edge=False)
+    for name, justify in (("ID", "right"), ("Stage", "left"), ("Status", "left"), ("Progress", "left"),
+                          ("Loss", "right"), ("Peak RSS", "right"), ("Tries", "right")):
+        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    for job in jobs:
+        loss = (job.get("metrics") or {}).get("loss")
+        peak = (job.get("memory") or {}).get("peak_rss_bytes")
+        table.add_row(str(job["id"]), job["stage"], status_label(job), format_progress(job.get("progress")),
+                      f"{loss:.4f}" if isinstance(loss, (int, float)) else "-",
+                      format_bytes(peak), str(job.get("attempts", 0)))
+    console.print(table)
+
+
+@app.command()
+def status(ctx: typer.Context, job_id: Annotated[int, typer.Argument(help="Job id.")]) -> None:
+    """Show one job: status, progress, memory, metrics, error and artifacts."""
+    with _connect(ctx) as client:
+        job = client.get_job(job_id)
+    rows: list[tuple[str, str]] = [
+        ("Job", f"{job['id']} ({job['stage']} on {job['dataset']})"),
+        ("Status", status_label(job)),
+        ("Progress", format_progress(job.get("progress"))),
+        ("Memory", format_memory(job.get("memory"))),
+        ("Attempts", str(job.get("attempts", 0))),
+    ]
+    if job.get("after") is not None:
+        rows.append(("After job", str(job["after"])))
+    if job.get("encoder_artifact") is not None:
+        rows.append(("Encoder artifact", str(job["encoder_artifact"])))
+    for key, value in sorted((job.get("metrics") or {}).items()):
+        rows.append((key, f"{value:.6g}" if isinstance(value, float) else str(value)))
+    for key in ("created_at", "started_at", "finished_at"):
+        if job.get(key):
+            rows.append((key.replace("_at", "").capitalize(), str(job[key])))
+    if job.get("error"):
+        rows.append(("Error", str(job["error"])))
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold")
+    grid.add_column()
+    for key, value in rows:
+        grid.add_row(key, value)
+    console.print(grid)
+    if job.get("artifacts"):
+        console.print()
+        console.print(_artifact_table(job["artifacts"]))
+
+
+@app.command()
+def watch(
+    ctx: typer.Context,
+    job_id: Annotated[int, typer.Argument(help="Job id.")],
+    interval: Annotated[float, typer.Option(help="Seconds between polls.", min=0.2)] = 1.0,
+) -> None:
+    """Follow a job with a live progress bar until it succeeds, fails or is cancelled.
+
+    A paused job is still followed, since it may be resumed from elsewhere; Ctrl-C stops
+    watching without touching the job.
+    """
+    from clients.watch import watch_job  # rich.live is only needed here
+
+    with _connect(ctx) as client:
+        try:
+            job = watch_job(client, job_id, console, interval=interval)
+        except KeyboardInterrupt:
+            raise typer.Exit(130) from None
+    console.print(f"Job {job['id']} {status_label(job)}.")
+    if job["status"] != "succeeded":
+        if job.get("error"):
+            typer.echo(f"error: {job['error']}", err=True)
+        raise typer.Exit(1)
+
+
+@app.command()
+def logs(
+    ctx: typer.Context,
+    job_id: Annotated[int, typer.Argument(help="Job id.")],
+    tail_bytes: Annotated[int, typer.Option(help="How much of the end of the log to show.", min=1)] = 65536,
+) -> None:
+    """Print the end of a job's trainer log."""
+    with _connect(ctx) as client:
+        text = client.logs(job_id, tail_bytes=tail_bytes)
+    # Plain echo: a log line with [brackets] must not be read as rich markup.
+    typer.echo(text, nl=not text.endswith("\n"))
+
+
+def _transition(ctx: typer.Context, job_id: int, action: str) -> None:
+    with _connect(ctx) as client:
+        job = getattr(client, f"{action}_job")(job_id)
+    console.print(f"Job {job['id']} {status_label(job)}.")
+
+
+@app.command()
+def cancel(ctx: typer.Context, job_id: Annotated[int, typer.Argument(help="Job id.")]) -> None:
+    """Cancel a job (a running trainer checkpoints, then stops)."""
+    _transition(ctx, job_id, "cancel")
+
+
+@app.command()
+def pause(ctx: typer.Context, job_id: Annotated[int, typer.Argument(help="Job id.")]) -> None:
+    """Pause a job; it keeps its newest checkpoint."""
+    _transition(ctx, job_id, "pause")
+
+
+@app.command()
+def resume(ctx: typer.Context, job_id: Annotated[int, typer.Argument(help="Job id.")]) -> None:
+    """Queue a paused job again; it continues from its newest checkpoint."""
+    _transition(ctx, job_id, "resume")
+
+
+# -- artifacts ---------------------------------------------------------------------------------
+
+def _artifact_table(artifacts: list[dict[str, Any]]) -> Table:
+    table = Table(show_edge=False, pad_edge=False)
+    for name, justify in (("ID", "right"), ("Job", "right"), ("Kind", "left"), ("File", "left"),
+                          ("Size", "right"), ("sha256", "left")):
+        table.add_column(name, justify=justify, overflow="fold")  # type: ignore[arg-type]
+    for art in artifacts:
+        table.add_row(str(art["id"]), str(art["job_id"]), art["kind"], art["filename"],
+                      format_bytes(art.get("size_bytes")), art["sha256"][:16])
+    return table
+
+
+@app.command()
+def artifacts(
+    ctx: typer.Context,
+    job: Annotated[Optional[int], typer.Option(help="Only this job's artifacts.")] = None,
+    kind: Annotated[Optional[str], typer.Option(help="encoder, checkpoint, model or report.")] = None,
+) -> None:
+    """List artifacts (use an ID with `neurolens download`)."""
+    with _connect(ctx) as client:
+        found = client.list_artifacts(job_id=job, kind=kind)
+    if not found:
+        console.print("No artifacts.")
+        return
+    console.print(_artifact_table(found))
+
+
+@app.command()
+def download(
+    ctx: typer.Context,
+    artifact_id: Annotated[int, typer.Argument(help="Artifact id (see `neurolens artifacts`).")],
+    # A str, not a Path: a trailing slash ("models/") must survive to mean "into this directory".
+    output: Annotated[Optional[str], typer.Option(
+        "--output", "-o", help="File or directory to write [default: the artifact's filename here].")] = None,
+) -> None:
+    """Download an artifact and verify its sha256."""
+    from rich.progress import (
+        BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn,
+    )
+
+    started = time.monotonic()
+    with _connect(ctx) as client:
+        record = client.get_artifact(artifact_id)
+        with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                      TimeRemainingColumn(), console=console, transient=True) as bar:
+            task = bar.add_task(record["filename"], total=record["size_bytes"] or None)
+            path = client.download_artifact(
+                artifact_id, output, progress=lambda done, total: bar.update(task, completed=done))
+    console.print(f"Saved {path} ({format_bytes(record['size_bytes'])}, sha256 {record['sha256'][:16]}... "
+                  f"verified) in {format_duration(time.monotonic() - started)}.")
+
+
+def main() -> None:
+    """Console-script entry point (``neurolens``)."""
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

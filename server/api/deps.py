@@ -1,0 +1,47 @@
+"""Dependencies shared by the routers: the database session, the app's services, trainer auth."""
+
+from __future__ import annotations
+
+import secrets
+from typing import Annotated
+
+from fastapi import Depends, Header, Request
+
+from server.db import SessionDep
+from server.exceptions import Unauthorized
+from server.jobs import get_job, hash_token
+from server.models import Job
+from server.scheduler import Scheduler
+from server.settings import Settings
+from server.storage import ArtifactStore
+
+
+def get_app_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_scheduler(request: Request) -> Scheduler:
+    return request.app.state.scheduler
+
+
+def get_store(request: Request) -> ArtifactStore:
+    return request.app.state.store
+
+
+SettingsDep = Annotated[Settings, Depends(get_app_settings)]
+SchedulerDep = Annotated[Scheduler, Depends(get_scheduler)]
+StoreDep = Annotated[ArtifactStore, Depends(get_store)]
+
+
+def trainer_job(job_id: int, session: SessionDep, authorization: Annotated[str | None, Header()] = None) -> Job:
+    """The job whose trainer token the request carries; any other token is refused."""
+    job = get_job(session, job_id)
+    scheme, _, token = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        raise Unauthorized(f"Reporting for job {job_id} needs 'Authorization: Bearer <trainer token>'.")
+    if not job.token_sha256 or not secrets.compare_digest(hash_token(token), job.token_sha256):
+        raise Unauthorized(f"This token may not report for job {job_id}.")
+    return job
+
+
+TrainerJobDep = Annotated[Job, Depends(trainer_job)]

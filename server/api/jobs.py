@@ -1,0 +1,152 @@
+"""Jobs: create, read, stop; and the trainer's side (events, artifact registration)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Query, Response
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import PlainTextResponse
+from sqlmodel import func, select
+
+from server import jobs as job_rules
+from server.api.deps import SchedulerDep, SettingsDep, StoreDep, TrainerJobDep
+from server.db import SessionDep
+from server.exceptions import InvalidInput, NotFound
+from server.models import (
+    Artifact, ArtifactPublic, Job, JobCreate, JobEvent, JobEventsPublic, JobPublic, JobsPublic, JobStatus,
+)
+from server.storage import StorageError, resolve_inside, sha256_of
+from trainer.config import STAGES
+from trainer.protocol import LOG_FILENAME, ArtifactRegistration, EventReply, TrainerEvent
+
+router = APIRouter(prefix="/jobs", tags=["jobs"])
+
+
+def etag_of(job: Job) -> str:
+    return f'"job-{job.id}-v{job.version}"'
+
+
+@router.post("", status_code=201, response_model=JobPublic)
+def create_job(body: JobCreate, session: SessionDep, scheduler: SchedulerDep) -> JobPublic:
+    job = job_rules.create_job(session, body)
+    scheduler.wake()
+    return job_rules.to_public(session, job)
+
+
+@router.get("", response_model=JobsPublic)
+def list_jobs(
+    session: SessionDep,
+    status: JobStatus | None = None,
+    stage: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 200,
+) -> JobsPublic:
+    query = select(Job)
+    count_query = select(func.count()).select_from(Job)
+    if status is not None:
+        query = query.where(Job.status == status)
+        count_query = count_query.where(Job.status == status)
+    if stage is not None:
+        if stage not in STAGES:
+            raise InvalidInput(f"Invalid stage {stage!r}; expected 'stage1' or 'stage2'.")
+        query = query.where(Job.stage == stage)
+        count_query = count_query.where(Job.stage == stage)
+    found = session.exec(query.order_by(Job.id.desc()).limit(limit)).all()
+    return JobsPublic(data=[job_rules.to_public(session, job) for job in found],
+                      count=session.exec(count_query).one())
+
+
+@router.get("/{job_id}", response_model=JobPublic, responses={304: {"description": "Unchanged since the ETag given"}})
+def read_job(job_id: int, session: SessionDep, response: Response,
+             if_none_match: Annotated[str | None, Header()] = None):
+    job = job_rules.get_job(session, job_id)
+    etag = etag_of(job)
+    if if_none_match and etag in [tag.strip() for tag in if_none_match.split(",")]:
+        return Response(status_code=304, headers={"ETag": etag})
+    response.headers["ETag"] = etag
+    return job_rules.to_public(session, job)
+
+
+@router.post("/{job_id}/cancel", response_model=JobPublic)
+def cancel_job(job_id: int, session: SessionDep, scheduler: SchedulerDep) -> JobPublic:
+    job = job_rules.request_stop(session, job_rules.get_job(session, job_id), "cancel")
+    scheduler.wake()
+    return job_rules.to_public(session, job)
+
+
+@router.post("/{job_id}/pause", response_model=JobPublic)
+def pause_job(job_id: int, session: SessionDep) -> JobPublic:
+    job = job_rules.request_stop(session, job_rules.get_job(session, job_id), "pause")
+    return job_rules.to_public(session, job)
+
+
+@router.post("/{job_id}/resume", response_model=JobPublic)
+def resume_job(job_id: int, session: SessionDep, scheduler: SchedulerDep) -> JobPublic:
+    job = job_rules.resume(session, job_rules.get_job(session, job_id))
+    scheduler.wake()
+    return job_rules.to_public(session, job)
+
+
+@router.get("/{job_id}/events", response_model=JobEventsPublic)
+def list_events(
+    job_id: int,
+    session: SessionDep,
+    after_id: Annotated[int, Query(ge=0)] = 0,
+    limit: Annotated[int, Query(ge=1, le=5000)] = 500,
+) -> JobEventsPublic:
+    job_rules.get_job(session, job_id)
+    events = session.exec(
+        select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.id > after_id).order_by(JobEvent.id).limit(limit)
+    ).all()
+    return JobEventsPublic(data=events, count=len(events))
+
+
+@router.get("/{job_id}/logs", response_class=PlainTextResponse)
+def read_logs(job_id: int, session: SessionDep, settings: SettingsDep,
+              tail_bytes: Annotated[int, Query(ge=1, le=16 * 1024**2)] = 65536) -> str:
+    job_rules.get_job(session, job_id)
+    path = settings.jobs_dir / str(job_id) / LOG_FILENAME
+    if not path.exists():
+        return ""
+    with open(path, "rb") as fh:
+        size = fh.seek(0, 2)
+        fh.seek(max(size - tail_bytes, 0))
+        return fh.read().decode("utf-8", errors="replace")
+
+
+# --- The trainer's side: authenticated by the job's own token ---------------------------
+
+
+@router.post("/{job_id}/events", response_model=EventReply, tags=["trainer"])
+def post_event(event: TrainerEvent, job: TrainerJobDep, session: SessionDep) -> EventReply:
+    """A progress report (also the heartbeat); the reply carries a pending stop request."""
+    return EventReply(stop=job_rules.record_event(session, job, event))
+
+
+@router.post("/{job_id}/artifacts/register", status_code=201, response_model=ArtifactPublic, tags=["trainer"])
+async def register_artifact(registration: ArtifactRegistration, job: TrainerJobDep, session: SessionDep,
+                            settings: SettingsDep, store: StoreDep) -> ArtifactPublic:
+    """Add a file the trainer wrote in its job directory to the artifact store."""
+    try:
+        source = resolve_inside(settings.jobs_dir / str(job.id), registration.path)
+    except StorageError as exc:
+        raise InvalidInput(str(exc)) from exc
+    if not source.is_file():
+        raise NotFound(f"File {registration.path!r} not found in job {job.id}'s directory.")
+    # Hashing a large checkpoint takes seconds: keep it off the event loop.
+    sha256, size = await run_in_threadpool(sha256_of, source)
+    artifact = Artifact(job_id=job.id, kind=registration.kind, filename=source.name, size_bytes=size,
+                        sha256=sha256, storage_path="")
+    session.add(artifact)
+    session.flush()
+    try:
+        artifact.storage_path = await run_in_threadpool(store.add_file, source, artifact.id, source.name)
+        job_rules.touch(job)
+        session.add(job)
+        session.commit()
+    except Exception:
+        session.rollback()
+        store.remove(f"{artifact.id}/{source.name}")
+        raise
+    session.refresh(artifact)
+    return ArtifactPublic.model_validate(artifact, from_attributes=True)

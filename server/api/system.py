@@ -1,0 +1,47 @@
+"""Health, machine resources and the presets a job may name."""
+
+from __future__ import annotations
+
+import os
+
+import psutil
+from fastapi import APIRouter
+from sqlmodel import func, select
+
+from server import __version__
+from server.db import SessionDep
+from server.models import Job, JobStatus
+from trainer.config import BART_PRESETS, EncoderConfig, config_fields
+
+router = APIRouter(tags=["system"])
+
+
+@router.get("/health")
+def health() -> dict:
+    return {"status": "ok", "version": __version__}
+
+
+@router.get("/system")
+def system(session: SessionDep) -> dict:
+    memory = psutil.virtual_memory()
+
+    def count(status: JobStatus) -> int:
+        return session.exec(select(func.count()).select_from(Job).where(Job.status == status)).one()
+
+    return {
+        "memory_total_bytes": memory.total,
+        "memory_available_bytes": memory.available,
+        "cpu_count": os.cpu_count(),
+        "running_jobs": count(JobStatus.running),
+        "queued_jobs": count(JobStatus.queued),
+        "version": __version__,
+    }
+
+
+@router.get("/presets")
+def presets() -> dict:
+    """Preset names and config fields of each stage, for forms and clients."""
+    return {
+        "stage1": {"presets": list(EncoderConfig.PRESETS), "fields": config_fields("stage1")},
+        "stage2": {"presets": list(BART_PRESETS), "fields": config_fields("stage2")},
+    }

@@ -1,0 +1,98 @@
+"""The FastAPI application: routers, error mapping, dashboard, and the scheduler's lifetime."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import JSONResponse
+from fastapi.staticfiles import StaticFiles
+from sqlmodel import Session, func, select
+
+import clients
+from server import __version__
+from server.api import artifacts, jobs, system
+from server.db import make_engine, upgrade_database
+from server.exceptions import NeuroLensServerError
+from server.jobs import create_job
+from server.models import Job, JobCreate
+from server.scheduler import Scheduler
+from server.settings import Settings
+from server.storage import ArtifactStore
+
+log = logging.getLogger("neurolens")
+
+DASHBOARD_DIR = Path(clients.__file__).resolve().parent / "dashboard"
+
+# The demo pipeline `make run` queues on a fresh data directory: real training, a few minutes.
+DEMO_STAGE1 = {"preset": "tiny", "steps": 300, "checkpoint_every": 100}
+DEMO_STAGE2 = {"preset": "tiny", "steps": 300, "checkpoint_every": 100}
+
+
+def api_router() -> APIRouter:
+    router = APIRouter(prefix="/api")
+    router.include_router(system.router)
+    router.include_router(jobs.router)
+    router.include_router(artifacts.router)
+    return router
+
+
+def queue_demo(engine) -> None:
+    """Queue Stage 1 then Stage 2 on synthetic EEG, once: only into an empty database."""
+    with Session(engine) as session:
+        if session.exec(select(func.count()).select_from(Job)).one():
+            return
+        stage1 = create_job(session, JobCreate(stage="stage1", dataset="synthetic", config=DEMO_STAGE1))
+        create_job(session, JobCreate(stage="stage2", dataset="synthetic", config=DEMO_STAGE2, after=stage1.id))
+        log.info("demo queued: stage1 job %s, then stage2 after it", stage1.id)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        url = settings.resolved_database_url
+        upgrade_database(url)
+        engine = make_engine(url)
+        store = ArtifactStore(settings.artifacts_dir)
+        scheduler = Scheduler(settings, engine, store)
+        app.state.settings, app.state.engine, app.state.store, app.state.scheduler = settings, engine, store, scheduler
+        if settings.demo:
+            queue_demo(engine)
+        scheduler.start()
+        log.info("NeuroLens %s serving %s with data in %s", __version__, settings.public_url,
+                 settings.data_dir.resolve())
+        try:
+            yield
+        finally:
+            scheduler.shutdown()
+            engine.dispose()
+
+    app = FastAPI(
+        title="NeuroLens",
+        version=__version__,
+        summary="Checkpointing job server for two-stage EEG-to-text training.",
+        lifespan=lifespan,
+    )
+
+    @app.exception_handler(NeuroLensServerError)
+    async def _known_error(_request: Request, exc: NeuroLensServerError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=exc.status_code)
+
+    app.include_router(api_router())
+    if DASHBOARD_DIR.is_dir():
+        app.mount("/", StaticFiles(directory=DASHBOARD_DIR, html=True), name="dashboard")
+    return app
+
+
+def serve(settings: Settings) -> None:
+    """Run the server in the foreground until interrupted."""
+    import uvicorn
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")

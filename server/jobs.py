@@ -1,0 +1,244 @@
+"""Job rules shared by the API and the scheduler: validation, status changes, events.
+
+Every status change goes through :func:`set_status`, which applies the change's side effects
+(timestamps, clearing the stop request and process fields) and commits them in one transaction.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import update
+from sqlmodel import Session, select
+
+from server.exceptions import Conflict, InvalidInput, NotFound
+from server.models import Artifact, Job, JobCreate, JobEvent, JobPublic, JobStatus, utcnow
+from trainer.config import ConfigError, parse_config, predict_peak_bytes
+from trainer.protocol import ArtifactKind, TrainerEvent
+
+SYNTHETIC_DATASETS = ("synthetic", "synthetic:null")
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def new_token() -> str:
+    return secrets.token_urlsafe(32)
+
+
+def get_job(session: Session, job_id: int) -> Job:
+    job = session.get(Job, job_id)
+    if job is None:
+        raise NotFound(f"Job {job_id} not found.")
+    return job
+
+
+def job_artifacts(session: Session, job_id: int) -> list[Artifact]:
+    return list(session.exec(select(Artifact).where(Artifact.job_id == job_id).order_by(Artifact.id)))
+
+
+def to_public(session: Session, job: Job) -> JobPublic:
+    return JobPublic.from_job(job, job_artifacts(session, job.id))
+
+
+def encoder_of(session: Session, job_id: int) -> Artifact | None:
+    """The newest encoder artifact a job produced, if any."""
+    return session.exec(
+        select(Artifact)
+        .where(Artifact.job_id == job_id, Artifact.kind == ArtifactKind.encoder)
+        .order_by(Artifact.id.desc())
+    ).first()
+
+
+def validate_dataset(dataset: str) -> str:
+    if not isinstance(dataset, str) or not dataset.strip():
+        raise InvalidInput("Invalid dataset ''; expected a path on the server, 'synthetic' or 'synthetic:null'.")
+    dataset = dataset.strip()
+    if dataset.startswith("synthetic"):
+        if dataset not in SYNTHETIC_DATASETS:
+            raise InvalidInput(f"Invalid dataset {dataset!r}; expected 'synthetic' or 'synthetic:null'.")
+        return dataset
+    if not Path(dataset).expanduser().exists():
+        raise InvalidInput(f"Dataset path {dataset!r} does not exist on the server.")
+    return str(Path(dataset).expanduser().resolve())
+
+
+def create_job(session: Session, body: JobCreate) -> Job:
+    """Validate a job request and queue it; nothing is written when any part is invalid."""
+    try:
+        config = parse_config(body.stage, body.config)
+    except ConfigError as exc:
+        raise InvalidInput(str(exc)) from exc
+    dataset = validate_dataset(body.dataset)
+
+    if body.stage == "stage1" and (body.after is not None or body.encoder_artifact is not None):
+        raise InvalidInput("'after' and 'encoder_artifact' apply to stage2 jobs only.")
+    if body.stage == "stage2":
+        if (body.after is None) == (body.encoder_artifact is None):
+            raise InvalidInput("A stage2 job needs exactly one of 'after' (a stage1 job id) or 'encoder_artifact'.")
+        if body.after is not None:
+            after = session.get(Job, body.after)
+            if after is None:
+                raise NotFound(f"Job {body.after} named in 'after' not found.")
+            if after.stage != "stage1":
+                raise InvalidInput(f"Job {body.after} named in 'after' is a {after.stage} job; expected a stage1 job.")
+            if after.status in (JobStatus.failed, JobStatus.cancelled):
+                raise InvalidInput(f"Job {body.after} named in 'after' is {after.status.value}; it will produce no encoder.")
+        if body.encoder_artifact is not None:
+            artifact = session.get(Artifact, body.encoder_artifact)
+            if artifact is None:
+                raise NotFound(f"Artifact {body.encoder_artifact} named in 'encoder_artifact' not found.")
+            if artifact.kind != ArtifactKind.encoder:
+                raise InvalidInput(
+                    f"Artifact {artifact.id} is a {artifact.kind.value} artifact; 'encoder_artifact' needs an encoder."
+                )
+
+    job = Job(
+        stage=body.stage,
+        dataset=dataset,
+        config=config.to_dict(),
+        after_job_id=body.after,
+        encoder_artifact_id=body.encoder_artifact,
+        total=config.steps,
+        predicted_peak_bytes=predict_peak_bytes(config),
+    )
+    session.add(job)
+    session.commit()
+    session.refresh(job)
+    return job
+
+
+def touch(job: Job) -> None:
+    """Mark a job changed so its ETag changes.
+
+    The increment is a SQL expression, so two sessions bumping at once never lose a bump.
+    """
+    job.version = Job.version + 1
+
+
+class StaleJob(Conflict):
+    """The job's status changed between reading it and writing the change."""
+
+
+def set_status(session: Session, job: Job, status: JobStatus, *, reason: str | None = None,
+               error: str | None = None, **fields: Any) -> Job:
+    """Move ``job`` to ``status`` with the change's side effects, committed together.
+
+    The write only applies if the job still has the status the caller read; otherwise nothing
+    is written and :class:`StaleJob` is raised. This is what keeps the scheduler from starting a
+    job a user cancelled a moment before, and the like.
+    """
+    seen = job.status
+    now = utcnow()
+    values: dict[str, Any] = {"status": status, "reason": reason}
+    if error is not None:
+        values["error"] = error
+    if status == JobStatus.running:
+        values.update(started_at=job.started_at or now, attempt_started_at=now, attempt_start_step=job.step,
+                      last_heartbeat_at=now, error=None)
+    else:
+        values.update(pid=None, token_sha256=None, stop_request=None, stop_requested_at=None, rss_bytes=None,
+                      eta_s=None)
+    if status.is_finished:
+        values["finished_at"] = now
+    values.update(fields)
+    values["version"] = Job.version + 1
+    result = session.execute(update(Job).where(Job.id == job.id, Job.status == seen).values(**values))
+    if result.rowcount != 1:
+        session.rollback()
+        raise StaleJob(f"Job {job.id} changed while it was being updated; try again.")
+    session.commit()
+    session.refresh(job)
+    return job
+
+
+def _retry_stale(action, session: Session, job: Job, *args) -> Job:
+    """Run a user's status change again on fresh data if the scheduler changed the job meanwhile."""
+    for _ in range(3):
+        try:
+            return action(session, job, *args)
+        except StaleJob:
+            session.refresh(job)
+    return action(session, job, *args)
+
+
+_PAST = {"cancel": "cancelled", "pause": "paused"}
+
+
+def request_stop(session: Session, job: Job, request: str) -> Job:
+    """Cancel or pause a job: at once when no trainer runs, else at the trainer's next report."""
+    return _retry_stale(_request_stop, session, job, request)
+
+
+def _request_stop(session: Session, job: Job, request: str) -> Job:
+    if job.status.is_finished:
+        raise Conflict(f"Job {job.id} is already {job.status.value}; it cannot be {_PAST[request]}.")
+    if request == "pause" and job.status != JobStatus.running:
+        raise Conflict(f"Job {job.id} is {job.status.value}; only a running job can be paused.")
+    if job.status in (JobStatus.queued, JobStatus.paused):
+        return set_status(session, job, JobStatus.cancelled)
+    # Running: the trainer hears of it in its next event reply, checkpoints and exits.
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job.id, Job.status == JobStatus.running)
+        .values(stop_request=request, stop_requested_at=utcnow(), version=Job.version + 1)
+    )
+    if result.rowcount != 1:
+        session.rollback()
+        raise StaleJob(f"Job {job.id} changed while it was being updated; try again.")
+    session.commit()
+    session.refresh(job)
+    return job
+
+
+def resume(session: Session, job: Job) -> Job:
+    return _retry_stale(_resume, session, job)
+
+
+def _resume(session: Session, job: Job) -> Job:
+    if job.status != JobStatus.paused:
+        raise Conflict(f"Job {job.id} is {job.status.value}; only a paused job can be resumed.")
+    return set_status(session, job, JobStatus.queued)
+
+
+def record_event(session: Session, job: Job, event: TrainerEvent) -> str | None:
+    """Store a trainer report, refresh the job's progress; return the pending stop request."""
+    now = utcnow()
+    session.add(JobEvent(job_id=job.id, **event.model_dump()))
+    job.last_heartbeat_at = now
+    if event.kind == "started":
+        # The ETA counts from here: start-up (imports, data preparation) is not training speed.
+        job.attempt_started_at = now
+        job.attempt_start_step = event.step if event.step is not None else job.step
+    if event.step is not None:
+        job.step = event.step
+    if event.total is not None:
+        job.total = event.total
+    metrics = dict(job.metrics)
+    for key in ("loss", "lr", "samples_per_s"):
+        value = getattr(event, key)
+        if value is not None:
+            metrics[key] = value
+    metrics.update(event.metrics)
+    job.metrics = metrics
+    if event.peak_rss_bytes is not None:
+        job.peak_rss_bytes = max(job.peak_rss_bytes or 0, event.peak_rss_bytes)
+    if event.kind == "error" and event.message:
+        job.error = event.message
+    job.eta_s = _eta_seconds(job, now)
+    touch(job)
+    session.add(job)
+    session.commit()
+    return job.stop_request
+
+
+def _eta_seconds(job: Job, now) -> float | None:
+    if job.attempt_started_at is None or job.step <= job.attempt_start_step:
+        return None
+    elapsed = (now - job.attempt_started_at).total_seconds()
+    rate = (job.step - job.attempt_start_step) / max(elapsed, 1e-6)
+    return round(max(job.total - job.step, 0) / rate, 1)

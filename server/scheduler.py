@@ -1,0 +1,303 @@
+"""The scheduler: admits queued jobs, spawns trainers, supervises them, records their memory.
+
+It runs in one background thread with its own database sessions, ticking twice a second (or at
+once when the API wakes it). Each tick:
+
+1. reaps trainers that exited and maps the exit to a status (see :meth:`Scheduler._finish`);
+2. samples each trainer's process-tree RSS with psutil and kills any trainer silent for longer
+   than the heartbeat timeout, or slow to honour a stop request;
+3. starts the oldest queued jobs whose dependencies are met and whose predicted peak memory
+   fits, up to the concurrency limit.
+
+At start-up it reconciles: a job marked running whose trainer is still alive is re-attached;
+one whose trainer is gone is queued again, to resume from its newest checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import psutil
+from sqlalchemy import func, update
+from sqlalchemy.engine import Engine
+from sqlmodel import Session, select
+
+from server.jobs import StaleJob, encoder_of, hash_token, new_token, set_status
+from server.models import Artifact, Job, JobEvent, JobStatus, WaitReason, utcnow
+from server.processes import TrainerProcess, describe_exit
+from server.settings import Settings
+from server.storage import ArtifactStore
+from trainer.protocol import EXIT_FAILED, EXIT_OK, EXIT_STOPPED, LOG_FILENAME, SPEC_FILENAME, JobSpec
+
+log = logging.getLogger("neurolens.scheduler")
+
+TICK_S = 0.5
+# A trainer gets this long to checkpoint and exit after a stop request reached it.
+STOP_GRACE_S = 60.0
+SHUTDOWN_GRACE_S = 15.0
+# Free memory kept back when admitting a job, for the server, the OS and the user's other work.
+MEMORY_MARGIN_BYTES = 256 * 1024**2
+
+
+def last_log_line(path: Path, max_bytes: int = 4096) -> str:
+    """The last non-empty line of a trainer log: usually the exception that ended it."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(max(fh.seek(0, 2) - max_bytes, 0))
+            lines = fh.read().decode("utf-8", errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    return lines[-1].strip()[:500] if lines else ""
+
+
+class Scheduler:
+    def __init__(self, settings: Settings, engine: Engine, store: ArtifactStore) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.store = store
+        self.trainers: dict[int, TrainerProcess] = {}
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._last_sample = 0.0
+        # Crashed jobs wait a little before their retry, so a crash loop cannot spin the CPU.
+        self._retry_after: dict[int, float] = {}
+
+    # --- lifecycle -----------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.reconcile()
+        self._thread = threading.Thread(target=self._run, name="neurolens-scheduler", daemon=True)
+        self._thread.start()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def shutdown(self) -> None:
+        """Stop ticking, stop every trainer, and queue their jobs to resume at the next start."""
+        self._stopping.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(10)
+        for trainer in self.trainers.values():
+            # SIGTERM lets the trainer checkpoint and exit; whatever is left is killed below.
+            trainer.signal_group(signal.SIGTERM)
+        deadline = time.monotonic() + SHUTDOWN_GRACE_S
+        for trainer in self.trainers.values():
+            if not trainer.wait(max(deadline - time.monotonic(), 0.1)):
+                trainer.kill()
+                trainer.wait(5)
+        with Session(self.engine) as session:
+            for job_id in list(self.trainers):
+                job = session.get(Job, job_id)
+                if job is not None and job.status == JobStatus.running:
+                    try:
+                        self._finish(session, job, self.trainers[job_id], shutting_down=True)
+                    except StaleJob:
+                        log.warning("job %s changed during shutdown; left as it is", job_id)
+        self.trainers.clear()
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                self.tick()
+            except Exception:  # one bad tick must not end supervision of every other job
+                log.exception("scheduler tick failed")
+            self._wake.wait(TICK_S)
+            self._wake.clear()
+
+    def tick(self) -> None:
+        with Session(self.engine) as session:
+            self._reap(session)
+            self._watch(session)
+            self._admit(session)
+
+    # --- start-up reconciliation ---------------------------------------------------------
+
+    def reconcile(self) -> None:
+        with Session(self.engine) as session:
+            for job in session.exec(select(Job).where(Job.status == JobStatus.running)).all():
+                trainer = TrainerProcess.reattach(job.pid, self.job_dir(job.id)) if job.pid else None
+                if trainer is not None:
+                    log.info("job %s: re-attached to trainer pid %s", job.id, job.pid)
+                    self.trainers[job.id] = trainer
+                    # Give it a full timeout to report to this new server process.
+                    session.execute(update(Job).where(Job.id == job.id).values(last_heartbeat_at=utcnow()))
+                    session.commit()
+                else:
+                    log.info("job %s: trainer gone after a server restart; queued to resume", job.id)
+                    set_status(session, job, JobStatus.queued, error="server restarted while the trainer ran; resuming from the newest checkpoint")
+
+    # --- reaping -------------------------------------------------------------------------
+
+    def _reap(self, session: Session) -> None:
+        for job_id, trainer in list(self.trainers.items()):
+            finished, _ = trainer.poll()
+            if not finished:
+                continue
+            job = session.get(Job, job_id)
+            if job is not None and job.status == JobStatus.running:
+                self._finish(session, job, trainer)
+            del self.trainers[job_id]
+
+    def _finish(self, session: Session, job: Job, trainer: TrainerProcess, *, shutting_down: bool = False) -> None:
+        """Map how a trainer ended to the job's next status."""
+        finished, code = trainer.poll()
+        if code is None:
+            code = self._infer_exit_code(session, job)
+        stop = job.stop_request
+        if code == EXIT_OK:
+            set_status(session, job, JobStatus.succeeded, step=job.total)
+        elif stop == "cancel":
+            set_status(session, job, JobStatus.cancelled)
+        elif stop == "pause":
+            set_status(session, job, JobStatus.paused)
+        elif shutting_down:
+            set_status(session, job, JobStatus.queued)
+        elif code == EXIT_FAILED:
+            set_status(session, job, JobStatus.failed, error=job.error or "trainer failed; see its log")
+        elif code == EXIT_STOPPED:
+            # Stopped by a signal from outside NeuroLens (e.g. the OS asked it to end): resumable.
+            set_status(session, job, JobStatus.paused, error="trainer was stopped from outside NeuroLens")
+        else:
+            reason = job.error if job.error and job.error.startswith("no report") else describe_exit(code)
+            last_line = last_log_line(self.job_dir(job.id) / LOG_FILENAME)
+            if last_line:
+                reason = f"{reason}: {last_line}"
+            if job.attempts < self.settings.max_attempts:
+                log.warning("job %s: %s; retrying (attempt %s of %s)", job.id, reason, job.attempts + 1,
+                            self.settings.max_attempts)
+                self._retry_after[job.id] = time.monotonic() + min(2.0 ** job.attempts, 30.0)
+                set_status(session, job, JobStatus.queued, error=f"{reason}; retrying from the newest checkpoint")
+            else:
+                set_status(session, job, JobStatus.failed, error=f"{reason} (after {job.attempts} attempts)")
+
+    def _infer_exit_code(self, session: Session, job: Job) -> int | None:
+        """For a re-attached trainer, whose exit code is lost: read its last event."""
+        last = session.exec(
+            select(JobEvent).where(JobEvent.job_id == job.id).order_by(JobEvent.id.desc())
+        ).first()
+        if last is not None and last.kind == "finished":
+            return EXIT_OK
+        if last is not None and last.kind == "error":
+            return EXIT_FAILED
+        return None
+
+    # --- watching ------------------------------------------------------------------------
+
+    def _watch(self, session: Session) -> None:
+        now_mono = time.monotonic()
+        sample = now_mono - self._last_sample >= self.settings.sample_interval_s
+        if sample:
+            self._last_sample = now_mono
+        now = utcnow()
+        for job_id, trainer in self.trainers.items():
+            job = session.get(Job, job_id)
+            if job is None or job.status != JobStatus.running:
+                continue
+            if sample and (rss := trainer.tree_rss_bytes()) is not None:
+                # One UPDATE with the maximum taken in SQL: the API's concurrent writes to the same
+                # row (progress events, stop requests) are neither lost nor overwritten.
+                session.execute(
+                    update(Job)
+                    .where(Job.id == job_id, Job.status == JobStatus.running)
+                    .values(rss_bytes=rss, peak_rss_bytes=func.max(func.coalesce(Job.peak_rss_bytes, 0), rss),
+                            version=Job.version + 1)
+                )
+            silent_s = (now - job.last_heartbeat_at).total_seconds() if job.last_heartbeat_at else 0.0
+            if silent_s > self.settings.heartbeat_timeout_s:
+                session.execute(update(Job).where(Job.id == job_id).values(
+                    error=f"no report from the trainer for {silent_s:.0f} s; killed", version=Job.version + 1))
+                trainer.kill()
+            elif job.stop_requested_at and (now - job.stop_requested_at).total_seconds() > STOP_GRACE_S:
+                log.warning("job %s: trainer ignored a %s request; killing it", job.id, job.stop_request)
+                trainer.kill()
+        session.commit()
+
+    # --- admission -----------------------------------------------------------------------
+
+    def _admit(self, session: Session) -> None:
+        queued = session.exec(select(Job).where(Job.status == JobStatus.queued).order_by(Job.id)).all()
+        for job in queued:
+            if self._retry_after.get(job.id, 0.0) > time.monotonic():
+                continue
+            encoder_path: Path | None = None
+            if job.stage == "stage2":
+                ready, encoder_path = self._stage2_encoder(session, job)
+                if not ready:
+                    continue
+            if len(self.trainers) >= self.settings.concurrency:
+                self._wait(session, job, None)  # in line for a free slot
+                continue
+            available = psutil.virtual_memory().available - MEMORY_MARGIN_BYTES
+            if job.predicted_peak_bytes and job.predicted_peak_bytes > available:
+                self._wait(session, job, WaitReason.memory.value)
+                continue
+            self._spawn(session, job, encoder_path)
+
+    def _wait(self, session: Session, job: Job, reason: str | None) -> None:
+        if job.reason != reason:
+            session.execute(update(Job).where(Job.id == job.id, Job.status == JobStatus.queued)
+                            .values(reason=reason, version=Job.version + 1))
+            session.commit()
+
+    def _stage2_encoder(self, session: Session, job: Job) -> tuple[bool, Path | None]:
+        """Whether a Stage 2 job can start, and the encoder file it starts from."""
+        if job.encoder_artifact_id is not None:
+            artifact = session.get(Artifact, job.encoder_artifact_id)
+        else:
+            after = session.get(Job, job.after_job_id)
+            if after.status in (JobStatus.failed, JobStatus.cancelled):
+                set_status(session, job, JobStatus.failed,
+                           error=f"Stage 1 job {after.id} {after.status.value}; there is no encoder to start from.")
+                return False, None
+            if after.status != JobStatus.succeeded:
+                self._wait(session, job, WaitReason.dependency.value)
+                return False, None
+            artifact = encoder_of(session, after.id)
+        if artifact is None:
+            set_status(session, job, JobStatus.failed, error="The encoder artifact to start from no longer exists.")
+            return False, None
+        return True, self.store.path_of(artifact.storage_path)
+
+    def job_dir(self, job_id: int) -> Path:
+        return (self.settings.jobs_dir / str(job_id)).resolve()
+
+    def _spawn(self, session: Session, job: Job, encoder_path: Path | None) -> None:
+        job_dir = self.job_dir(job.id)
+        job_dir.mkdir(parents=True, exist_ok=True)
+        token = new_token()
+        spec = JobSpec(
+            job_id=job.id, stage=job.stage, dataset=job.dataset, config=job.config,
+            job_dir=str(job_dir), api_url=self.settings.public_url, token=token,
+            encoder_path=str(encoder_path) if encoder_path else None,
+            cache_dir=str(self.settings.cache_dir.resolve()), attempt=job.attempts + 1,
+        )
+        spec_path = job_dir / SPEC_FILENAME
+        partial = job_dir / f".{SPEC_FILENAME}.partial"
+        # The spec holds the job's token: readable by this user only.
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            json.dump(spec.model_dump(), fh, indent=2)
+        os.replace(partial, spec_path)
+        # Claim the job before starting its trainer: if a user cancelled it a moment ago, the
+        # claim fails and no trainer is started.
+        try:
+            set_status(session, job, JobStatus.running, token_sha256=hash_token(token), attempts=job.attempts + 1)
+        except StaleJob:
+            return
+        try:
+            trainer = TrainerProcess.spawn(spec_path, job_dir / LOG_FILENAME)
+        except OSError as exc:
+            set_status(session, job, JobStatus.failed, error=f"could not start the trainer: {exc}")
+            return
+        self.trainers[job.id] = trainer
+        log.info("job %s: started trainer pid %s (attempt %s)", job.id, trainer.pid, job.attempts)
+        session.execute(update(Job).where(Job.id == job.id).values(pid=trainer.pid, version=Job.version + 1))
+        session.commit()

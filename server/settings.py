@@ -1,0 +1,55 @@
+"""Server settings: command-line flags over ``NEUROLENS_*`` environment variables over defaults."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="NEUROLENS_", extra="ignore")
+
+    data_dir: Path = Field(Path("neurolens-data"), description="Database, job directories and artifacts live here.")
+    database_url: str = Field("", description="SQLAlchemy URL; empty means SQLite in the data directory.")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    concurrency: int = Field(1, ge=1, description="Trainer subprocesses allowed to run at once.")
+    heartbeat_timeout_s: float = Field(120.0, gt=0, description="A trainer silent this long is killed and its attempt fails.")
+    max_attempts: int = Field(3, ge=1, description="Attempts per job before a crashing trainer fails it.")
+    sample_interval_s: float = Field(1.0, gt=0, description="Seconds between psutil samples of trainer memory.")
+    demo: bool = Field(False, description="Queue the demo pipeline (Stage 1 then Stage 2, synthetic) on first start.")
+    max_upload_bytes: int = Field(8 * 1024**3, gt=0, description="Largest artifact upload accepted.")
+
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'neurolens.db').resolve()}"
+
+    @property
+    def public_url(self) -> str:
+        """URL trainers use to reach this server (a wildcard bind is reached over loopback)."""
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "", "::") else self.host
+        if ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{self.port}"
+
+    @property
+    def jobs_dir(self) -> Path:
+        return self.data_dir / "jobs"
+
+    @property
+    def artifacts_dir(self) -> Path:
+        return self.data_dir / "artifacts"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.data_dir / "cache"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

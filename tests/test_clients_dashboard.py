@@ -1,0 +1,52 @@
+"""The dashboard: served by the server at /, self-contained, and wired to its own markup."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import clients
+from tests.conftest import RunningServer
+
+DASHBOARD = Path(clients.__file__).parent / "dashboard"
+FILES = ("index.html", "app.js", "style.css")
+
+
+def test_server_serves_the_dashboard(server: RunningServer) -> None:
+    with server.client() as http:
+        index = http.get("/")
+        assert index.status_code == 200 and "text/html" in index.headers["content-type"]
+        assert 'data-testid="jobs-table"' in index.text
+        for name in ("app.js", "style.css"):
+            response = http.get(f"/{name}")
+            assert response.status_code == 200, name
+            assert response.content == (DASHBOARD / name).read_bytes()
+
+
+def test_no_network_at_run_time() -> None:
+    # No CDN, fonts or absolute API hosts: the page must work offline and behind a path prefix.
+    for name in FILES:
+        text = (DASHBOARD / name).read_text()
+        assert not re.search(r"https?://", text), f"{name} refers to a remote URL"
+        assert "fetch(\"/" not in text and "fetch('/" not in text, f"{name} uses an absolute API path"
+    html = (DASHBOARD / "index.html").read_text()
+    assert re.search(r'<script src="app.js"', html) and 'href="style.css"' in html
+
+
+def test_scripts_only_query_test_ids_and_ids_that_exist() -> None:
+    html = (DASHBOARD / "index.html").read_text()
+    script = (DASHBOARD / "app.js").read_text()
+    for testid in re.findall(r'\[data-testid="([\w-]+)"\]', script):
+        assert f'data-testid="{testid}"' in html, f"app.js looks for data-testid={testid!r}, not in index.html"
+    for element_id in re.findall(r'getElementById\("([\w-]+)"\)', script):
+        assert f'id="{element_id}"' in html, f"app.js looks for #{element_id}, not in index.html"
+
+
+def test_every_form_field_has_a_label_and_an_error_slot() -> None:
+    html = (DASHBOARD / "index.html").read_text()
+    for stage, fields in (("stage1", ("dataset", "preset", "steps")),
+                          ("stage2", ("after", "encoder_artifact", "dataset", "preset", "steps"))):
+        for field in fields:
+            assert f'<label for="{stage}-{field}">' in html, f"{stage}-{field} has no label"
+            assert f'id="{stage}-{field}-error"' in html, f"{stage}-{field} has no error slot"
+        assert f'data-testid="{stage}-submit"' in html

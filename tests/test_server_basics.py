@@ -1,0 +1,100 @@
+"""The server on its own: start-up, schema, health, validation of bad input (no training needed)."""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import sys
+
+import pytest
+
+from server.db import alembic_config, upgrade_database
+from tests.conftest import REPO_ROOT
+
+
+def test_server_does_not_import_torch():
+    code = "import sys, server.app, server.__main__; sys.exit(1 if 'torch' in sys.modules else 0)"
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, "server imports torch: " + result.stderr
+
+
+def test_migrations_build_and_remove_the_schema(tmp_path):
+    from alembic import command
+
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    upgrade_database(url)
+    tables = {row[0] for row in sqlite3.connect(tmp_path / "db.sqlite").execute(
+        "SELECT name FROM sqlite_master WHERE type='table'")}
+    assert {"job", "jobevent", "artifact", "alembic_version"} <= tables
+    command.downgrade(alembic_config(url), "base")
+    tables = {row[0] for row in sqlite3.connect(tmp_path / "db.sqlite").execute(
+        "SELECT name FROM sqlite_master WHERE type='table'")}
+    assert tables == {"alembic_version"}
+    upgrade_database(url)  # and back up again
+
+
+def test_health_system_presets_and_docs(server):
+    with server.client() as client:
+        assert client.get("/api/health").json()["status"] == "ok"
+        system = client.get("/api/system").json()
+        assert system["memory_total_bytes"] >= system["memory_available_bytes"] > 0
+        assert system["cpu_count"] >= 1 and system["running_jobs"] == 0
+        presets = client.get("/api/presets").json()
+        assert presets["stage1"]["presets"] == ["tiny", "small", "base", "large"]
+        assert "steps" in {field["name"] for field in presets["stage2"]["fields"]}
+        assert client.get("/docs").status_code == 200
+        assert "/api/jobs" in client.get("/openapi.json").json()["paths"]
+    # The database lives in the data directory by default.
+    assert (server.data_dir / "neurolens.db").exists()
+
+
+BAD_JOBS = [
+    ({"stage": "stage3"}, 422, "Invalid stage 'stage3'; expected 'stage1' or 'stage2'."),
+    ({"stage": "stage1", "config": {"preset": "huge"}}, 422, "Invalid preset 'huge'"),
+    ({"stage": "stage1", "config": {"steps": 0}}, 422, "Invalid steps 0; it must be greater than zero."),
+    ({"stage": "stage1", "config": {"steps": -5}}, 422, "Invalid steps -5"),
+    ({"stage": "stage1", "config": {"steps": "many"}}, 422, "Invalid steps 'many'"),
+    ({"stage": "stage1", "config": {"stepz": 10}}, 422, "Unknown config key 'stepz' for stage1"),
+    ({"stage": "stage1", "config": {"batch_size": 8, "micro_batch_size": 3}}, 422, "must divide batch_size"),
+    ({"stage": "stage1", "dataset": "/no/such/recordings"}, 422, "Dataset path '/no/such/recordings' does not exist"),
+    ({"stage": "stage1", "dataset": "synthetic:other"}, 422, "Invalid dataset 'synthetic:other'"),
+    ({"stage": "stage2"}, 422, "needs exactly one of 'after'"),
+    ({"stage": "stage2", "after": 999}, 404, "Job 999 named in 'after' not found."),
+    ({"stage": "stage2", "encoder_artifact": 999}, 404, "Artifact 999 named in 'encoder_artifact' not found."),
+    ({"stage": "stage1", "after": 1}, 422, "apply to stage2 jobs only"),
+]
+
+
+@pytest.mark.parametrize(("body", "status", "message"), BAD_JOBS, ids=[m[:30] for _, _, m in BAD_JOBS])
+def test_bad_job_requests_are_refused_and_change_nothing(shared_server, body, status, message):
+    with shared_server.client() as client:
+        before = client.get("/api/jobs").json()
+        response = client.post("/api/jobs", json=body)
+        assert response.status_code == status, response.text
+        assert message in response.json()["detail"]
+        after = client.get("/api/jobs").json()
+        assert after["count"] == before["count"]
+        assert [job["id"] for job in after["data"]] == [job["id"] for job in before["data"]]
+
+
+def test_unknown_ids_are_404_with_a_message(shared_server):
+    with shared_server.client() as client:
+        for path in ("/api/jobs/42", "/api/jobs/42/events", "/api/artifacts/42", "/api/artifacts/42/download"):
+            response = client.get(path)
+            assert response.status_code == 404
+            assert "42 not found" in response.json()["detail"]
+        assert client.post("/api/jobs/42/cancel").status_code == 404
+
+
+def test_trainer_endpoints_refuse_callers_without_the_job_token(server, tmp_path):
+    with server.client() as client:
+        job = client.post("/api/jobs", json={"stage": "stage1", "config": {"steps": 1}}).json()
+        response = client.post(f"/api/jobs/{job['id']}/events", json={"kind": "progress", "step": 1})
+        assert response.status_code == 401
+        response = client.post(f"/api/jobs/{job['id']}/events", json={"kind": "progress"},
+                               headers={"Authorization": "Bearer not-the-token"})
+        assert response.status_code == 401
+        assert "may not report for job" in response.json()["detail"]
+        response = client.post(f"/api/jobs/{job['id']}/artifacts/register", json={"kind": "encoder", "path": "x"},
+                               headers={"Authorization": "Bearer not-the-token"})
+        assert response.status_code == 401

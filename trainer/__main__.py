@@ -1,0 +1,96 @@
+"""Command line: ``python -m trainer run <job dir>/spec.json``.
+
+Runs one job attempt and exits with :data:`~trainer.protocol.EXIT_OK` (training reached its
+steps), :data:`~trainer.protocol.EXIT_STOPPED` (a pause or cancel was honoured after a
+checkpoint) or :data:`~trainer.protocol.EXIT_FAILED` (a clean failure, explained by the last
+``error`` event). Any other exit code is a crash. Logging goes to stderr; offline events (empty
+``api_url``) go to stdout as JSON lines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import traceback
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from trainer.config import ConfigError, Stage1Config, Stage2Config, parse_config
+from trainer.exceptions import TrainerError
+from trainer.protocol import EXIT_FAILED, JobSpec
+from trainer.reporter import Reporter
+
+log = logging.getLogger("trainer")
+EXIT_CRASHED = 1
+
+
+def read_spec(path: Path) -> JobSpec:
+    """Parse a job spec file, with an error that names the file."""
+    try:
+        return JobSpec.model_validate(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError, ValidationError) as exc:
+        raise TrainerError(f"Cannot read job spec {path}: {exc}") from exc
+
+
+def run(spec_path: Path) -> int:
+    """Run the job described by ``spec_path``; returns the process exit code."""
+    try:
+        spec = read_spec(spec_path)
+    except TrainerError as exc:  # no spec, so no server to tell: stderr is all there is
+        log.error("%s", exc)
+        return EXIT_FAILED
+
+    reporter = Reporter(spec, log_every_s=float(spec.config.get("log_every_s", 2.0) or 2.0))
+
+    # SIGTERM (and Ctrl-C) become a stop request: checkpoint, then exit like a pause.
+    def on_signal(signum: int, _frame: object) -> None:
+        log.info("received signal %d; stopping at the next step", signum)
+        reporter.stop_requested = reporter.stop_requested or "cancel"
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
+
+    with reporter:
+        try:
+            config = parse_config(spec.stage, spec.config)
+            reporter.log_every_s = config.log_every_s
+            reporter.update(step=0, total=config.steps)
+            reporter.event("started", message=f"{spec.stage} attempt {spec.attempt} on {spec.dataset}")
+            # Heartbeats from here on, so that loading a large dataset does not look like a hang.
+            reporter.start_heartbeats()
+            if isinstance(config, Stage1Config):
+                from trainer import stage1
+
+                return stage1.run(spec, config, reporter)
+            assert isinstance(config, Stage2Config)
+            from trainer import stage2
+
+            return stage2.run(spec, config, reporter)
+        except (TrainerError, ConfigError) as exc:
+            log.error("%s", exc)
+            reporter.event("error", message=str(exc))
+            return EXIT_FAILED
+        except Exception as exc:  # a bug or an exhausted machine: report it, then exit as a crash
+            log.error("trainer crashed:\n%s", traceback.format_exc())
+            reporter.event("error", message=f"Trainer crashed: {type(exc).__name__}: {exc}")
+            return EXIT_CRASHED
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m trainer", description="NeuroLens trainer subprocess.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    run_parser = commands.add_parser("run", help="run one job from its spec.json")
+    run_parser.add_argument("spec", type=Path, help="path to the job's spec.json")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per heartbeat is noise
+    return run(args.spec)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

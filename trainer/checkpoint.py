@@ -1,0 +1,292 @@
+"""Atomic, validated safetensors checkpoints: ``<job_dir>/checkpoints/step-000120/``.
+
+Each checkpoint directory holds exactly ``checkpoint.safetensors`` (every tensor: model weights
+``model.*``, optimizer state ``optim.*``, RNG states ``rng.*`` as uint8 tensors; JSON strings in
+the safetensors metadata for the configs and the trainer state) and ``state.json``, a
+human-readable copy of the trainer state.
+
+A checkpoint is built in a hidden sibling ``.tmp-step-000120-<pid>/``, fsynced, then moved into
+place with ``os.replace``, so a kill at any moment leaves either the old set of checkpoints or
+the new one, never a torn directory under a real name. Loading picks the newest directory whose
+safetensors file opens; leftovers are deleted.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from trainer.exceptions import CheckpointError
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_DIRNAME = "checkpoints"
+CHECKPOINT_FILENAME = "checkpoint.safetensors"
+STATE_FILENAME = "state.json"
+CHECKPOINT_FORMAT = "neurolens.checkpoint/1"
+_STEP_DIR = re.compile(r"^step-(\d{6,})$")
+
+
+def step_dirname(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+# -- writing files atomically ----------------------------------------------------------------------
+def _fsync_dir(path: Path) -> None:
+    if os.name == "nt":  # directories cannot be opened for fsync on Windows
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as fh:
+        os.fsync(fh.fileno())
+
+
+def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> Path:
+    """Write a safetensors file via a hidden temporary sibling and ``os.replace``.
+
+    Parameters
+    ----------
+    tensors : dict of str to Tensor
+        Tensors to store; they are made contiguous and moved to the CPU.
+    path : Path
+        Final file path; its parent directory is created.
+    metadata : dict of str to str
+        Safetensors header metadata (JSON strings for structured values).
+
+    Returns
+    -------
+    Path
+        ``path``.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
+    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    _fsync_file(tmp)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+    return path
+
+
+def atomic_write_text(path: Path, text: str) -> Path:
+    """Write a text file via a hidden temporary sibling and ``os.replace``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+# -- state dicts ------------------------------------------------------------------------------------
+def dedupe_tensors(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Drop tensors that share storage with an earlier one (tied embeddings).
+
+    safetensors refuses shared storage, so each alias is recorded as ``{alias: kept name}`` and
+    restored by :func:`expand_aliases`.
+    """
+    kept: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple[int, int, tuple[int, ...]], str] = {}
+    for name, tensor in tensors.items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if tensor.numel() and key in seen:
+            aliases[name] = seen[key]
+            continue
+        seen[key] = name
+        kept[name] = tensor
+    return kept, aliases
+
+
+def expand_aliases(tensors: dict[str, torch.Tensor], aliases: dict[str, str]) -> dict[str, torch.Tensor]:
+    out = dict(tensors)
+    for alias, name in aliases.items():
+        out[alias] = out[name]
+    return out
+
+
+def validate_state_dict(module: torch.nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Check that ``tensors`` has exactly ``module``'s keys and shapes before loading.
+
+    Raises
+    ------
+    CheckpointError
+        Naming the first missing or unexpected keys and shape mismatches.
+    """
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    wrong = [
+        f"{k} {tuple(tensors[k].shape)} != {tuple(expected[k].shape)}"
+        for k in expected if k in tensors and tuple(tensors[k].shape) != tuple(expected[k].shape)
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing keys {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    if unexpected:
+        problems.append(f"unexpected keys {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
+    if wrong:
+        problems.append(f"shape mismatches {wrong[:5]}")
+    if problems:
+        raise CheckpointError(f"{source} does not match the model: " + "; ".join(problems))
+
+
+# -- optimizer state --------------------------------------------------------------------------------
+def optimizer_to_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Flatten an optimizer state dict into ``optim.<param>.<key>`` tensors plus JSON."""
+    state = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for pid, pstate in state["state"].items():
+        for key, value in pstate.items():
+            if torch.is_tensor(value):
+                tensors[f"optim.{pid}.{key}"] = value
+            else:
+                scalars.setdefault(str(pid), {})[key] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def optimizer_from_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
+                           meta: dict[str, Any], source: str) -> None:
+    """Restore what :func:`optimizer_to_tensors` wrote into ``optimizer``."""
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        _, pid, key = name.split(".", 2)
+        state.setdefault(int(pid), {})[key] = value
+    for pid, values in meta.get("scalars", {}).items():
+        state.setdefault(int(pid), {}).update(values)
+    groups = meta["param_groups"]
+    current = optimizer.state_dict()["param_groups"]
+    if [len(g["params"]) for g in groups] != [len(g["params"]) for g in current]:
+        raise CheckpointError(f"{source}: optimizer parameter groups do not match the model.")
+    try:
+        optimizer.load_state_dict({"state": state, "param_groups": groups})
+    except (ValueError, KeyError) as exc:
+        raise CheckpointError(f"{source}: cannot restore the optimizer state: {exc}") from exc
+
+
+# -- checkpoints ------------------------------------------------------------------------------------
+def save_checkpoint(job_dir: Path, step: int, tensors: dict[str, torch.Tensor],
+                    metadata: dict[str, Any], keep: int = 2) -> Path:
+    """Write ``checkpoints/step-XXXXXX/`` atomically and keep only the newest ``keep``.
+
+    Parameters
+    ----------
+    job_dir : Path
+        The job directory.
+    step : int
+        Optimizer steps completed.
+    tensors : dict of str to Tensor
+        All tensors (``model.*``, ``optim.*``, ``rng.*``); tied aliases are deduplicated.
+    metadata : dict of str to object
+        Values stored as JSON strings in the safetensors header. ``trainer_state`` is also
+        written to ``state.json``.
+    keep : int
+        Number of newest checkpoints to keep.
+
+    Returns
+    -------
+    Path
+        The checkpoint's ``checkpoint.safetensors``.
+    """
+    root = job_dir / CHECKPOINT_DIRNAME
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / step_dirname(step)
+    tmp = root / f".tmp-{step_dirname(step)}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    kept, aliases = dedupe_tensors(tensors)
+    header = {k: json.dumps(v) for k, v in metadata.items()}
+    header["aliases"] = json.dumps(aliases)
+    header["format"] = CHECKPOINT_FORMAT
+    save_file({k: v.detach().to("cpu").contiguous() for k, v in kept.items()},
+              str(tmp / CHECKPOINT_FILENAME), metadata=header)
+    _fsync_file(tmp / CHECKPOINT_FILENAME)
+    with open(tmp / STATE_FILENAME, "w", encoding="utf-8") as fh:
+        json.dump({"step": step, **metadata.get("trainer_state", {})}, fh, indent=2)
+        fh.flush()
+        os.fsync(fh.fileno())
+    _fsync_dir(tmp)
+    if final.exists():  # the same step written again (e.g. stop right after a periodic save)
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(root)
+    for old in list_checkpoints(job_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final / CHECKPOINT_FILENAME
+
+
+def list_checkpoints(job_dir: Path) -> list[Path]:
+    """Checkpoint directories under ``job_dir``, oldest first (by step)."""
+    root = job_dir / CHECKPOINT_DIRNAME
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _STEP_DIR.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def _readable(path: Path) -> bool:
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return fh.metadata() is not None and fh.metadata().get("format") == CHECKPOINT_FORMAT
+    except Exception:  # any failure to open means the file is torn or foreign
+        return False
+
+
+def find_latest_checkpoint(job_dir: Path) -> Path | None:
+    """Newest complete checkpoint file, deleting torn directories and leftover temporaries.
+
+    Returns
+    -------
+    Path or None
+        The newest readable ``checkpoint.safetensors``, or ``None`` if there is none.
+    """
+    root = job_dir / CHECKPOINT_DIRNAME
+    if not root.is_dir():
+        return None
+    for leftover in root.glob(".tmp-*"):
+        log.info("removing incomplete checkpoint %s", leftover)
+        shutil.rmtree(leftover, ignore_errors=True)
+    for directory in reversed(list_checkpoints(job_dir)):
+        path = directory / CHECKPOINT_FILENAME
+        if _readable(path):
+            return path
+        log.warning("removing unreadable checkpoint %s", directory)
+        shutil.rmtree(directory, ignore_errors=True)
+    return None
+
+
+def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read all tensors and the decoded JSON metadata of a checkpoint file."""
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            header = fh.metadata() or {}
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    except Exception as exc:
+        raise CheckpointError(f"Cannot read checkpoint {path}: {exc}") from exc
+    if header.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} is not a NeuroLens checkpoint (format {header.get('format')!r}).")
+    meta = {k: json.loads(v) for k, v in header.items() if k != "format"}
+    tensors = expand_aliases(tensors, meta.pop("aliases", {}))
+    return tensors, meta
+
+
+def subset(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """Tensors whose names start with ``prefix``, with the prefix removed."""
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}

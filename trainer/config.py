@@ -1,0 +1,326 @@
+"""Training configuration: encoder and BART presets, per-stage job configs, memory estimates.
+
+This module is imported by the server to validate job configs before anything is queued, so it
+must stay free of torch, numpy and every other heavy dependency: plain dataclasses only.
+
+A job's ``config`` (the JSON object POSTed to ``/api/jobs``) is parsed by :func:`parse_config`
+into a :class:`Stage1Config` or :class:`Stage2Config`; every bad value raises
+:class:`ConfigError` with a message that names the field and the allowed values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+STAGES = ("stage1", "stage2")
+
+# The encoder's channel set: the 32-channel 10-20 layout most research caps use. Recordings are
+# mapped onto it by name; missing channels are masked and extra ones dropped.
+CHANNELS_32 = (
+    "Fp1", "Fp2", "F7", "F3", "Fz", "F4", "F8", "FC5", "FC1", "FC2", "FC6", "T7", "C3", "Cz",
+    "C4", "T8", "TP9", "CP5", "CP1", "CP2", "CP6", "TP10", "P7", "P3", "Pz", "P4", "P8", "PO9",
+    "O1", "Oz", "O2", "PO10",
+)
+# The tiny preset keeps 8 central channels so that tests and the demo train in seconds.
+CHANNELS_8 = ("F3", "Fz", "F4", "C3", "Cz", "C4", "P3", "Pz")
+
+
+class ConfigError(ValueError):
+    """A job config value is invalid; the message names the field and what is allowed."""
+
+
+def _expect_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        choices = ", ".join(repr(a) for a in allowed[:-1]) + f" or {allowed[-1]!r}"
+        if len(allowed) == 1:
+            choices = repr(allowed[0])
+        raise ConfigError(f"Invalid {name} {value!r}; expected {choices}.")
+
+
+def _expect_positive(name: str, value: Any, *, integer: bool = True, allow_zero: bool = False) -> None:
+    kinds = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        raise ConfigError(f"Invalid {name} {value!r}; expected a {'whole number' if integer else 'number'}.")
+    if value < 0 or (value == 0 and not allow_zero):
+        bound = "zero or more" if allow_zero else "greater than zero"
+        raise ConfigError(f"Invalid {name} {value!r}; it must be {bound}.")
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """Shape of the MultiView Transformer EEG encoder; saved beside every checkpoint."""
+
+    name: str = "tiny"
+    """Preset name this config was built from."""
+    channels: tuple[str, ...] = CHANNELS_8
+    """Electrode names the encoder expects, in order (10-20 names)."""
+    sfreq: float = 128.0
+    """Sampling rate in Hz that recordings are resampled to."""
+    window_s: float = 2.0
+    """Length of one training window in seconds."""
+    patch_samples: int = 32
+    """Samples per temporal patch; each (channel, patch) becomes one token per view."""
+    d_model: int = 64
+    """Transformer width."""
+    n_layers: int = 2
+    """Number of transformer blocks."""
+    n_heads: int = 4
+    """Attention heads per block."""
+    d_ff: int = 128
+    """Feed-forward hidden width."""
+    dropout: float = 0.0
+    """Dropout inside the transformer blocks."""
+
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
+        "tiny": dict(channels=CHANNELS_8, d_model=64, n_layers=2, n_heads=4, d_ff=128),
+        "small": dict(channels=CHANNELS_32, d_model=256, n_layers=4, n_heads=4, d_ff=1024),
+        "base": dict(channels=CHANNELS_32, d_model=512, n_layers=8, n_heads=8, d_ff=2048),
+        # About 270M parameters: 21 blocks of 12.6M plus embeddings, the seed's size.
+        "large": dict(channels=CHANNELS_32, d_model=1024, n_layers=21, n_heads=16, d_ff=4096),
+    }
+
+    def __post_init__(self) -> None:
+        if self.d_model % self.n_heads:
+            raise ConfigError(f"d_model {self.d_model} must be divisible by n_heads {self.n_heads}.")
+        if self.window_samples % self.patch_samples:
+            raise ConfigError(
+                f"window of {self.window_samples} samples is not a whole number of "
+                f"{self.patch_samples}-sample patches."
+            )
+
+    @classmethod
+    def from_name(cls, name: str) -> "EncoderConfig":
+        _expect_choice("preset", name, tuple(cls.PRESETS))
+        return cls(name=name, **cls.PRESETS[name])
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "EncoderConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        if "channels" in values:
+            values["channels"] = tuple(values["channels"])
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["channels"] = list(self.channels)
+        return data
+
+    @property
+    def window_samples(self) -> int:
+        return int(round(self.window_s * self.sfreq))
+
+    @property
+    def n_patches(self) -> int:
+        return self.window_samples // self.patch_samples
+
+    @property
+    def n_freq_bins(self) -> int:
+        return self.patch_samples // 2 + 1
+
+    def approx_parameters(self) -> int:
+        """Parameter count of the encoder body, within a few percent of the real module."""
+        per_block = 4 * self.d_model * self.d_model + 2 * self.d_model * self.d_ff
+        embeddings = (self.patch_samples + self.n_freq_bins + len(self.channels) + self.n_patches + 8) * self.d_model
+        return self.n_layers * per_block + embeddings
+
+
+@dataclass(frozen=True)
+class BartPreset:
+    """Size of the BART encoder-decoder built from a config in Stage 2."""
+
+    d_model: int
+    encoder_layers: int
+    decoder_layers: int
+    attention_heads: int
+    ffn_dim: int
+    vocab_size: int
+
+    def approx_parameters(self) -> int:
+        layers = self.encoder_layers + self.decoder_layers * 1.5  # decoder blocks add cross-attention
+        per_block = 4 * self.d_model * self.d_model + 2 * self.d_model * self.ffn_dim
+        return int(layers * per_block + self.vocab_size * self.d_model)
+
+
+BART_PRESETS: dict[str, BartPreset] = {
+    "tiny": BartPreset(d_model=64, encoder_layers=1, decoder_layers=1, attention_heads=4, ffn_dim=128, vocab_size=512),
+    # About 80M parameters like the seed's decoder.
+    "small": BartPreset(d_model=640, encoder_layers=6, decoder_layers=6, attention_heads=10, ffn_dim=2560, vocab_size=8000),
+    # The size of bart-base (about 140M).
+    "base": BartPreset(d_model=768, encoder_layers=6, decoder_layers=6, attention_heads=12, ffn_dim=3072, vocab_size=16000),
+}
+
+
+@dataclass
+class TrainConfigBase:
+    """Fields shared by both stages. Unknown keys in a job config are refused."""
+
+    preset: str = "tiny"
+    """Model size by name (stage 1: encoder presets; stage 2: BART presets)."""
+    steps: int = 200
+    """Optimizer steps to train for in total (resumed runs continue to this count)."""
+    batch_size: int = 8
+    """Effective batch size: samples per optimizer step."""
+    micro_batch_size: int = 0
+    """Samples per forward/backward pass; 0 means equal to batch_size. Gradients accumulate."""
+    lr: float = 1e-3
+    """Peak learning rate (linear warm-up, cosine decay)."""
+    warmup_steps: int = 10
+    """Steps of linear learning-rate warm-up."""
+    optimizer: str = "adamw"
+    """'adamw' or 'adafactor'."""
+    checkpoint_every: int = 50
+    """Write a resumable checkpoint every this many optimizer steps (and at the end)."""
+    log_every_s: float = 2.0
+    """Seconds between progress events sent to the server."""
+    seed: int = 0
+    """Seed for model init, data order and masking; a resumed run restores the RNG state."""
+    device: str = "cpu"
+    """'auto', 'cpu' or 'cuda'."""
+
+    STAGE: ClassVar[str] = ""
+    PRESET_NAMES: ClassVar[tuple[str, ...]] = ()
+
+    def __post_init__(self) -> None:
+        _expect_choice("preset", self.preset, self.PRESET_NAMES)
+        _expect_positive("steps", self.steps)
+        _expect_positive("batch_size", self.batch_size)
+        _expect_positive("micro_batch_size", self.micro_batch_size, allow_zero=True)
+        if self.micro_batch_size == 0:
+            self.micro_batch_size = self.batch_size
+        if self.batch_size % self.micro_batch_size:
+            raise ConfigError(
+                f"Invalid micro_batch_size {self.micro_batch_size}; it must divide batch_size {self.batch_size}."
+            )
+        _expect_positive("lr", self.lr, integer=False)
+        _expect_positive("warmup_steps", self.warmup_steps, allow_zero=True)
+        _expect_choice("optimizer", self.optimizer, ("adamw", "adafactor"))
+        _expect_positive("checkpoint_every", self.checkpoint_every)
+        _expect_positive("log_every_s", self.log_every_s, integer=False)
+        _expect_positive("seed", self.seed, allow_zero=True)
+        _expect_choice("device", self.device, ("auto", "cpu", "cuda"))
+
+    @property
+    def accumulation_steps(self) -> int:
+        return self.batch_size // self.micro_batch_size
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class Stage1Config(TrainConfigBase):
+    """Self-supervised training of the MultiView encoder."""
+
+    mask_ratio: float = 0.5
+    """Share of (channel, patch) tokens masked for reconstruction."""
+    agreement_weight: float = 0.1
+    """Weight of the cross-view agreement term in the loss."""
+
+    STAGE: ClassVar[str] = "stage1"
+    PRESET_NAMES: ClassVar[tuple[str, ...]] = tuple(EncoderConfig.PRESETS)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.mask_ratio, (int, float)) or not 0 < self.mask_ratio < 1:
+            raise ConfigError(f"Invalid mask_ratio {self.mask_ratio!r}; expected a number between 0 and 1.")
+        _expect_positive("agreement_weight", self.agreement_weight, integer=False, allow_zero=True)
+
+    @property
+    def encoder(self) -> EncoderConfig:
+        return EncoderConfig.from_name(self.preset)
+
+
+@dataclass
+class Stage2Config(TrainConfigBase):
+    """BART fine-tuning on the frozen Stage 1 encoder."""
+
+    lr: float = 5e-4
+    max_target_tokens: int = 32
+    """Longest tokenized sentence kept (longer ones are truncated)."""
+    pretrained_dir: str = ""
+    """Local directory with a pretrained BART and tokenizer; empty means build from the preset."""
+    unfreeze_steps: int = 0
+    """Steps of end-to-end fine-tuning with the encoder unfrozen, after the frozen phase."""
+    num_beams: int = 1
+    """Beams for free-running generation during evaluation."""
+
+    STAGE: ClassVar[str] = "stage2"
+    PRESET_NAMES: ClassVar[tuple[str, ...]] = tuple(BART_PRESETS)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _expect_positive("max_target_tokens", self.max_target_tokens)
+        _expect_positive("unfreeze_steps", self.unfreeze_steps, allow_zero=True)
+        _expect_positive("num_beams", self.num_beams)
+        if self.unfreeze_steps > self.steps:
+            raise ConfigError(
+                f"Invalid unfreeze_steps {self.unfreeze_steps}; it cannot exceed steps {self.steps}."
+            )
+        if not isinstance(self.pretrained_dir, str):
+            raise ConfigError(f"Invalid pretrained_dir {self.pretrained_dir!r}; expected a path string.")
+
+    @property
+    def bart(self) -> BartPreset:
+        return BART_PRESETS[self.preset]
+
+
+STAGE_CONFIGS: dict[str, type[TrainConfigBase]] = {"stage1": Stage1Config, "stage2": Stage2Config}
+
+
+def parse_config(stage: str, data: dict[str, Any] | None) -> TrainConfigBase:
+    """Build the config for ``stage`` from a job's JSON config, refusing unknown keys."""
+    _expect_choice("stage", stage, STAGES)
+    cls = STAGE_CONFIGS[stage]
+    data = dict(data or {})
+    known = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ConfigError(
+            f"Unknown config key {unknown[0]!r} for {stage}; expected some of: {', '.join(known)}."
+        )
+    try:
+        return cls(**data)
+    except TypeError as exc:  # e.g. a list where a number belongs, caught by a comparison
+        raise ConfigError(f"Invalid config for {stage}: {exc}") from exc
+
+
+# --- Memory prediction -----------------------------------------------------------------------
+# A job's peak resident memory is estimated before it starts so that the scheduler can refuse to
+# start what the machine cannot hold. The estimate is deliberately simple: the Python + torch +
+# MNE runtime baseline, plus weights, gradients and optimizer state by parameter count, plus
+# activations by tokens in flight. Issue 7 checks it against measured peaks.
+RUNTIME_BASELINE_BYTES = 450 * 1024**2
+_BYTES_PER_PARAM = {"adamw": 16, "adafactor": 9}  # weights + grads + optimizer state (fp32)
+
+
+def predict_peak_bytes(config: TrainConfigBase) -> int:
+    """Predicted peak RSS of a trainer running ``config``, in bytes."""
+    if isinstance(config, Stage1Config):
+        enc = config.encoder
+        params = enc.approx_parameters()
+        tokens = 2 * len(enc.channels) * enc.n_patches
+        activations = config.micro_batch_size * tokens * (enc.d_model * 16 + enc.d_ff * 2) * 4 * enc.n_layers
+    else:
+        assert isinstance(config, Stage2Config)
+        params = config.bart.approx_parameters()
+        activations = config.micro_batch_size * 64 * (config.bart.d_model * 16 + config.bart.ffn_dim * 2) * 4 * 4
+    return int(RUNTIME_BASELINE_BYTES + params * _BYTES_PER_PARAM[config.optimizer] + activations)
+
+
+def config_fields(stage: str) -> list[dict[str, Any]]:
+    """Field names, defaults and types of a stage config, for forms and documentation."""
+    cls = STAGE_CONFIGS[stage]
+    out = []
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else None
+        out.append({"name": f.name, "default": default, "type": type(default).__name__})
+    return out
+
+
+__all__ = [
+    "BART_PRESETS", "CHANNELS_32", "CHANNELS_8", "ConfigError", "EncoderConfig", "Stage1Config",
+    "Stage2Config", "STAGES", "TrainConfigBase", "config_fields", "parse_config", "predict_peak_bytes",
+]

@@ -1,0 +1,83 @@
+"""Wire formats shared by the server and the trainer subprocess.
+
+The server writes a :class:`JobSpec` to ``<job dir>/spec.json`` and starts
+``python -m trainer run <job dir>/spec.json``. The trainer then talks to the server over HTTP
+only, authenticated by the per-job token in the spec:
+
+- ``POST /api/jobs/{id}/events`` with a :class:`TrainerEvent`; the reply is an
+  :class:`EventReply` whose ``stop`` field carries a pause or cancel request.
+- ``POST /api/jobs/{id}/artifacts/register`` with an :class:`ArtifactRegistration` naming a file
+  inside the job directory; the server hashes it and adds it to the artifact store.
+
+Its exit code tells the server how the run ended (:data:`EXIT_OK`, :data:`EXIT_STOPPED`,
+:data:`EXIT_FAILED`; anything else is a crash). Pydantic only: the server imports this module and
+must not pull in torch.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+EXIT_OK = 0
+"""Training reached its configured step count; final artifacts are registered."""
+EXIT_FAILED = 2
+"""The trainer failed cleanly (bad data, bad config); the last ``error`` event says why."""
+EXIT_STOPPED = 3
+"""A stop request (pause or cancel) was honoured after writing a checkpoint."""
+
+SPEC_FILENAME = "spec.json"
+LOG_FILENAME = "trainer.log"
+
+
+class ArtifactKind(str, Enum):
+    encoder = "encoder"
+    checkpoint = "checkpoint"
+    model = "model"
+    report = "report"
+
+
+class StopRequest(str, Enum):
+    pause = "pause"
+    cancel = "cancel"
+
+
+class JobSpec(BaseModel):
+    """Everything a trainer needs to run one job attempt."""
+
+    job_id: int
+    stage: Literal["stage1", "stage2"]
+    dataset: str = Field(description="A path on this machine, 'synthetic' or 'synthetic:null'.")
+    config: dict[str, Any] = Field(description="The stage config as POSTed, validated by trainer.config.")
+    job_dir: str = Field(description="Directory the trainer owns: checkpoints, caches, log.")
+    api_url: str = Field(description="Base URL of the server, e.g. http://127.0.0.1:8000.")
+    token: str = Field(description="Bearer token that may report for this job only.")
+    encoder_path: str | None = Field(None, description="Stage 2: the encoder safetensors file to start from.")
+    cache_dir: str | None = Field(None, description="Directory shared by jobs for generated datasets and window caches.")
+    attempt: int = 1
+
+
+class TrainerEvent(BaseModel):
+    """One report from the trainer. ``progress`` events double as heartbeats."""
+
+    kind: Literal["started", "progress", "log", "checkpoint", "finished", "error"] = "progress"
+    step: int | None = None
+    total: int | None = None
+    loss: float | None = None
+    lr: float | None = None
+    samples_per_s: float | None = None
+    rss_bytes: int | None = None
+    peak_rss_bytes: int | None = None
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    message: str | None = None
+
+
+class EventReply(BaseModel):
+    stop: StopRequest | None = None
+
+
+class ArtifactRegistration(BaseModel):
+    kind: ArtifactKind
+    path: str = Field(description="File path relative to the job directory.")

@@ -1,0 +1,178 @@
+"""Pieces both stages' training loops share: device, optimizer, LR schedule, data order,
+RNG capture, and the checkpoint round trip of a whole training state.
+
+The loops themselves live in :mod:`trainer.stage1` and :mod:`trainer.stage2` and read top to
+bottom; what is here is the bookkeeping that must be identical in both for resume to be exact.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from trainer import checkpoint as ckpt
+from trainer.config import TrainConfigBase
+from trainer.exceptions import TrainerError
+
+LOSS_TAIL = 50  # losses kept in the checkpoint so a resumed run can report a smoothed loss
+
+
+def pick_device(name: str) -> torch.device:
+    """Resolve the config's ``device`` ('auto', 'cpu', 'cuda') to a torch device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise TrainerError("Invalid device 'cuda': no CUDA device is available; use 'cpu' or 'auto'.")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def make_optimizer(params: list[torch.nn.Parameter], config: TrainConfigBase) -> torch.optim.Optimizer:
+    """AdamW, or transformers' Adafactor (factored second moments: far less optimizer memory)."""
+    if config.optimizer == "adafactor":
+        from transformers.optimization import Adafactor
+
+        # Our own schedule sets the lr, so Adafactor's relative-step schedule is switched off.
+        return Adafactor(params, lr=config.lr, relative_step=False, scale_parameter=False, warmup_init=False)
+    return torch.optim.AdamW(params, lr=config.lr, betas=(0.9, 0.95), weight_decay=0.01)
+
+
+def lr_at(step: int, config: TrainConfigBase) -> float:
+    """Linear warm-up to ``config.lr`` then cosine decay to 10% of it at ``config.steps``."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    span = max(1, config.steps - config.warmup_steps)
+    progress = min(1.0, (step - config.warmup_steps) / span)
+    return config.lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+@dataclass
+class TrainState:
+    """Everything besides tensors that a resumed run needs to continue exactly."""
+
+    step: int = 0
+    epoch: int = 0
+    position: int = 0
+    """Index into the current epoch's permutation of the training samples."""
+    losses: list[float] = field(default_factory=list)
+    """The most recent per-step losses (tail only)."""
+
+    def record(self, loss: float) -> None:
+        self.losses = (self.losses + [loss])[-LOSS_TAIL:]
+
+
+class DataOrder:
+    """Epoch-wise shuffled sample indices, reproducible from (seed, epoch, position).
+
+    Each epoch's permutation is derived from the seed and the epoch number alone, so a resumed
+    run only needs the two counters in :class:`TrainState` to draw the same batches.
+    """
+
+    def __init__(self, n: int, seed: int, state: TrainState) -> None:
+        if n == 0:
+            raise TrainerError("No training samples: the dataset produced nothing to train on.")
+        self.n, self.seed, self.state = n, seed, state
+
+    def _perm(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(self.n)
+
+    def next(self, count: int) -> np.ndarray:
+        out = []
+        while len(out) < count:
+            perm = self._perm(self.state.epoch)
+            take = perm[self.state.position:self.state.position + count - len(out)]
+            out.extend(take.tolist())
+            self.state.position += len(take)
+            if self.state.position >= self.n:
+                self.state.epoch += 1
+                self.state.position = 0
+        return np.asarray(out, dtype=np.int64)
+
+
+# -- RNG states -------------------------------------------------------------------------------------
+def rng_tensors(generators: dict[str, torch.Generator]) -> dict[str, torch.Tensor]:
+    """Torch RNG states as uint8 tensors (global CPU, CUDA if any, and named generators)."""
+    out = {"rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            out[f"rng.cuda.{i}"] = s
+    for name, gen in generators.items():
+        out[f"rng.{name}"] = gen.get_state()
+    return out
+
+
+def restore_rng_tensors(tensors: dict[str, torch.Tensor], generators: dict[str, torch.Generator]) -> None:
+    torch.set_rng_state(tensors["rng.torch"])
+    if torch.cuda.is_available():
+        states = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
+        if states:
+            torch.cuda.set_rng_state_all(states)
+    for name, gen in generators.items():
+        if f"rng.{name}" in tensors:
+            gen.set_state(tensors[f"rng.{name}"])
+
+
+def host_rng_state() -> dict[str, Any]:
+    """numpy's and Python's global RNG states as JSON-able values."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss = random.getstate()
+    return {
+        "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+        "python": [version, list(internal), gauss],
+    }
+
+
+def restore_host_rng_state(data: dict[str, Any]) -> None:
+    kind, keys, pos, has_gauss, cached = data["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = data["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+# -- whole-state checkpoints ------------------------------------------------------------------------
+def save_training_checkpoint(job_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                             state: TrainState, generators: dict[str, torch.Generator],
+                             metadata: dict[str, Any]) -> Path:
+    """Checkpoint model, optimizer, RNGs and :class:`TrainState`; returns the file path."""
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    optim_tensors, optim_meta = ckpt.optimizer_to_tensors(optimizer)
+    tensors.update(optim_tensors)
+    tensors.update(rng_tensors(generators))
+    trainer_state = {**asdict(state), "rng": host_rng_state()}
+    meta = {**metadata, "trainer_state": trainer_state, "optimizer": optim_meta}
+    return ckpt.save_checkpoint(job_dir, state.step, tensors, meta)
+
+
+def load_training_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                             generators: dict[str, torch.Generator]) -> tuple[TrainState, dict[str, Any]]:
+    """Validate and restore a checkpoint written by :func:`save_training_checkpoint`.
+
+    Returns
+    -------
+    state : TrainState
+        Step, data-order position and loss tail to continue from.
+    metadata : dict
+        The decoded metadata (configs) for the caller to compare with its own.
+    """
+    tensors, meta = ckpt.load_checkpoint(path)
+    weights = ckpt.subset(tensors, "model.")
+    ckpt.validate_state_dict(model, weights, str(path))
+    model.load_state_dict(weights)
+    ckpt.optimizer_from_tensors(optimizer, {k: v for k, v in tensors.items() if k.startswith("optim.")},
+                                meta["optimizer"], str(path))
+    restore_rng_tensors(tensors, generators)
+    trainer_state = dict(meta["trainer_state"])
+    restore_host_rng_state(trainer_state.pop("rng"))
+    state = TrainState(**{k: trainer_state[k] for k in ("step", "epoch", "position", "losses")})
+    return state, meta
