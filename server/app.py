@@ -28,8 +28,8 @@ log = logging.getLogger("neurolens")
 DASHBOARD_DIR = Path(clients.__file__).resolve().parent / "dashboard"
 
 # The demo pipeline `make run` queues on a fresh data directory: real training, a few minutes.
-DEMO_STAGE1 = {"preset": "tiny", "steps": 300, "checkpoint_every": 100}
-DEMO_STAGE2 = {"preset": "tiny", "steps": 300, "checkpoint_every": 100}
+DEMO_STAGE1 = {"preset": "tiny", "steps": 2000, "checkpoint_every": 250}
+DEMO_STAGE2 = {"preset": "tiny", "steps": 2000, "checkpoint_every": 250}
 
 
 def api_router() -> APIRouter:
