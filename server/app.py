@@ -20,6 +20,7 @@ from server.exceptions import NeuroLensServerError
 from server.jobs import create_job
 from server.models import Job, JobCreate
 from server.scheduler import Scheduler
+from server.security import RequestLimitMiddleware, TokenMiddleware
 from server.settings import Settings
 from server.storage import ArtifactStore
 
@@ -52,6 +53,7 @@ def queue_demo(engine) -> None:
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
+    settings.check_exposure()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -84,6 +86,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def _known_error(_request: Request, exc: NeuroLensServerError) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=exc.status_code)
 
+    app.add_middleware(RequestLimitMiddleware, max_bytes=settings.max_request_bytes)
+    app.add_middleware(TokenMiddleware, token=settings.token)
     app.include_router(api_router())
     if DASHBOARD_DIR.is_dir():
         app.mount("/", StaticFiles(directory=DASHBOARD_DIR, html=True), name="dashboard")

@@ -17,6 +17,10 @@ def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
+# Largest value an id column holds (SQLite and PostgreSQL BIGINT alike).
+DB_INT_MAX = 2**63 - 1
+
+
 class JobStatus(str, Enum):
     queued = "queued"
     running = "running"
@@ -49,8 +53,8 @@ class JobCreate(SQLModel):
     stage: str = Field(description="'stage1' or 'stage2'.")
     dataset: str = Field("synthetic", description="A path on the server, 'synthetic' or 'synthetic:null'.")
     config: dict[str, Any] = Field(default_factory=dict, description="Stage config: preset, steps, ...")
-    after: int | None = Field(None, description="Stage 2: the Stage 1 job whose encoder to start from.")
-    encoder_artifact: int | None = Field(None, description="Stage 2: an encoder artifact to start from.")
+    after: int | None = Field(None, ge=1, le=DB_INT_MAX, description="Stage 2: the Stage 1 job whose encoder to start from.")
+    encoder_artifact: int | None = Field(None, ge=1, le=DB_INT_MAX, description="Stage 2: an encoder artifact to start from.")
 
 
 class Job(SQLModel, table=True):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from functools import lru_cache
 from pathlib import Path
 
@@ -22,6 +23,28 @@ class Settings(BaseSettings):
     sample_interval_s: float = Field(1.0, gt=0, description="Seconds between psutil samples of trainer memory.")
     demo: bool = Field(False, description="Queue the demo pipeline (Stage 1 then Stage 2, synthetic) on first start.")
     max_upload_bytes: int = Field(8 * 1024**3, gt=0, description="Largest artifact upload accepted.")
+    max_request_bytes: int = Field(1024**2, gt=0, description="Largest body accepted by any endpoint but uploads.")
+    token: str = Field("", description="Bearer token every mutating request needs; required off loopback.")
+    memory_budget_bytes: int = Field(0, ge=0, description="Cap on the predicted peak memory of all running jobs together; 0 means no cap.")
+    memory_margin_bytes: int = Field(256 * 1024**2, ge=0, description="Free memory kept back for the OS and the user's other work.")
+
+    @property
+    def is_loopback(self) -> bool:
+        """Whether the server listens on loopback only (then it may run without a token)."""
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+    def check_exposure(self) -> None:
+        """Refuse to serve beyond loopback without a token: anyone on the network could train."""
+        if not self.is_loopback and not self.token:
+            raise ValueError(
+                f"Refusing to listen on {self.host!r} without a token: set NEUROLENS_TOKEN (or --token) "
+                "so that every mutating request must carry 'Authorization: Bearer <token>'."
+            )
 
     @property
     def resolved_database_url(self) -> str:

@@ -11,6 +11,7 @@ into a :class:`Stage1Config` or :class:`Stage2Config`; every bad value raises
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -39,13 +40,19 @@ def _expect_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
         raise ConfigError(f"Invalid {name} {value!r}; expected {choices}.")
 
 
+# Counts beyond this are certainly typos, and would overflow the database's integer columns.
+MAX_COUNT = 2**31 - 1
+
+
 def _expect_positive(name: str, value: Any, *, integer: bool = True, allow_zero: bool = False) -> None:
     kinds = (int,) if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kinds):
-        raise ConfigError(f"Invalid {name} {value!r}; expected a {'whole number' if integer else 'number'}.")
+    if isinstance(value, bool) or not isinstance(value, kinds) or not math.isfinite(value):
+        raise ConfigError(f"Invalid {name} {value!r}; expected a {'whole number' if integer else 'finite number'}.")
     if value < 0 or (value == 0 and not allow_zero):
         bound = "zero or more" if allow_zero else "greater than zero"
         raise ConfigError(f"Invalid {name} {value!r}; it must be {bound}.")
+    if value > MAX_COUNT:
+        raise ConfigError(f"Invalid {name} {value!r}; it must be at most {MAX_COUNT}.")
 
 
 @dataclass(frozen=True)
@@ -224,7 +231,7 @@ class Stage1Config(TrainConfigBase):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not isinstance(self.mask_ratio, (int, float)) or not 0 < self.mask_ratio < 1:
+        if isinstance(self.mask_ratio, bool) or not isinstance(self.mask_ratio, (int, float)) or not 0 < self.mask_ratio < 1:
             raise ConfigError(f"Invalid mask_ratio {self.mask_ratio!r}; expected a number between 0 and 1.")
         _expect_positive("agreement_weight", self.agreement_weight, integer=False, allow_zero=True)
 

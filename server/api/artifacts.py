@@ -8,10 +8,10 @@ from fastapi import APIRouter, Query
 from fastapi.responses import FileResponse
 from sqlmodel import func, select
 
-from server.api.deps import StoreDep
+from server.api.deps import ArtifactId, StoreDep
 from server.db import SessionDep
 from server.exceptions import NotFound
-from server.models import Artifact, ArtifactPublic, ArtifactsPublic
+from server.models import DB_INT_MAX, Artifact, ArtifactPublic, ArtifactsPublic
 from trainer.protocol import ArtifactKind
 
 router = APIRouter(prefix="/artifacts", tags=["artifacts"])
@@ -27,7 +27,7 @@ def get_artifact(session: SessionDep, artifact_id: int) -> Artifact:
 @router.get("", response_model=ArtifactsPublic)
 def list_artifacts(
     session: SessionDep,
-    job_id: int | None = None,
+    job_id: Annotated[int | None, Query(ge=1, le=DB_INT_MAX)] = None,
     kind: ArtifactKind | None = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 500,
 ) -> ArtifactsPublic:
@@ -45,13 +45,13 @@ def list_artifacts(
 
 
 @router.get("/{artifact_id}", response_model=ArtifactPublic)
-def read_artifact(artifact_id: int, session: SessionDep) -> ArtifactPublic:
+def read_artifact(artifact_id: ArtifactId, session: SessionDep) -> ArtifactPublic:
     return ArtifactPublic.model_validate(get_artifact(session, artifact_id), from_attributes=True)
 
 
 @router.get("/{artifact_id}/download", response_class=FileResponse,
             responses={200: {"content": {"application/octet-stream": {}}}, 206: {"description": "Partial content"}})
-def download_artifact(artifact_id: int, session: SessionDep, store: StoreDep) -> FileResponse:
+def download_artifact(artifact_id: ArtifactId, session: SessionDep, store: StoreDep) -> FileResponse:
     """The artifact's file, streamed from disk; Range requests resume an interrupted download."""
     artifact = get_artifact(session, artifact_id)
     path = store.path_of(artifact.storage_path)

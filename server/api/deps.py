@@ -5,12 +5,12 @@ from __future__ import annotations
 import secrets
 from typing import Annotated
 
-from fastapi import Depends, Header, Request
+from fastapi import Depends, Header, Path, Request
 
 from server.db import SessionDep
 from server.exceptions import Unauthorized
 from server.jobs import get_job, hash_token
-from server.models import Job
+from server.models import DB_INT_MAX, Job
 from server.scheduler import Scheduler
 from server.settings import Settings
 from server.storage import ArtifactStore
@@ -28,12 +28,16 @@ def get_store(request: Request) -> ArtifactStore:
     return request.app.state.store
 
 
+# Ids beyond the database's integer range are refused by validation (422), not by a crash.
+JobId = Annotated[int, Path(ge=1, le=DB_INT_MAX, description="A job id.")]
+ArtifactId = Annotated[int, Path(ge=1, le=DB_INT_MAX, description="An artifact id.")]
+
 SettingsDep = Annotated[Settings, Depends(get_app_settings)]
 SchedulerDep = Annotated[Scheduler, Depends(get_scheduler)]
 StoreDep = Annotated[ArtifactStore, Depends(get_store)]
 
 
-def trainer_job(job_id: int, session: SessionDep, authorization: Annotated[str | None, Header()] = None) -> Job:
+def trainer_job(job_id: JobId, session: SessionDep, authorization: Annotated[str | None, Header()] = None) -> Job:
     """The job whose trainer token the request carries; any other token is refused."""
     job = get_job(session, job_id)
     scheme, _, token = (authorization or "").partition(" ")

@@ -10,7 +10,7 @@ from fastapi.responses import PlainTextResponse
 from sqlmodel import func, select
 
 from server import jobs as job_rules
-from server.api.deps import SchedulerDep, SettingsDep, StoreDep, TrainerJobDep
+from server.api.deps import JobId, SchedulerDep, SettingsDep, StoreDep, TrainerJobDep
 from server.db import SessionDep
 from server.exceptions import InvalidInput, NotFound
 from server.models import (
@@ -57,7 +57,7 @@ def list_jobs(
 
 
 @router.get("/{job_id}", response_model=JobPublic, responses={304: {"description": "Unchanged since the ETag given"}})
-def read_job(job_id: int, session: SessionDep, response: Response,
+def read_job(job_id: JobId, session: SessionDep, response: Response,
              if_none_match: Annotated[str | None, Header()] = None):
     job = job_rules.get_job(session, job_id)
     etag = etag_of(job)
@@ -68,20 +68,20 @@ def read_job(job_id: int, session: SessionDep, response: Response,
 
 
 @router.post("/{job_id}/cancel", response_model=JobPublic)
-def cancel_job(job_id: int, session: SessionDep, scheduler: SchedulerDep) -> JobPublic:
+def cancel_job(job_id: JobId, session: SessionDep, scheduler: SchedulerDep) -> JobPublic:
     job = job_rules.request_stop(session, job_rules.get_job(session, job_id), "cancel")
     scheduler.wake()
     return job_rules.to_public(session, job)
 
 
 @router.post("/{job_id}/pause", response_model=JobPublic)
-def pause_job(job_id: int, session: SessionDep) -> JobPublic:
+def pause_job(job_id: JobId, session: SessionDep) -> JobPublic:
     job = job_rules.request_stop(session, job_rules.get_job(session, job_id), "pause")
     return job_rules.to_public(session, job)
 
 
 @router.post("/{job_id}/resume", response_model=JobPublic)
-def resume_job(job_id: int, session: SessionDep, scheduler: SchedulerDep) -> JobPublic:
+def resume_job(job_id: JobId, session: SessionDep, scheduler: SchedulerDep) -> JobPublic:
     job = job_rules.resume(session, job_rules.get_job(session, job_id))
     scheduler.wake()
     return job_rules.to_public(session, job)
@@ -89,7 +89,7 @@ def resume_job(job_id: int, session: SessionDep, scheduler: SchedulerDep) -> Job
 
 @router.get("/{job_id}/events", response_model=JobEventsPublic)
 def list_events(
-    job_id: int,
+    job_id: JobId,
     session: SessionDep,
     after_id: Annotated[int, Query(ge=0)] = 0,
     limit: Annotated[int, Query(ge=1, le=5000)] = 500,
@@ -102,7 +102,7 @@ def list_events(
 
 
 @router.get("/{job_id}/logs", response_class=PlainTextResponse)
-def read_logs(job_id: int, session: SessionDep, settings: SettingsDep,
+def read_logs(job_id: JobId, session: SessionDep, settings: SettingsDep,
               tail_bytes: Annotated[int, Query(ge=1, le=16 * 1024**2)] = 65536) -> str:
     job_rules.get_job(session, job_id)
     path = settings.jobs_dir / str(job_id) / LOG_FILENAME

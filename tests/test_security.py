@@ -1,0 +1,87 @@
+"""Access and request limits against a live server: tokens, exposure, oversized bodies."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import httpx
+
+from tests.conftest import REPO_ROOT, free_port, start_server
+
+TOKEN = "s3cret-token-for-tests"
+
+
+def test_refuses_to_listen_beyond_loopback_without_a_token(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "server", "--host", "0.0.0.0", "--port", str(free_port()), "--data-dir", str(tmp_path)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 2
+    assert "Refusing to listen on '0.0.0.0' without a token" in result.stderr
+    assert not (tmp_path / "neurolens.db").exists()
+
+
+def test_with_a_token_every_mutating_request_needs_it(tmp_path):
+    server = start_server(tmp_path / "data", args=("--token", TOKEN))
+    try:
+        with server.client() as client:
+            body = {"stage": "stage1", "config": {"preset": "tiny", "steps": 10, "log_every_s": 0.5}}
+            response = client.post("/api/jobs", json=body)
+            assert response.status_code == 401
+            assert "Authorization: Bearer" in response.json()["detail"]
+            assert response.headers["www-authenticate"] == "Bearer"
+            wrong = client.post("/api/jobs", json=body, headers={"Authorization": "Bearer nope"})
+            assert wrong.status_code == 401
+            assert client.get("/api/jobs").json()["count"] == 0  # nothing was created
+
+            auth = {"Authorization": f"Bearer {TOKEN}"}
+            job = client.post("/api/jobs", json=body, headers=auth)
+            assert job.status_code == 201, job.text
+            # Reads stay open; the trainer reports with its own per-job token, not the server's.
+            done = server.wait_for_job(job.json()["id"], {"succeeded"})
+            assert client.post(f"/api/jobs/{done['id']}/cancel").status_code == 401
+            assert client.post(f"/api/jobs/{done['id']}/cancel", headers=auth).status_code == 409
+    finally:
+        server.stop()
+
+
+def test_server_with_a_token_may_listen_on_all_interfaces(tmp_path):
+    server = start_server(tmp_path / "data", args=("--token", TOKEN), env={"NEUROLENS_HOST": "0.0.0.0"})
+    server.stop()  # start_server already checked /api/health over loopback
+
+
+def test_oversized_bodies_are_refused_early(shared_server):
+    huge = b'{"stage": "stage1", "dataset": "' + b"x" * (2 * 1024**2) + b'"}'
+    with shared_server.client() as client:
+        response = client.post("/api/jobs", content=huge, headers={"Content-Type": "application/json"})
+        assert response.status_code == 413
+        assert "larger than the limit of 1048576 bytes" in response.json()["detail"]
+
+        def chunks():  # no Content-Length: the limit is enforced while reading
+            for start in range(0, len(huge), 65536):
+                yield huge[start:start + 65536]
+
+        response = client.post("/api/jobs", content=chunks(), headers={"Content-Type": "application/json"})
+        assert response.status_code == 413
+        assert client.get("/api/jobs").json()["count"] == 0
+        assert client.get("/api/health").status_code == 200
+
+
+def test_malformed_bodies_are_422_not_500(shared_server):
+    with shared_server.client() as client:
+        for content in (b"{not json", b"[]", b'"stage1"', b'{"stage": 1, "config": []}'):
+            response = client.post("/api/jobs", content=content, headers={"Content-Type": "application/json"})
+            assert response.status_code == 422, (content, response.text)
+        response = client.post("/api/jobs", json={"stage": "stage1", "config": {"steps": 10 ** 30}})
+        assert response.status_code == 422, response.text
+        assert isinstance(httpx.get(f"{shared_server.url}/api/jobs/abc").status_code, int)
+        assert httpx.get(f"{shared_server.url}/api/jobs/abc").status_code == 422
+
+
+def test_non_finite_numbers_are_refused(shared_server):
+    with shared_server.client() as client:
+        for raw in (b'{"stage": "stage1", "config": {"lr": NaN}}', b'{"stage": "stage1", "config": {"lr": Infinity}}'):
+            response = client.post("/api/jobs", content=raw, headers={"Content-Type": "application/json"})
+            assert response.status_code == 422, response.text
+            assert "Invalid lr" in response.json()["detail"]
