@@ -67,12 +67,22 @@ def validate_dataset(dataset: str) -> str:
     return str(Path(dataset).expanduser().resolve())
 
 
-def create_job(session: Session, body: JobCreate) -> Job:
-    """Validate a job request and queue it; nothing is written when any part is invalid."""
+def create_job(session: Session, body: JobCreate, memory_limit_bytes: int | None = None) -> Job:
+    """Validate a job request and queue it; nothing is written when any part is invalid.
+
+    ``memory_limit_bytes`` is the most any one job may ever use here (the memory budget, or the
+    machine's RAM): a job predicted to need more could only wait forever, so it is refused.
+    """
     try:
         config = parse_config(body.stage, body.config)
     except ConfigError as exc:
         raise InvalidInput(str(exc)) from exc
+    predicted = predict_peak_bytes(config)
+    if memory_limit_bytes and predicted > memory_limit_bytes:
+        raise InvalidInput(
+            f"This {body.stage} job is predicted to need {predicted / 2**30:.2f} GB at its peak, more than the "
+            f"{memory_limit_bytes / 2**30:.2f} GB NeuroLens may use here; choose a smaller preset or micro_batch_size."
+        )
     dataset = validate_dataset(body.dataset)
 
     if body.stage == "stage1" and (body.after is not None or body.encoder_artifact is not None):
@@ -104,7 +114,7 @@ def create_job(session: Session, body: JobCreate) -> Job:
         after_job_id=body.after,
         encoder_artifact_id=body.encoder_artifact,
         total=config.steps,
-        predicted_peak_bytes=predict_peak_bytes(config),
+        predicted_peak_bytes=predicted,
     )
     session.add(job)
     session.commit()

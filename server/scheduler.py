@@ -41,8 +41,15 @@ TICK_S = 0.5
 # A trainer gets this long to checkpoint and exit after a stop request reached it.
 STOP_GRACE_S = 60.0
 SHUTDOWN_GRACE_S = 15.0
-# Free memory kept back when admitting a job, for the server, the OS and the user's other work.
-MEMORY_MARGIN_BYTES = 256 * 1024**2
+
+
+def halved_micro_batch(config: dict) -> int | None:
+    """The next smaller micro-batch that still divides the batch, or None at 1."""
+    batch, micro = config["batch_size"], config["micro_batch_size"]
+    for candidate in range(micro // 2, 0, -1):
+        if batch % candidate == 0:
+            return candidate
+    return None
 
 
 def last_log_line(path: Path, max_bytes: int = 4096) -> str:
@@ -68,6 +75,9 @@ class Scheduler:
         self._last_sample = 0.0
         # Crashed jobs wait a little before their retry, so a crash loop cannot spin the CPU.
         self._retry_after: dict[int, float] = {}
+        # Jobs whose trainer this server killed itself: a SIGKILL from anyone else is taken to be
+        # the operating system's out-of-memory killer.
+        self._killed_by_us: set[int] = set()
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -157,7 +167,7 @@ class Scheduler:
         elif stop == "cancel":
             set_status(session, job, JobStatus.cancelled)
         elif stop == "pause":
-            set_status(session, job, JobStatus.paused)
+            set_status(session, job, JobStatus.paused, reason=job.reason)  # "memory" when paused for it
         elif shutting_down:
             set_status(session, job, JobStatus.queued)
         elif code == EXIT_FAILED:
@@ -170,11 +180,22 @@ class Scheduler:
             last_line = last_log_line(self.job_dir(job.id) / LOG_FILENAME)
             if last_line:
                 reason = f"{reason}: {last_line}"
+            killed_by_os = code == -getattr(signal, "SIGKILL", 9) and job.id not in self._killed_by_us
+            self._killed_by_us.discard(job.id)
             if job.attempts < self.settings.max_attempts:
-                log.warning("job %s: %s; retrying (attempt %s of %s)", job.id, reason, job.attempts + 1,
+                changes: dict = {}
+                retry = "retrying from the newest checkpoint"
+                if killed_by_os and (smaller := halved_micro_batch(job.config)) is not None:
+                    changes["config"] = {**job.config, "micro_batch_size": smaller}
+                    accumulation = job.config["batch_size"] // smaller
+                    retry = (f"likely out of memory; {retry} with micro_batch_size {smaller} and {accumulation} "
+                             f"accumulation steps (effective batch {job.config['batch_size']} kept)")
+                log.warning("job %s: %s; %s (attempt %s of %s)", job.id, reason, retry, job.attempts + 1,
                             self.settings.max_attempts)
                 self._retry_after[job.id] = time.monotonic() + min(2.0 ** job.attempts, 30.0)
-                set_status(session, job, JobStatus.queued, error=f"{reason}; retrying from the newest checkpoint")
+                # The event log keeps the story after the retry's start clears `error`.
+                session.add(JobEvent(job_id=job.id, kind="log", step=job.step, message=f"{reason}; {retry}"))
+                set_status(session, job, JobStatus.queued, error=f"{reason}; {retry}", **changes)
             else:
                 set_status(session, job, JobStatus.failed, error=f"{reason} (after {job.attempts} attempts)")
 
@@ -197,11 +218,14 @@ class Scheduler:
         if sample:
             self._last_sample = now_mono
         now = utcnow()
+        samples = {job_id: trainer.tree_rss_bytes() for job_id, trainer in self.trainers.items()} if sample else {}
         for job_id, trainer in self.trainers.items():
             job = session.get(Job, job_id)
             if job is None or job.status != JobStatus.running:
                 continue
-            if sample and (rss := trainer.tree_rss_bytes()) is not None:
+            if (rss := samples.get(job_id)) is not None:
+                others = sum(r or 0 for other, r in samples.items() if other != job_id)
+                self._guard_memory(session, job, rss, others)
                 # One UPDATE with the maximum taken in SQL: the API's concurrent writes to the same
                 # row (progress events, stop requests) are neither lost nor overwritten.
                 session.execute(
@@ -214,11 +238,37 @@ class Scheduler:
             if silent_s > self.settings.heartbeat_timeout_s:
                 session.execute(update(Job).where(Job.id == job_id).values(
                     error=f"no report from the trainer for {silent_s:.0f} s; killed", version=Job.version + 1))
+                self._killed_by_us.add(job_id)
                 trainer.kill()
             elif job.stop_requested_at and (now - job.stop_requested_at).total_seconds() > STOP_GRACE_S:
                 log.warning("job %s: trainer ignored a %s request; killing it", job.id, job.stop_request)
+                self._killed_by_us.add(job_id)
                 trainer.kill()
         session.commit()
+
+    def memory_allowance(self, others_rss: int, own_rss: int) -> int:
+        """Bytes one running trainer may use: the budget's share left by the others, or what the
+        machine has free beyond the margin (its own RSS counts as usable)."""
+        free = own_rss + psutil.virtual_memory().available - self.settings.memory_margin_bytes
+        if self.settings.memory_budget_bytes:
+            return min(self.settings.memory_budget_bytes - others_rss, free)
+        return free
+
+    def _guard_memory(self, session: Session, job: Job, rss: int, others_rss: int) -> None:
+        """Pause a trainer, after a checkpoint, when it nears its allowance."""
+        allowance = self.memory_allowance(others_rss, rss)
+        # Pausing before the limit, not at it, leaves room for the checkpoint the pause writes and
+        # keeps the operating system's out-of-memory killer from choosing a victim first.
+        if job.stop_request or rss < self.settings.memory_pause_share * allowance:
+            return
+        message = (f"paused to stay within memory: the trainer used {rss / 2**30:.2f} GB of the "
+                   f"{max(allowance, 0) / 2**30:.2f} GB it may use; resume it when memory is free, "
+                   f"or with a smaller micro_batch_size")
+        log.warning("job %s: %s", job.id, message)
+        session.add(JobEvent(job_id=job.id, kind="log", step=job.step, message=message))
+        session.execute(update(Job).where(Job.id == job.id, Job.status == JobStatus.running).values(
+            stop_request="pause", stop_requested_at=utcnow(), error=message, reason=WaitReason.memory.value,
+            version=Job.version + 1))
 
     # --- admission -----------------------------------------------------------------------
 
@@ -235,11 +285,21 @@ class Scheduler:
             if len(self.trainers) >= self.settings.concurrency:
                 self._wait(session, job, None)  # in line for a free slot
                 continue
-            available = psutil.virtual_memory().available - MEMORY_MARGIN_BYTES
-            if job.predicted_peak_bytes and job.predicted_peak_bytes > available:
+            if not self._fits_in_memory(session, job):
                 self._wait(session, job, WaitReason.memory.value)
                 continue
             self._spawn(session, job, encoder_path)
+
+    def _fits_in_memory(self, session: Session, job: Job) -> bool:
+        """Whether the job's predicted peak fits in free memory and in the budget left."""
+        needed = job.predicted_peak_bytes or 0
+        if needed > psutil.virtual_memory().available - self.settings.memory_margin_bytes:
+            return False
+        if self.settings.memory_budget_bytes:
+            committed = session.exec(select(func.coalesce(func.sum(Job.predicted_peak_bytes), 0))
+                                     .where(Job.status == JobStatus.running)).one()
+            return committed + needed <= self.settings.memory_budget_bytes
+        return True
 
     def _wait(self, session: Session, job: Job, reason: str | None) -> None:
         if job.reason != reason:

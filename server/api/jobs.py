@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
+import psutil
 from fastapi import APIRouter, Header, Query, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import PlainTextResponse
@@ -28,8 +29,9 @@ def etag_of(job: Job) -> str:
 
 
 @router.post("", status_code=201, response_model=JobPublic)
-def create_job(body: JobCreate, session: SessionDep, scheduler: SchedulerDep) -> JobPublic:
-    job = job_rules.create_job(session, body)
+def create_job(body: JobCreate, session: SessionDep, scheduler: SchedulerDep, settings: SettingsDep) -> JobPublic:
+    limit = settings.memory_budget_bytes or psutil.virtual_memory().total
+    job = job_rules.create_job(session, body, memory_limit_bytes=limit)
     scheduler.wake()
     return job_rules.to_public(session, job)
 
