@@ -173,8 +173,9 @@ class Scheduler:
         elif code == EXIT_FAILED:
             set_status(session, job, JobStatus.failed, error=job.error or "trainer failed; see its log")
         elif code == EXIT_STOPPED:
-            # Stopped by a signal from outside NeuroLens (e.g. the OS asked it to end): resumable.
-            set_status(session, job, JobStatus.paused, error="trainer was stopped from outside NeuroLens")
+            # Stopped without a request of ours: the trainer said why (a full disk), or a signal
+            # from outside NeuroLens asked it to end. Either way it checkpointed: resumable.
+            set_status(session, job, JobStatus.paused, error=job.error or "trainer was stopped from outside NeuroLens")
         else:
             reason = job.error if job.error and job.error.startswith("no report") else describe_exit(code)
             last_line = last_log_line(self.job_dir(job.id) / LOG_FILENAME)

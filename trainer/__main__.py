@@ -10,6 +10,7 @@ checkpoint) or :data:`~trainer.protocol.EXIT_FAILED` (a clean failure, explained
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import signal
@@ -21,7 +22,7 @@ from pydantic import ValidationError
 
 from trainer.config import ConfigError, Stage1Config, Stage2Config, parse_config
 from trainer.exceptions import TrainerError
-from trainer.protocol import EXIT_FAILED, JobSpec
+from trainer.protocol import EXIT_FAILED, EXIT_STOPPED, JobSpec
 from trainer.reporter import Reporter
 
 log = logging.getLogger("trainer")
@@ -74,10 +75,27 @@ def run(spec_path: Path) -> int:
             log.error("%s", exc)
             reporter.event("error", message=str(exc))
             return EXIT_FAILED
-        except Exception as exc:  # a bug or an exhausted machine: report it, then exit as a crash
+        except Exception as exc:
+            if is_disk_full(exc):
+                # Checkpoints are written to a temporary directory and renamed into place, so the
+                # newest complete one is intact: pause, and let the user free space and resume.
+                message = (f"Disk full while the trainer was writing ({exc}); the newest complete "
+                           f"checkpoint is kept. Free some space, then resume the job.")
+                log.error("%s", message)
+                reporter.event("error", message=message)
+                return EXIT_STOPPED
+            # A bug or an exhausted machine: report it, then exit as a crash.
             log.error("trainer crashed:\n%s", traceback.format_exc())
             reporter.event("error", message=f"Trainer crashed: {type(exc).__name__}: {exc}")
             return EXIT_CRASHED
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """ENOSPC / EDQUOT, raised by Python's own I/O or reported as text by safetensors."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        return True
+    text = str(exc)
+    return "No space left on device" in text or "os error 28" in text or "Disk quota exceeded" in text
 
 
 def main(argv: list[str] | None = None) -> int:
