@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -85,3 +86,28 @@ def test_non_finite_numbers_are_refused(shared_server):
             response = client.post("/api/jobs", content=raw, headers={"Content-Type": "application/json"})
             assert response.status_code == 422, response.text
             assert "Invalid lr" in response.json()["detail"]
+
+
+def test_a_trainer_token_reports_for_its_own_job_only(tmp_path):
+    server = start_server(tmp_path / "data", env={"NEUROLENS_CONCURRENCY": "2"})
+    try:
+        with server.client() as client:
+            body = {"stage": "stage1", "config": {"preset": "tiny", "steps": 100000, "log_every_s": 0.5}}
+            first, second = (client.post("/api/jobs", json=body).json() for _ in range(2))
+            for job in (first, second):
+                server.wait_for_job(job["id"], {"running"})
+            spec = server.data_dir / "jobs" / str(first["id"]) / "spec.json"
+            token = json.loads(spec.read_text())["token"]
+            own = client.post(f"/api/jobs/{first['id']}/events", json={"kind": "log", "message": "hello"},
+                              headers={"Authorization": f"Bearer {token}"})
+            assert own.status_code == 200
+            other = client.post(f"/api/jobs/{second['id']}/events", json={"kind": "log", "message": "forged"},
+                                headers={"Authorization": f"Bearer {token}"})
+            assert other.status_code == 401
+            assert f"may not report for job {second['id']}" in other.json()["detail"]
+            for job in (first, second):
+                client.post(f"/api/jobs/{job['id']}/cancel")
+            for job in (first, second):
+                server.wait_for_job(job["id"], {"cancelled"}, timeout=60)
+    finally:
+        server.stop()
