@@ -21,6 +21,7 @@ class Settings(BaseSettings):
     heartbeat_timeout_s: float = Field(120.0, gt=0, description="A trainer silent this long is killed and its attempt fails.")
     max_attempts: int = Field(3, ge=1, description="Attempts per job before a crashing trainer fails it.")
     sample_interval_s: float = Field(1.0, gt=0, description="Seconds between psutil samples of trainer memory.")
+    access_log: bool = Field(False, description="Log every HTTP request (trainer heartbeats and dashboard polls included).")
     demo: bool = Field(False, description="Queue the demo pipeline (Stage 1 then Stage 2, synthetic) on first start.")
     max_upload_bytes: int = Field(8 * 1024**3, gt=0, description="Largest artifact upload accepted.")
     max_request_bytes: int = Field(1024**2, gt=0, description="Largest body accepted by any endpoint but uploads.")
