@@ -156,8 +156,17 @@ def set_status(session: Session, job: Job, status: JobStatus, *, reason: str | N
     if status.is_finished:
         values["finished_at"] = now
     values.update(fields)
-    values["version"] = Job.version + 1
-    result = session.execute(update(Job).where(Job.id == job.id, Job.status == seen).values(**values))
+    return update_if_status(session, job, seen, **values)
+
+
+def update_if_status(session: Session, job: Job, expected: JobStatus, **values: Any) -> Job:
+    """Write ``values`` (and a new version) only while the job's status is ``expected``.
+
+    Raises :class:`StaleJob`, having written nothing, when the status changed meanwhile.
+    """
+    result = session.execute(
+        update(Job).where(Job.id == job.id, Job.status == expected).values(**values, version=Job.version + 1)
+    )
     if result.rowcount != 1:
         session.rollback()
         raise StaleJob(f"Job {job.id} changed while it was being updated; try again.")
@@ -192,17 +201,7 @@ def _request_stop(session: Session, job: Job, request: str) -> Job:
     if job.status in (JobStatus.queued, JobStatus.paused):
         return set_status(session, job, JobStatus.cancelled)
     # Running: the trainer hears of it in its next event reply, checkpoints and exits.
-    result = session.execute(
-        update(Job)
-        .where(Job.id == job.id, Job.status == JobStatus.running)
-        .values(stop_request=request, stop_requested_at=utcnow(), version=Job.version + 1)
-    )
-    if result.rowcount != 1:
-        session.rollback()
-        raise StaleJob(f"Job {job.id} changed while it was being updated; try again.")
-    session.commit()
-    session.refresh(job)
-    return job
+    return update_if_status(session, job, JobStatus.running, stop_request=request, stop_requested_at=utcnow())
 
 
 def resume(session: Session, job: Job) -> Job:
