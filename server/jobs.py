@@ -221,9 +221,11 @@ def record_event(session: Session, job: Job, event: TrainerEvent) -> str | None:
     job.last_heartbeat_at = now
     if event.kind == "started":
         # The ETA counts from here: start-up (imports, data preparation) is not training speed.
+        # A resumed attempt announces itself before it has loaded its checkpoint, so its step
+        # is not news: the job keeps the step its checkpoint holds.
         job.attempt_started_at = now
-        job.attempt_start_step = event.step if event.step is not None else job.step
-    if event.step is not None:
+        job.attempt_start_step = job.step
+    elif event.step is not None:
         job.step = event.step
     if event.total is not None:
         job.total = event.total
