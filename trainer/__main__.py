@@ -59,7 +59,8 @@ def run(spec_path: Path) -> int:
         try:
             config = parse_config(spec.stage, spec.config)
             reporter.log_every_s = config.log_every_s
-            reporter.update(step=0, total=config.steps)
+            # No step yet: a resumed run learns its step from its checkpoint, and must not report 0.
+            reporter.update(total=config.steps)
             reporter.event("started", message=f"{spec.stage} attempt {spec.attempt} on {spec.dataset}")
             # Heartbeats from here on, so that loading a large dataset does not look like a hang.
             reporter.start_heartbeats()
