@@ -28,6 +28,8 @@ const state = {
   selectedId: null,
   selected: null,     // the selected job as last read
   selectedEtag: null,
+  jobsEtag: null,
+  encoderArtifacts: null, // every encoder artifact, imported ones too; read only while that choice is shown
   events: [],
   lastEventId: 0,
   timer: null,
@@ -242,14 +244,28 @@ function fillSelect(select, options, emptyLabel) {
   if (options.some(([value]) => String(value) === previous)) select.value = previous;
 }
 
+function stage2Source() {
+  return document.getElementById("stage2-form").elements.source.value;
+}
+
+// Imported (uploaded) encoders belong to no job, so the jobs list does not show them.
+async function loadEncoderArtifacts() {
+  const { data } = await api("api/artifacts?kind=encoder&limit=1000");
+  state.encoderArtifacts = (data.data || []).slice().sort((a, b) => b.id - a.id);
+  renderStage2Sources();
+}
+
 function renderStage2Sources() {
   const stage1 = state.jobs.filter((j) => j.stage === "stage1" && !["failed", "cancelled"].includes(j.status));
   fillSelect(document.getElementById("stage2-after"),
     stage1.map((j) => [j.id, `Job ${j.id} · ${j.status} · ${j.dataset}`]), "No Stage 1 jobs yet");
   const encoders = [];
-  for (const job of state.jobs) {
-    for (const art of job.artifacts || []) {
-      if (art.kind === "encoder") encoders.push([art.id, `Artifact ${art.id} · job ${art.job_id} · ${art.filename}`]);
+  const describe = (art) => [art.id, `Artifact ${art.id} · ${art.job_id == null ? "imported" : `job ${art.job_id}`} · ${art.filename}`];
+  if (state.encoderArtifacts) {
+    encoders.push(...state.encoderArtifacts.map(describe));
+  } else {
+    for (const job of state.jobs) {
+      for (const art of job.artifacts || []) if (art.kind === "encoder") encoders.push(describe(art));
     }
   }
   fillSelect(document.getElementById("stage2-encoder_artifact"), encoders, "No encoder artifacts yet");
@@ -489,9 +505,13 @@ async function poll() {
   if (state.polling) return;
   state.polling = true;
   try {
-    const [jobs, system] = await Promise.all([api("api/jobs"), api("api/system")]);
-    state.jobs = jobs.data.data || [];
+    const [jobs, system] = await Promise.all([api("api/jobs", { etag: state.jobsEtag }), api("api/system")]);
+    if (!jobs.notModified) {
+      state.jobs = jobs.data.data || [];
+      state.jobsEtag = jobs.etag;
+    }
     state.system = system.data;
+    if (stage2Source() === "encoder_artifact") await loadEncoderArtifacts();
     renderSystem();
     renderJobs();
     await refreshSelected();
@@ -662,6 +682,7 @@ function init() {
       for (const field of document.querySelectorAll("#stage2-form [data-source]")) {
         field.hidden = field.dataset.source !== radio.form.elements.source.value;
       }
+      if (stage2Source() === "encoder_artifact") loadEncoderArtifacts().catch((error) => setConnection(error.message));
     });
   }
   for (const button of document.querySelectorAll("#job-panel [data-action]")) {
