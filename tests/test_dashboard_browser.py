@@ -260,6 +260,22 @@ def test_cancel_a_running_job_with_the_keyboard_only(shared_server, open_page):
     # Focus moves to the job's heading so the next Tab lands in the job page.
     sync_api.expect(page.get_by_test_id("job-heading")).to_be_focused()
 
+    # Close the job page and reopen it from the jobs list, still by keyboard: Close leads back to
+    # the Jobs heading, from which the next Tab is the job's link (rows are redrawn every poll,
+    # so this also checks that focus survives a redraw).
+    page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.dataset.testid") == "job-close"
+    page.keyboard.press("Enter")
+    sync_api.expect(page.get_by_test_id("job-panel")).to_be_hidden()
+    sync_api.expect(page.locator("#jobs-heading")).to_be_focused()
+    page.keyboard.press("Tab")
+    link = page.locator(f'tr[data-job-id="{job_id}"]').get_by_test_id("job-link")
+    sync_api.expect(link).to_be_focused()
+    page.wait_for_timeout(2500)  # at least one poll redraws the table
+    sync_api.expect(link).to_be_focused()
+    page.keyboard.press("Enter")
+    sync_api.expect(page.get_by_test_id("job-heading")).to_be_focused()
+
     wait_for_status(page, "running", timeout_s=60)
     # The trainer has reported at least once (its own memory, not only the server's prediction).
     sync_api.expect(page.get_by_test_id("job-memory").first).to_contain_text("now, peak", timeout=60_000)
@@ -312,3 +328,40 @@ def test_polling_slows_down_in_a_hidden_tab(shared_server, open_page):
         document.dispatchEvent(new Event('visibilitychange'));
     }""")
     assert polls_during(700) >= 1
+
+
+@pytest.mark.slow
+def test_pause_resume_then_stage2_from_the_form(server, open_page):
+    w = open_page(server)
+    page = w.page
+    page.get_by_test_id("stage1-steps").fill("40")
+    page.get_by_test_id("stage1-submit").click()
+    page.wait_for_url(re.compile(r"#job-\d+$"))
+    stage1_id = int(page.url.rsplit("-", 1)[1])
+
+    # Pause once it has taken steps: the trainer checkpoints and exits; Resume carries on from there.
+    sync_api.expect(page.get_by_test_id("job-panel-progress")).not_to_have_attribute("value", "0", timeout=120_000)
+    page.get_by_test_id("job-pause").click()
+    wait_for_status(page, "paused", timeout_s=120)
+    assert "⏸" in status_of(page)
+    sync_api.expect(page.get_by_test_id("job-pause")).to_be_disabled()
+    paused_at = int(page.get_by_test_id("job-panel-progress").get_attribute("value"))
+    assert 0 < paused_at < 40
+    page.get_by_test_id("job-resume").click()
+    wait_for_status(page, "succeeded", timeout_s=180)
+    with server.client() as client:
+        events = client.get(f"/api/jobs/{stage1_id}/events", params={"limit": 5000}).json()["data"]
+    # After the resume, no step before the paused one is reported again: it did not start over.
+    restart = next(i for i, e in enumerate(events) if e["kind"] == "started" and i > 0)
+    # (Reports while the resumed trainer is still loading say step 0; they carry memory only.)
+    after_restart = [e["step"] for e in events[restart:] if e["kind"] == "progress" and e["step"]]
+    assert after_restart and min(after_restart) >= paused_at, (paused_at, after_restart)
+
+    # Stage 2 from that Stage 1 job, through the form.
+    page.get_by_test_id("stage2-after").select_option(str(stage1_id))
+    page.get_by_test_id("stage2-steps").fill("5")
+    page.get_by_test_id("stage2-submit").click()
+    page.wait_for_url(lambda url: bool(re.search(r"#job-\d+$", url)) and not url.endswith(f"#job-{stage1_id}"))
+    sync_api.expect(page.get_by_test_id("job-heading")).to_contain_text("stage2")
+    wait_for_status(page, "succeeded", timeout_s=300)
+    sync_api.expect(page.get_by_test_id("artifacts-table")).to_contain_text("model")
