@@ -29,11 +29,13 @@ const state = {
   selected: null,     // the selected job as last read
   selectedEtag: null,
   jobsEtag: null,
+  jobsSignature: null,
   encoderArtifacts: null, // every encoder artifact, imported ones too; read only while that choice is shown
   events: [],
   lastEventId: 0,
   timer: null,
   polling: false,
+  pollAgain: false,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -502,7 +504,12 @@ async function refreshSelected() {
 }
 
 async function poll() {
-  if (state.polling) return;
+  // One poll at a time; a poll asked for meanwhile (a submit, an action, the tab coming back)
+  // runs as soon as this one ends instead of being dropped until the next tick.
+  if (state.polling) {
+    state.pollAgain = true;
+    return;
+  }
   state.polling = true;
   try {
     const [jobs, system] = await Promise.all([api("api/jobs", { etag: state.jobsEtag }), api("api/system")]);
@@ -513,7 +520,13 @@ async function poll() {
     state.system = system.data;
     if (stage2Source() === "encoder_artifact") await loadEncoderArtifacts();
     renderSystem();
-    renderJobs();
+    // Redrawing an unchanged table every two seconds for hours only churns the DOM (and moves a
+    // screen reader's place in it); redraw when the listing or the free RAM shown in it changes.
+    const signature = state.jobsEtag && `${state.jobsEtag}|${formatBytes(state.system.memory_available_bytes)}|${state.selectedId}`;
+    if (!signature || signature !== state.jobsSignature) {
+      state.jobsSignature = signature;
+      renderJobs();
+    }
     await refreshSelected();
     setConnection("");
   } catch (error) {
@@ -525,7 +538,8 @@ async function poll() {
     }
   } finally {
     state.polling = false;
-    schedule();
+    schedule(state.pollAgain ? 0 : undefined);
+    state.pollAgain = false;
   }
 }
 
