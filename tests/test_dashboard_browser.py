@@ -125,6 +125,7 @@ def shoot(page: sync_api.Page, name: str) -> Path:
 
 
 def test_stage1_from_the_form_to_a_verified_encoder_download(server, open_page, tmp_path):
+    (ARTIFACTS_DIR / "dashboard-job-running.png").unlink(missing_ok=True)
     w = open_page(server)
     page = w.page
     sync_api.expect(page.get_by_test_id("system-summary")).to_contain_text("RAM")
@@ -150,6 +151,8 @@ def test_stage1_from_the_form_to_a_verified_encoder_download(server, open_page, 
         value = page.get_by_test_id("job-panel-progress").get_attribute("value")
         seen_steps.append(int(float(value or 0)))
         memory_texts.append(row.get_by_test_id("job-memory").inner_text())
+        if 0 < seen_steps[-1] < 30 and not (ARTIFACTS_DIR / "dashboard-job-running.png").exists():
+            shoot(page, "dashboard-job-running.png")  # mid-run: progress with ETA, live charts
         if "succeeded" in status_of(page) or "failed" in status_of(page):
             break
         page.wait_for_timeout(500)
@@ -196,6 +199,7 @@ def test_stage1_from_the_form_to_a_verified_encoder_download(server, open_page, 
 
     # The job page, for a person to look at: desktop and phone width.
     shot = shoot(page, "dashboard-job-desktop.png")
+    page.get_by_test_id("job-panel").screenshot(path=str(ARTIFACTS_DIR / "dashboard-job-panel.png"))
     page.set_viewport_size(PHONE)
     page.wait_for_timeout(300)
     # At phone width nothing may be wider than the screen (no sideways scrolling).

@@ -333,6 +333,7 @@ function renderArtifacts(artifacts) {
     el("td", { "data-label": "Size", text: formatBytes(art.size_bytes) }),
     el("td", { "data-label": "sha256" }, el("code", { className: "sha", text: art.sha256, title: art.sha256 }))));
   document.getElementById("artifacts-body").replaceChildren(...rows);
+  document.querySelector('[data-testid="artifacts-table"]').hidden = artifacts.length === 0;
   document.getElementById("artifacts-empty").hidden = artifacts.length > 0;
 }
 
@@ -426,8 +427,13 @@ function drawLines(canvas, series, { formatX, formatY, emptyText, yFromZero = fa
     ctx.setLineDash(s.dash || []);
     ctx.beginPath();
     s.points.forEach(([x, y], i) => (i ? ctx.lineTo(sx(x), sy(y)) : ctx.moveTo(sx(x), sy(y))));
-    if (s.points.length === 1) ctx.lineTo(sx(s.points[0][0]) + 2, sy(s.points[0][1]));
     ctx.stroke();
+    if (s.points.length === 1) { // a lone point is no line: mark it so the first report is visible
+      ctx.fillStyle = s.color || ink;
+      ctx.beginPath();
+      ctx.arc(sx(s.points[0][0]), sy(s.points[0][1]), 3, 0, 2 * Math.PI);
+      ctx.fill();
+    }
   }
   ctx.setLineDash([]);
 }
