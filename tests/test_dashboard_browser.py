@@ -235,6 +235,13 @@ def test_validation_errors_show_next_to_the_field(shared_server, open_page):
     # Stage 2 with no Stage 1 job to start from says so next to that choice.
     page.get_by_test_id("stage2-submit").click()
     sync_api.expect(page.get_by_test_id("stage2-after-error")).to_be_visible()
+    # The other source: the artifact list (read from the server when chosen) is empty here too.
+    page.get_by_test_id("stage2-source-artifact").check()
+    sync_api.expect(page.get_by_test_id("stage2-encoder-artifact")).to_be_visible()
+    sync_api.expect(page.get_by_test_id("stage2-after")).to_be_hidden()
+    page.get_by_test_id("stage2-submit").click()
+    sync_api.expect(page.get_by_test_id("stage2-encoder-artifact-error")).to_contain_text("encoder_artifact")
+    sync_api.expect(page.get_by_test_id("stage2-after-error")).to_be_hidden()
 
     with shared_server.client() as client:
         assert client.get("/api/jobs").json()["count"] == before, "a refused form must not create a job"
