@@ -15,14 +15,28 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/activate
 	$(PY) -m pip install --quiet -e ".[test]"
 	touch $@
 
+# The dashboard tests drive a real headless Chromium: Debian's package, installed here when it is
+# missing and we may (root, or password-less sudo). Otherwise those tests skip and say why.
+APT_GET := $(if $(filter 0,$(shell id -u)),apt-get,$(if $(shell sudo -n true 2>/dev/null && echo y),sudo apt-get))
+
+.PHONY: browser
+browser:
+	@if command -v chromium >/dev/null 2>&1; then :; \
+	elif [ -n "$(APT_GET)" ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "Installing Debian's chromium for the dashboard tests"; \
+		$(APT_GET) update -qq && DEBIAN_FRONTEND=noninteractive $(APT_GET) install -y -qq chromium >/dev/null; \
+	else \
+		echo "chromium is not installed and cannot be installed here: the dashboard browser tests will be skipped"; \
+	fi
+
 run: $(VENV)/.installed
 	$(BIN)/neurolens serve --demo
 
-test: $(VENV)/.installed
+test: $(VENV)/.installed browser
 	$(PY) -m pytest -q
 
 # The slow tests too (full-size presets, long kills-and-resumes).
-test-all: $(VENV)/.installed
+test-all: $(VENV)/.installed browser
 	$(PY) -m pytest -q -m ""
 
 bench: $(VENV)/.installed

@@ -50,3 +50,27 @@ def test_every_form_field_has_a_label_and_an_error_slot() -> None:
             assert f'<label for="{stage}-{field}">' in html, f"{stage}-{field} has no label"
             assert f'id="{stage}-{field}-error"' in html, f"{stage}-{field} has no error slot"
         assert f'data-testid="{stage}-submit"' in html
+
+
+def test_the_jobs_listing_answers_304_until_a_job_changes(server: RunningServer) -> None:
+    # The dashboard polls GET /api/jobs every two seconds for hours; unchanged, it must be cheap.
+    with server.client() as http:
+        first = http.get("/api/jobs")
+        etag = first.headers["etag"]
+        again = http.get("/api/jobs", headers={"If-None-Match": etag})
+        assert again.status_code == 304 and again.headers["etag"] == etag and again.content == b""
+        # Another filter is another listing, with its own tag.
+        assert http.get("/api/jobs", params={"stage": "stage1"}).headers["etag"] != etag
+
+        job = http.post("/api/jobs", json={"stage": "stage1", "dataset": "synthetic",
+                                           "config": {"preset": "tiny", "steps": 100000}}).json()
+        try:
+            changed = http.get("/api/jobs", headers={"If-None-Match": etag})
+            assert changed.status_code == 200 and changed.json()["count"] == 1
+            etag = changed.headers["etag"]
+            assert http.get("/api/jobs", headers={"If-None-Match": etag}).status_code in (200, 304)
+        finally:
+            http.post(f"/api/jobs/{job['id']}/cancel")
+        # A status change of a listed job changes the tag too.
+        server.wait_for_job(job["id"], {"cancelled"})
+        assert http.get("/api/jobs", headers={"If-None-Match": etag}).status_code == 200

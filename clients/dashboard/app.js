@@ -28,10 +28,14 @@ const state = {
   selectedId: null,
   selected: null,     // the selected job as last read
   selectedEtag: null,
+  jobsEtag: null,
+  jobsSignature: null,
+  encoderArtifacts: null, // every encoder artifact, imported ones too; read only while that choice is shown
   events: [],
   lastEventId: 0,
   timer: null,
   polling: false,
+  pollAgain: false,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -138,25 +142,31 @@ function el(tag, props = {}, ...children) {
   return node;
 }
 
-function progressBar(progress, testid) {
+function progressBar(progress, testid, status) {
   const step = (progress && progress.step) || 0;
   const total = progress && progress.total;
   const wrap = el("div", { className: "progress" });
   const bar = el("progress", { max: total || 1, value: total ? step : 0, "data-testid": testid });
   let label = total ? `${step}/${total} (${Math.round((100 * step) / total)}%)` : "not started";
   if (total && progress.eta_s != null && step < total) label += `, ETA ${formatDuration(progress.eta_s)}`;
+  // After the last step the trainer still evaluates and writes its final artifacts, which can
+  // take a while on a small machine; say so rather than show a full bar that seems stuck.
+  if (total && step >= total && status === "running") label += ", finishing";
   bar.setAttribute("aria-label", label);
   wrap.append(bar, el("span", { className: "progress-text", text: label }));
   return wrap;
 }
 
+// The trainer's memory against what the machine has free now: the number that decides whether a
+// bigger preset would fit. A job that is not running has no "now", only its recorded peak.
 function memoryText(job) {
   const mem = job.memory || {};
   const free = state.system ? ` of ${formatBytes(state.system.memory_available_bytes)} free` : "";
   if (mem.rss_bytes == null && mem.peak_rss_bytes == null) {
     return mem.predicted_peak_bytes ? `predicted ${formatBytes(mem.predicted_peak_bytes)}${free}` : "–";
   }
-  return `${formatBytes(mem.rss_bytes)} / ${formatBytes(mem.peak_rss_bytes)}${free}`;
+  if (job.status !== "running" || mem.rss_bytes == null) return `peak ${formatBytes(mem.peak_rss_bytes)}`;
+  return `${formatBytes(mem.rss_bytes)} now, peak ${formatBytes(mem.peak_rss_bytes)}${free}`;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -202,7 +212,7 @@ function renderJobs() {
       el("td", { "data-label": "Job" }, link),
       el("td", { "data-label": "Stage", text: job.stage }),
       el("td", { "data-label": "Status" }, status),
-      el("td", { "data-label": "Progress" }, progressBar(job.progress, "job-progress")),
+      el("td", { "data-label": "Progress" }, progressBar(job.progress, "job-progress", job.status)),
       el("td", { "data-label": "Memory", text: memoryText(job), "data-testid": "job-memory" }),
       el("td", { "data-label": "Loss", text: formatLoss((job.metrics || {}).loss), "data-testid": "job-loss" }),
       el("td", { "data-label": "Tries", text: String(job.attempts ?? 0) }),
@@ -236,14 +246,28 @@ function fillSelect(select, options, emptyLabel) {
   if (options.some(([value]) => String(value) === previous)) select.value = previous;
 }
 
+function stage2Source() {
+  return document.getElementById("stage2-form").elements.source.value;
+}
+
+// Imported (uploaded) encoders belong to no job, so the jobs list does not show them.
+async function loadEncoderArtifacts() {
+  const { data } = await api("api/artifacts?kind=encoder&limit=1000");
+  state.encoderArtifacts = (data.data || []).slice().sort((a, b) => b.id - a.id);
+  renderStage2Sources();
+}
+
 function renderStage2Sources() {
   const stage1 = state.jobs.filter((j) => j.stage === "stage1" && !["failed", "cancelled"].includes(j.status));
   fillSelect(document.getElementById("stage2-after"),
     stage1.map((j) => [j.id, `Job ${j.id} · ${j.status} · ${j.dataset}`]), "No Stage 1 jobs yet");
   const encoders = [];
-  for (const job of state.jobs) {
-    for (const art of job.artifacts || []) {
-      if (art.kind === "encoder") encoders.push([art.id, `Artifact ${art.id} · job ${art.job_id} · ${art.filename}`]);
+  const describe = (art) => [art.id, `Artifact ${art.id} · ${art.job_id == null ? "imported" : `job ${art.job_id}`} · ${art.filename}`];
+  if (state.encoderArtifacts) {
+    encoders.push(...state.encoderArtifacts.map(describe));
+  } else {
+    for (const job of state.jobs) {
+      for (const art of job.artifacts || []) if (art.kind === "encoder") encoders.push(describe(art));
     }
   }
   fillSelect(document.getElementById("stage2-encoder_artifact"), encoders, "No encoder artifacts yet");
@@ -263,7 +287,7 @@ function renderPanel() {
     el("span", { className: `status status-${job.status}` },
       el("span", { className: "symbol", "aria-hidden": "true", text: STATUS_SYMBOLS[job.status] || "?" }),
       ` ${statusText(job)}`),
-    progressBar(job.progress, "job-panel-progress"));
+    progressBar(job.progress, "job-panel-progress", job.status));
   for (const button of panel.querySelectorAll("[data-action]")) {
     button.disabled = !ACTIONS_ALLOWED[button.dataset.action].includes(job.status);
   }
@@ -288,7 +312,9 @@ function renderPanel() {
   for (const [key, value] of Object.entries(metrics)) {
     items.push([key, typeof value === "number" ? String(Number(value.toPrecision(6))) : JSON.stringify(value)]);
   }
-  items.push(["Config", JSON.stringify(job.config || {})]);
+  // key=value pairs separated by spaces wrap at word boundaries on a phone; raw JSON does not.
+  items.push(["Config", Object.entries(job.config || {})
+    .map(([k, v]) => `${k}=${typeof v === "string" ? v : JSON.stringify(v)}`).join(", ")]);
   panel.querySelector('[data-testid="job-summary"]').replaceChildren(
     ...items.flatMap(([k, v]) => [el("dt", { text: k }), el("dd", { text: v })]));
 
@@ -307,6 +333,7 @@ function renderArtifacts(artifacts) {
     el("td", { "data-label": "Size", text: formatBytes(art.size_bytes) }),
     el("td", { "data-label": "sha256" }, el("code", { className: "sha", text: art.sha256, title: art.sha256 }))));
   document.getElementById("artifacts-body").replaceChildren(...rows);
+  document.querySelector('[data-testid="artifacts-table"]').hidden = artifacts.length === 0;
   document.getElementById("artifacts-empty").hidden = artifacts.length > 0;
 }
 
@@ -347,14 +374,16 @@ function prepareCanvas(canvas) {
   return { ctx, width, height };
 }
 
-function drawLines(canvas, series, formatY, emptyText) {
+// options: formatX / formatY label the axes; yFromZero keeps a memory axis honest (a flat line
+// near the top is not "almost out of memory"); note is a short text drawn top right.
+function drawLines(canvas, series, { formatX, formatY, emptyText, yFromZero = false, note = "" }) {
   const surface = prepareCanvas(canvas);
   if (!surface) return;
   const { ctx, width, height } = surface;
   const style = getComputedStyle(document.body);
   const ink = style.getPropertyValue("--ink").trim() || "#1b1f24";
   const muted = style.getPropertyValue("--muted").trim() || "#5b6470";
-  const pad = { left: 64, right: 12, top: 10, bottom: 24 };
+  const pad = { left: 76, right: 12, top: 18, bottom: 24 };
   const points = series.flatMap((s) => s.points);
   ctx.font = "12px system-ui, sans-serif";
   ctx.fillStyle = muted;
@@ -366,8 +395,9 @@ function drawLines(canvas, series, formatY, emptyText) {
   const ys = points.map((p) => p[1]);
   const x0 = Math.min(...xs);
   const x1 = Math.max(...xs, x0 + 1);
-  let y0 = Math.min(...ys);
+  let y0 = yFromZero ? 0 : Math.min(...ys);
   let y1 = Math.max(...ys);
+  if (yFromZero) y1 *= 1.1; // headroom so the peak line is not drawn on the frame
   if (y1 === y0) { y1 += Math.abs(y1) * 0.1 || 1; y0 -= Math.abs(y0) * 0.1 || 0; }
   const sx = (x) => pad.left + ((x - x0) / (x1 - x0)) * (width - pad.left - pad.right);
   const sy = (y) => height - pad.bottom - ((y - y0) / (y1 - y0)) * (height - pad.top - pad.bottom);
@@ -381,12 +411,13 @@ function drawLines(canvas, series, formatY, emptyText) {
   ctx.lineTo(width - pad.right, height - pad.bottom);
   ctx.stroke();
   ctx.textAlign = "right";
-  ctx.fillText(formatY(y1), pad.left - 6, pad.top + 10);
+  ctx.fillText(formatY(y1), pad.left - 6, pad.top + 4);
   ctx.fillText(formatY(y0), pad.left - 6, height - pad.bottom);
   ctx.textAlign = "left";
-  ctx.fillText(`step ${x0}`, pad.left, height - 6);
+  ctx.fillText(formatX(x0), pad.left, height - 6);
   ctx.textAlign = "right";
-  ctx.fillText(`step ${x1}`, width - pad.right, height - 6);
+  ctx.fillText(formatX(x1), width - pad.right, height - 6);
+  if (note) ctx.fillText(note, width - pad.right, 12);
   ctx.textAlign = "left";
 
   for (const s of series) {
@@ -396,41 +427,59 @@ function drawLines(canvas, series, formatY, emptyText) {
     ctx.setLineDash(s.dash || []);
     ctx.beginPath();
     s.points.forEach(([x, y], i) => (i ? ctx.lineTo(sx(x), sy(y)) : ctx.moveTo(sx(x), sy(y))));
-    if (s.points.length === 1) ctx.lineTo(sx(s.points[0][0]) + 2, sy(s.points[0][1]));
     ctx.stroke();
+    if (s.points.length === 1) { // a lone point is no line: mark it so the first report is visible
+      ctx.fillStyle = s.color || ink;
+      ctx.beginPath();
+      ctx.arc(sx(s.points[0][0]), sy(s.points[0][1]), 3, 0, 2 * Math.PI);
+      ctx.fill();
+    }
   }
   ctx.setLineDash([]);
 }
 
 function drawCharts() {
-  const withStep = state.events.filter((ev) => ev.step != null);
-  const loss = withStep.filter((ev) => typeof ev.loss === "number").map((ev) => [ev.step, ev.loss]);
+  const loss = state.events.filter((ev) => ev.step != null && typeof ev.loss === "number").map((ev) => [ev.step, ev.loss]);
   const lossCanvas = document.getElementById("loss-chart");
-  drawLines(lossCanvas, [{ points: loss, color: "#1f5fbf" }], (v) => v.toPrecision(3), "No loss reported yet");
+  drawLines(lossCanvas, [{ points: loss, color: "#1f5fbf" }], {
+    formatX: (x) => `step ${x}`, formatY: (v) => v.toPrecision(3), emptyText: "No loss reported yet",
+  });
   const lastLoss = loss.length ? loss[loss.length - 1] : null;
   lossCanvas.setAttribute("aria-label", lastLoss
     ? `Loss chart: ${loss.length} points, latest loss ${formatLoss(lastLoss[1])} at step ${lastLoss[0]}`
     : "Loss chart: no data yet");
 
-  const rss = withStep.filter((ev) => ev.rss_bytes != null).map((ev) => [ev.step, ev.rss_bytes]);
-  const peak = withStep.filter((ev) => ev.peak_rss_bytes != null).map((ev) => [ev.step, ev.peak_rss_bytes]);
+  // Memory is plotted against time since the job's first event, not against steps: loading the
+  // data and building the model happen before step 1 and are often where memory grows most.
+  const timed = state.events.filter((ev) => ev.rss_bytes != null && ev.created_at);
+  const t0 = timed.length ? Date.parse(state.events[0].created_at) : 0;
+  const at = (ev) => (Date.parse(ev.created_at) - t0) / 1000;
+  const rss = timed.map((ev) => [at(ev), ev.rss_bytes]);
+  const peak = timed.filter((ev) => ev.peak_rss_bytes != null).map((ev) => [at(ev), ev.peak_rss_bytes]);
   const series = [
     { points: rss, color: "#1f5fbf" },
     { points: peak, color: "#b3261e", dash: [8, 4] },
   ];
   const free = state.system && state.system.memory_available_bytes;
+  const highest = Math.max(0, ...rss.map((p) => p[1]), ...peak.map((p) => p[1]));
+  let note = "";
   if (free && rss.length) {
-    // Free RAM is drawn as a flat reference line across the plotted steps, so a peak that is
-    // approaching it is visible at a glance.
-    const first = rss[0][0];
-    const last = rss[rss.length - 1][0];
-    series.push({ points: [[first, free], [last, free]], color: "#3d7a2a", dash: [2, 4] });
+    // Free RAM is a flat reference line, drawn only when it is near enough to matter; far above,
+    // it would squash the trainer's own lines flat, so its value is written instead.
+    if (free <= 4 * highest) {
+      series.push({ points: [[rss[0][0], free], [rss[rss.length - 1][0], free]], color: "#3d7a2a", dash: [2, 4] });
+    } else {
+      note = `free RAM ${formatBytes(free)} (off the scale)`;
+    }
   }
   const memCanvas = document.getElementById("memory-chart");
-  drawLines(memCanvas, series, formatBytes, "No memory reported yet");
+  drawLines(memCanvas, series, {
+    formatX: (x) => (x ? formatDuration(x) : "start"), formatY: formatBytes,
+    emptyText: "No memory reported yet", yFromZero: true, note,
+  });
   const lastRss = rss.length ? rss[rss.length - 1] : null;
   memCanvas.setAttribute("aria-label", lastRss
-    ? `Memory chart: RSS ${formatBytes(lastRss[1])} at step ${lastRss[0]}, peak ` +
+    ? `Memory chart: RSS ${formatBytes(lastRss[1])} after ${formatDuration(lastRss[0])}, peak ` +
       `${formatBytes(peak.length ? peak[peak.length - 1][1] : null)}, machine free RAM ${formatBytes(free)}`
     : "Memory chart: no data yet");
 }
@@ -461,14 +510,29 @@ async function refreshSelected() {
 }
 
 async function poll() {
-  if (state.polling) return;
+  // One poll at a time; a poll asked for meanwhile (a submit, an action, the tab coming back)
+  // runs as soon as this one ends instead of being dropped until the next tick.
+  if (state.polling) {
+    state.pollAgain = true;
+    return;
+  }
   state.polling = true;
   try {
-    const [jobs, system] = await Promise.all([api("api/jobs"), api("api/system")]);
-    state.jobs = jobs.data.data || [];
+    const [jobs, system] = await Promise.all([api("api/jobs", { etag: state.jobsEtag }), api("api/system")]);
+    if (!jobs.notModified) {
+      state.jobs = jobs.data.data || [];
+      state.jobsEtag = jobs.etag;
+    }
     state.system = system.data;
+    if (stage2Source() === "encoder_artifact") await loadEncoderArtifacts();
     renderSystem();
-    renderJobs();
+    // Redrawing an unchanged table every two seconds for hours only churns the DOM (and moves a
+    // screen reader's place in it); redraw when the listing or the free RAM shown in it changes.
+    const signature = state.jobsEtag && `${state.jobsEtag}|${formatBytes(state.system.memory_available_bytes)}|${state.selectedId}`;
+    if (!signature || signature !== state.jobsSignature) {
+      state.jobsSignature = signature;
+      renderJobs();
+    }
     await refreshSelected();
     setConnection("");
   } catch (error) {
@@ -480,7 +544,8 @@ async function poll() {
     }
   } finally {
     state.polling = false;
-    schedule();
+    schedule(state.pollAgain ? 0 : undefined);
+    state.pollAgain = false;
   }
 }
 
@@ -637,6 +702,7 @@ function init() {
       for (const field of document.querySelectorAll("#stage2-form [data-source]")) {
         field.hidden = field.dataset.source !== radio.form.elements.source.value;
       }
+      if (stage2Source() === "encoder_artifact") loadEncoderArtifacts().catch((error) => setConnection(error.message));
     });
   }
   for (const button of document.querySelectorAll("#job-panel [data-action]")) {

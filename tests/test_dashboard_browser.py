@@ -1,0 +1,386 @@
+"""The dashboard in a real headless Chromium against a real server and real trainers.
+
+Debian's `chromium` is driven through the `playwright` package with ``executable_path`` (never
+`playwright install`, which downloads a browser of its own). `make test` installs chromium when it
+can; without it these tests are skipped with the reason. Screenshots of the job page go to
+`test-artifacts/` (git-ignored) so a person can look at the layout after a run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from safetensors import safe_open
+
+from tests.conftest import REPO_ROOT, RunningServer
+
+sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed (pip install -e '.[test]')")
+
+CHROMIUM = os.environ.get("NEUROLENS_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+if not CHROMIUM:
+    pytest.skip("no chromium on PATH (as root, `make test` installs Debian's chromium; or set NEUROLENS_CHROMIUM)",
+                allow_module_level=True)
+
+ARTIFACTS_DIR = REPO_ROOT / "test-artifacts"
+# Everything that would reach past this machine is off: the page must work with no network.
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]
+DESKTOP = {"width": 1280, "height": 900}
+PHONE = {"width": 390, "height": 844}
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[sync_api.Browser]:
+    with sync_api.sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield launched
+        finally:
+            launched.close()
+
+
+class Watched:
+    """A page plus what it did on the wire and in its console, for assertions and failure reports."""
+
+    def __init__(self, page: sync_api.Page, base_url: str) -> None:
+        self.page = page
+        self.base_url = base_url
+        self.responses: list[dict] = []
+        self.errors: list[str] = []
+        self.requests: list[dict] = []
+        page.on("response", self._on_response)
+        page.on("request", lambda r: self.requests.append({"url": r.url, "t": time.monotonic()}))
+        page.on("pageerror", lambda exc: self.errors.append(f"page error: {exc}"))
+        page.on("console", self._on_console)
+
+    def _on_console(self, message: sync_api.ConsoleMessage) -> None:
+        # Chromium logs every 4xx as "Failed to load resource"; the API's 422s are expected in
+        # the form tests, and a missing static asset is caught in _on_response instead.
+        if message.type == "error" and not message.text.startswith("Failed to load resource"):
+            self.errors.append(f"console: {message.text}")
+
+    def _on_response(self, response: sync_api.Response) -> None:
+        self.responses.append({
+            "url": response.url, "status": response.status, "method": response.request.method,
+            "if_none_match": response.request.headers.get("if-none-match"),
+        })
+        # Anything not served by our own server would be a CDN or a tracker.
+        if not response.url.startswith((self.base_url, "data:")):
+            self.errors.append(f"request outside the server: {response.url}")
+        elif "/api/" not in response.url and response.status >= 400:
+            self.errors.append(f"asset {response.url} answered {response.status}")
+
+    def job_reads(self, job_id: int) -> list[dict]:
+        return [r for r in self.responses if r["method"] == "GET" and r["url"].endswith(f"/api/jobs/{job_id}")]
+
+
+@pytest.fixture
+def open_page(browser, tmp_path) -> Iterator:
+    contexts = []
+    watched: list[Watched] = []
+
+    def _open(server: RunningServer, viewport: dict = DESKTOP) -> Watched:
+        context = browser.new_context(viewport=viewport, accept_downloads=True, base_url=server.url)
+        contexts.append(context)
+        page = context.new_page()
+        page.set_default_timeout(30_000)
+        w = Watched(page, server.url)
+        watched.append(w)
+        page.goto("/")
+        return w
+
+    try:
+        yield _open
+        for w in watched:
+            assert not w.errors, f"the page reported errors: {w.errors}"
+    finally:
+        for context in contexts:
+            context.close()
+
+
+def status_of(page: sync_api.Page) -> str:
+    return page.get_by_test_id("job-status").inner_text()
+
+
+def wait_for_status(page: sync_api.Page, words: str, timeout_s: float) -> None:
+    """Wait until the job panel's status line reads ``words`` (e.g. 'succeeded')."""
+    sync_api.expect(page.get_by_test_id("job-status")).to_contain_text(words, timeout=timeout_s * 1000)
+
+
+def shoot(page: sync_api.Page, name: str) -> Path:
+    ARTIFACTS_DIR.mkdir(exist_ok=True)
+    path = ARTIFACTS_DIR / name
+    page.screenshot(path=str(path), full_page=True)
+    return path
+
+
+def test_stage1_from_the_form_to_a_verified_encoder_download(server, open_page, tmp_path):
+    (ARTIFACTS_DIR / "dashboard-job-running.png").unlink(missing_ok=True)
+    w = open_page(server)
+    page = w.page
+    sync_api.expect(page.get_by_test_id("system-summary")).to_contain_text("RAM")
+    sync_api.expect(page.get_by_test_id("jobs-empty")).to_be_visible()
+
+    page.get_by_test_id("stage1-dataset").fill("synthetic")
+    page.get_by_test_id("stage1-preset").select_option("tiny")
+    page.get_by_test_id("stage1-steps").fill("30")
+    page.get_by_test_id("stage1-submit").click()
+
+    # The page opens the new job; its id is in the URL fragment.
+    page.wait_for_url(re.compile(r"#job-\d+$"))
+    job_id = int(page.url.rsplit("-", 1)[1])
+    sync_api.expect(page.get_by_test_id("job-heading")).to_have_text(f"Job {job_id} · stage1 on synthetic")
+    row = page.locator(f'tr[data-job-id="{job_id}"]')
+    sync_api.expect(row).to_be_visible()
+
+    # Watch the progress bar and the memory cell while it trains.
+    seen_steps: list[int] = []
+    memory_texts: list[str] = []
+    deadline = time.monotonic() + 150
+    while time.monotonic() < deadline:
+        value = page.get_by_test_id("job-panel-progress").get_attribute("value")
+        seen_steps.append(int(float(value or 0)))
+        memory_texts.append(row.get_by_test_id("job-memory").inner_text())
+        if 0 < seen_steps[-1] < 30 and not (ARTIFACTS_DIR / "dashboard-job-running.png").exists():
+            shoot(page, "dashboard-job-running.png")  # mid-run: progress with ETA, live charts
+        if "succeeded" in status_of(page) or "failed" in status_of(page):
+            break
+        page.wait_for_timeout(500)
+    wait_for_status(page, "succeeded", timeout_s=5)
+    assert "✓" in status_of(page), "status carries a symbol as well as a colour"
+    assert any(0 < step < 30 for step in seen_steps) or len(set(seen_steps)) >= 3, \
+        f"the progress bar never showed the job part way: {sorted(set(seen_steps))}"
+    assert seen_steps == sorted(seen_steps), "progress went backwards"
+    assert page.get_by_test_id("job-panel-progress").get_attribute("value") == "30"
+    assert page.get_by_test_id("job-panel-progress").get_attribute("max") == "30"
+    # Memory of the trainer against the machine's free RAM, in MiB, while it ran.
+    assert any(re.search(r"\d+(\.\d)? MiB now, peak \d+(\.\d)? MiB of \d+(\.\d)? GiB free", text)
+               for text in memory_texts), memory_texts
+    sync_api.expect(row.get_by_test_id("job-memory")).to_contain_text(re.compile(r"peak \d+(\.\d)? MiB"))
+    sync_api.expect(row.get_by_test_id("job-loss")).to_have_text(re.compile(r"^\d+\.\d{4}$"))
+    sync_api.expect(page.get_by_test_id("event-log")).to_contain_text("finished")
+    sync_api.expect(page.get_by_test_id("loss-chart")).to_have_attribute("aria-label", re.compile(r"latest loss"))
+
+    # Download the encoder through its link on the page and verify it like a user would.
+    with server.client() as client:
+        job = client.get(f"/api/jobs/{job_id}").json()
+    encoder = next(a for a in job["artifacts"] if a["kind"] == "encoder")
+    artifact_row = page.locator(f'tr[data-artifact-id="{encoder["id"]}"]')
+    sync_api.expect(artifact_row).to_contain_text(encoder["sha256"])
+    with page.expect_download() as info:
+        artifact_row.get_by_test_id("artifact-download").click()
+    download = info.value
+    assert download.suggested_filename == encoder["filename"] == "encoder.safetensors"
+    saved = tmp_path / download.suggested_filename
+    download.save_as(saved)
+    data = saved.read_bytes()
+    assert len(data) == encoder["size_bytes"]
+    assert hashlib.sha256(data).hexdigest() == encoder["sha256"]
+    with safe_open(str(saved), framework="pt") as weights:
+        assert json.loads(weights.metadata()["encoder_config"])["name"] == "tiny"
+
+    # Cheap polling: the finished job is unchanged, so its reads come back 304 to If-None-Match.
+    # So is the jobs listing the page polls beside it.
+    already = len(w.responses)
+    page.wait_for_timeout(4500)
+    later = [r for r in w.responses[already:] if r["method"] == "GET" and re.search(r"/api/jobs(/\d+)?$", r["url"])]
+    assert {r["url"] for r in later} == {f"{server.url}/api/jobs", f"{server.url}/api/jobs/{job_id}"}, later
+    assert all(r["status"] == 304 and r["if_none_match"] for r in later), later
+
+    # The job page, for a person to look at: desktop and phone width.
+    shot = shoot(page, "dashboard-job-desktop.png")
+    page.get_by_test_id("job-panel").screenshot(path=str(ARTIFACTS_DIR / "dashboard-job-panel.png"))
+    page.set_viewport_size(PHONE)
+    page.wait_for_timeout(300)
+    # At phone width nothing may be wider than the screen (no sideways scrolling).
+    assert page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
+    shoot(page, "dashboard-job-phone.png")
+    assert shot.stat().st_size > 10_000
+
+
+def test_validation_errors_show_next_to_the_field(shared_server, open_page):
+    w = open_page(shared_server)
+    page = w.page
+    with shared_server.client() as client:
+        before = client.get("/api/jobs").json()["count"]
+
+    # The server refuses 0 steps; its message appears under the Steps field, which is marked invalid.
+    page.get_by_test_id("stage1-steps").fill("0")
+    page.get_by_test_id("stage1-submit").click()
+    error = page.get_by_test_id("stage1-steps-error")
+    sync_api.expect(error).to_be_visible()
+    sync_api.expect(error).to_contain_text("Invalid steps 0; it must be greater than zero.")
+    sync_api.expect(error).to_contain_text("⚠")  # not colour alone
+    sync_api.expect(page.get_by_test_id("stage1-steps")).to_have_attribute("aria-invalid", "true")
+    sync_api.expect(page.get_by_test_id("stage1-steps")).to_be_focused()
+
+    # A dataset path the server does not have: its message goes under Dataset, the steps error clears.
+    page.get_by_test_id("stage1-steps").fill("5")
+    page.get_by_test_id("stage1-dataset").fill("/no/such/recording.edf")
+    page.get_by_test_id("stage1-submit").click()
+    sync_api.expect(page.get_by_test_id("stage1-dataset-error")).to_contain_text(
+        "Dataset path '/no/such/recording.edf' does not exist on the server.")
+    sync_api.expect(page.get_by_test_id("stage1-steps-error")).to_be_hidden()
+
+    # Stage 2 with no Stage 1 job to start from says so next to that choice.
+    page.get_by_test_id("stage2-submit").click()
+    sync_api.expect(page.get_by_test_id("stage2-after-error")).to_be_visible()
+    # The other source: the artifact list (read from the server when chosen) is empty here too.
+    page.get_by_test_id("stage2-source-artifact").check()
+    sync_api.expect(page.get_by_test_id("stage2-encoder-artifact")).to_be_visible()
+    sync_api.expect(page.get_by_test_id("stage2-after")).to_be_hidden()
+    page.get_by_test_id("stage2-submit").click()
+    sync_api.expect(page.get_by_test_id("stage2-encoder-artifact-error")).to_contain_text("encoder_artifact")
+    sync_api.expect(page.get_by_test_id("stage2-after-error")).to_be_hidden()
+
+    with shared_server.client() as client:
+        assert client.get("/api/jobs").json()["count"] == before, "a refused form must not create a job"
+
+
+def test_cancel_a_running_job_with_the_keyboard_only(shared_server, open_page):
+    w = open_page(shared_server)
+    page = w.page
+    # Tab order from the top of the page: skip link, then the Stage 1 form in reading order.
+    order = []
+    for _ in range(5):
+        page.keyboard.press("Tab")
+        order.append(page.evaluate("document.activeElement.dataset.testid || document.activeElement.className"))
+    assert order == ["skip-link", "stage1-dataset", "stage1-preset", "stage1-steps", "stage1-submit"], order
+    # The focused control is visibly marked (a 3px outline), not only by the browser's default.
+    outline = page.evaluate("getComputedStyle(document.activeElement).outlineStyle + ' ' + "
+                            "getComputedStyle(document.activeElement).outlineWidth")
+    assert outline == "solid 3px", outline
+
+    # Long enough that it is certainly still running when we cancel it.
+    page.get_by_test_id("stage1-steps").focus()
+    page.keyboard.press("Control+A")
+    page.keyboard.type("100000")
+    page.keyboard.press("Enter")
+    page.wait_for_url(re.compile(r"#job-\d+$"))
+    job_id = int(page.url.rsplit("-", 1)[1])
+    # Focus moves to the job's heading so the next Tab lands in the job page.
+    sync_api.expect(page.get_by_test_id("job-heading")).to_be_focused()
+
+    # Close the job page and reopen it from the jobs list, still by keyboard: Close leads back to
+    # the Jobs heading, from which the next Tab is the job's link (rows are redrawn whenever the
+    # job changes, as it does while it starts, so this also checks that focus survives a redraw).
+    page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.dataset.testid") == "job-close"
+    page.keyboard.press("Enter")
+    sync_api.expect(page.get_by_test_id("job-panel")).to_be_hidden()
+    sync_api.expect(page.locator("#jobs-heading")).to_be_focused()
+    page.keyboard.press("Tab")
+    link = page.locator(f'tr[data-job-id="{job_id}"]').get_by_test_id("job-link")
+    sync_api.expect(link).to_be_focused()
+    page.wait_for_timeout(2500)  # at least one poll redraws the table
+    sync_api.expect(link).to_be_focused()
+    page.keyboard.press("Enter")
+    sync_api.expect(page.get_by_test_id("job-heading")).to_be_focused()
+
+    wait_for_status(page, "running", timeout_s=60)
+    # The trainer has reported at least once (its own memory, not only the server's prediction).
+    sync_api.expect(page.get_by_test_id("job-memory").first).to_contain_text("now, peak", timeout=60_000)
+
+    # From the heading: Close, Pause, (Resume is disabled so skipped), Cancel.
+    stops = []
+    for _ in range(3):
+        page.keyboard.press("Tab")
+        stops.append(page.evaluate("document.activeElement.dataset.testid"))
+    assert stops == ["job-close", "job-pause", "job-cancel"], stops
+    page.keyboard.press("Enter")
+
+    wait_for_status(page, "cancelled", timeout_s=60)
+    assert "⊘" in status_of(page)
+    sync_api.expect(page.locator(f'tr[data-job-id="{job_id}"]').get_by_test_id("job-status-cell")) \
+        .to_contain_text("cancelled")
+    with shared_server.client() as client:
+        job = client.get(f"/api/jobs/{job_id}").json()
+    assert job["status"] == "cancelled"
+    assert job["progress"]["step"] < 100000 and job["finished_at"]
+    # Nothing left to stop: all three buttons are disabled, and say so to assistive technology too.
+    for action in ("pause", "resume", "cancel"):
+        sync_api.expect(page.get_by_test_id(f"job-{action}")).to_be_disabled()
+
+
+def test_polling_slows_down_in_a_hidden_tab(shared_server, open_page):
+    w = open_page(shared_server)
+    page = w.page
+    sync_api.expect(page.get_by_test_id("system-summary")).to_contain_text("RAM")
+
+    def polls_during(ms: int) -> int:
+        start = time.monotonic()
+        page.wait_for_timeout(ms)
+        return sum(1 for r in w.requests if r["t"] >= start and r["url"].endswith("/api/system"))
+
+    def set_hidden(hidden: bool) -> None:
+        # Headless Chromium keeps every tab visible, so hide this one the way the browser does:
+        # the Page Visibility API reports hidden and fires visibilitychange. The page's own code
+        # reacts to it.
+        page.evaluate("""(hidden) => {
+            if (hidden) {
+                Object.defineProperty(document, 'hidden', {configurable: true, get: () => true});
+                Object.defineProperty(document, 'visibilityState', {configurable: true, get: () => 'hidden'});
+            } else {
+                delete document.hidden;
+                delete document.visibilityState;
+            }
+            document.dispatchEvent(new Event('visibilitychange'));
+        }""", hidden)
+
+    # Visible: a poll every 2 s (plus the time a poll takes on a busy machine).
+    visible = polls_during(6500)
+    set_hidden(True)
+    page.wait_for_timeout(700)  # a poll already on the wire may finish; it schedules the slow pace
+    hidden = polls_during(6500)
+    assert visible >= 2 and hidden == 0, (visible, hidden)
+
+    # Coming back polls at once rather than after the rest of the 15 s hidden interval.
+    set_hidden(False)
+    assert polls_during(1500) >= 1
+
+
+@pytest.mark.slow
+def test_pause_resume_then_stage2_from_the_form(server, open_page):
+    w = open_page(server)
+    page = w.page
+    page.get_by_test_id("stage1-steps").fill("40")
+    page.get_by_test_id("stage1-submit").click()
+    page.wait_for_url(re.compile(r"#job-\d+$"))
+    stage1_id = int(page.url.rsplit("-", 1)[1])
+
+    # Pause once it has taken steps: the trainer checkpoints and exits; Resume carries on from there.
+    sync_api.expect(page.get_by_test_id("job-panel-progress")).not_to_have_attribute("value", "0", timeout=120_000)
+    page.get_by_test_id("job-pause").click()
+    wait_for_status(page, "paused", timeout_s=120)
+    assert "⏸" in status_of(page)
+    sync_api.expect(page.get_by_test_id("job-pause")).to_be_disabled()
+    paused_at = int(page.get_by_test_id("job-panel-progress").get_attribute("value"))
+    assert 0 < paused_at < 40
+    page.get_by_test_id("job-resume").click()
+    wait_for_status(page, "succeeded", timeout_s=180)
+    with server.client() as client:
+        events = client.get(f"/api/jobs/{stage1_id}/events", params={"limit": 5000}).json()["data"]
+    # After the resume, no step before the paused one is reported again: it did not start over.
+    restart = next(i for i, e in enumerate(events) if e["kind"] == "started" and i > 0)
+    # (Reports while the resumed trainer is still loading say step 0; they carry memory only.)
+    after_restart = [e["step"] for e in events[restart:] if e["kind"] == "progress" and e["step"]]
+    assert after_restart and min(after_restart) >= paused_at, (paused_at, after_restart)
+
+    # Stage 2 from that Stage 1 job, through the form.
+    page.get_by_test_id("stage2-after").select_option(str(stage1_id))
+    page.get_by_test_id("stage2-steps").fill("5")
+    page.get_by_test_id("stage2-submit").click()
+    page.wait_for_url(lambda url: bool(re.search(r"#job-\d+$", url)) and not url.endswith(f"#job-{stage1_id}"))
+    sync_api.expect(page.get_by_test_id("job-heading")).to_contain_text("stage2")
+    wait_for_status(page, "succeeded", timeout_s=300)
+    sync_api.expect(page.get_by_test_id("artifacts-table")).to_contain_text("model")
