@@ -384,3 +384,28 @@ def test_pause_resume_then_stage2_from_the_form(server, open_page):
     sync_api.expect(page.get_by_test_id("job-heading")).to_contain_text("stage2")
     wait_for_status(page, "succeeded", timeout_s=300)
     sync_api.expect(page.get_by_test_id("artifacts-table")).to_contain_text("model")
+
+
+def test_a_server_token_is_asked_for_once_and_sent_with_changes(tmp_path, open_page):
+    from tests.conftest import start_server
+
+    token = "dashboard-token"
+    server = start_server(tmp_path / "data", args=("--token", token))
+    try:
+        w = open_page(server)
+        page = w.page
+        prompts: list[str] = []
+
+        def answer(dialog: sync_api.Dialog) -> None:
+            prompts.append(dialog.message)
+            dialog.accept(token)
+
+        page.on("dialog", answer)
+        page.get_by_test_id("stage1-steps").fill("3")
+        page.get_by_test_id("stage1-submit").click()
+        wait_for_status(page, "succeeded", 120)
+        assert len(prompts) == 1 and "access token" in prompts[0]
+        with server.client() as client:
+            assert client.get("/api/jobs").json()["count"] == 1
+    finally:
+        server.stop()

@@ -65,13 +65,26 @@ function flattenDetail(detail) {
   return typeof detail === "object" && detail.msg ? String(detail.msg) : JSON.stringify(detail);
 }
 
-async function api(path, { method = "GET", body, etag } = {}) {
+// A server that listens beyond loopback asks for its token on every change (reads stay open).
+// The page asks once, on the first refusal, and keeps it for this tab only.
+const TOKEN_KEY = "neurolens-token";
+
+async function api(path, { method = "GET", body, etag } = {}, askedForToken = false) {
   const headers = { Accept: "application/json" };
   if (body !== undefined) headers["Content-Type"] = "application/json";
   if (etag) headers["If-None-Match"] = etag;
+  const token = sessionStorage.getItem(TOKEN_KEY);
+  if (token && method !== "GET") headers.Authorization = `Bearer ${token}`;
   const response = await fetch(path, {
     method, headers, cache: "no-store", body: body === undefined ? undefined : JSON.stringify(body),
   });
+  if (response.status === 401 && method !== "GET" && !askedForToken) {
+    const given = window.prompt("This server needs its access token (NEUROLENS_TOKEN) to change anything:");
+    if (given && given.trim()) {
+      sessionStorage.setItem(TOKEN_KEY, given.trim());
+      return api(path, { method, body, etag }, true);
+    }
+  }
   if (response.status === 304) return { notModified: true, etag };
   const type = response.headers.get("Content-Type") || "";
   const data = type.includes("application/json") ? await response.json() : await response.text();
