@@ -22,6 +22,8 @@ class Settings(BaseSettings):
     sample_interval_s: float = Field(1.0, gt=0, description="Seconds between psutil samples of trainer memory.")
     demo: bool = Field(False, description="Queue the demo pipeline (Stage 1 then Stage 2, synthetic) on first start.")
     max_upload_bytes: int = Field(8 * 1024**3, gt=0, description="Largest artifact upload accepted.")
+    upload_expiry_s: float = Field(7 * 24 * 3600.0, gt=0,
+                                   description="An unfinished upload untouched this long is deleted.")
 
     @property
     def resolved_database_url(self) -> str:
