@@ -336,7 +336,7 @@ def download(
 @app.command()
 def upload(
     ctx: typer.Context,
-    path: Annotated[Path, typer.Argument(help="The file to import.", exists=True, dir_okay=False, readable=True)],
+    path: Annotated[Path, typer.Argument(help="The file to import.")],
     kind: Annotated[str, typer.Option(help="encoder, checkpoint, model or report.")] = "encoder",
     sha256: Annotated[Optional[str], typer.Option(
         help="The sha256 the file must have; the server refuses the upload if the bytes differ "
@@ -345,6 +345,8 @@ def upload(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the new artifact id.")] = False,
 ) -> None:
     """Import an artifact file (e.g. an encoder from another machine); resumes an interrupted upload."""
+    if not path.is_file():
+        raise _fail(f"no such file: {path}")
     started = time.monotonic()
     with _connect(ctx) as client:
         with _transfer_bar() as bar:

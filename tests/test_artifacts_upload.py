@@ -86,6 +86,9 @@ def test_upload_then_download_with_ranges_etag_and_digest(shared_server: Running
         beyond = client.get(url, headers={"Range": f"bytes={len(data)}-"})
         assert beyond.status_code == 416
         assert beyond.headers["content-range"] == f"bytes */{len(data)}"
+        assert f"the file has {len(data)} bytes" in beyond.json()["detail"]
+        malformed = client.get(url, headers={"Range": "lines=1-2"})
+        assert malformed.status_code == 400 and "Malformed Range header" in malformed.json()["detail"]
 
 
 def test_bad_uploads_are_refused_with_the_reason_and_change_nothing(
@@ -216,6 +219,10 @@ def test_client_and_cli_upload_resume_and_refuse_a_wrong_digest(shared_server: R
                                  "--sha256", sha256(data), "-q"])
     assert result.exit_code == 0, result.output
     new_id = int(result.stdout.strip())
+    missing = runner.invoke(app, ["--server", shared_server.url, "upload", "no-such-file.safetensors"])
+    assert missing.exit_code == 1 and missing.stderr.strip() == "error: no such file: no-such-file.safetensors"
+    bad_kind = runner.invoke(app, ["--server", shared_server.url, "upload", str(encoder_file), "--kind", "weights"])
+    assert bad_kind.exit_code == 1 and bad_kind.stderr.startswith("error: ") and "'encoder'" in bad_kind.stderr
     listed = runner.invoke(app, ["--server", shared_server.url, "artifacts", "--kind", "encoder"])
     assert "imported" in listed.stdout and str(new_id) in listed.stdout
 

@@ -24,7 +24,10 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request, Response
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, JSONResponse
+from starlette.datastructures import Headers
+from starlette.responses import MalformedRangeHeader, RangeNotSatisfiable
+from starlette.types import Receive, Scope, Send
 from pydantic import BaseModel, Field
 from sqlmodel import func, select
 from starlette.requests import ClientDisconnect
@@ -52,9 +55,31 @@ ERRORS = {
 
 
 class ArtifactFileResponse(FileResponse):
+    """Starlette's file response with larger reads and JSON bodies for range errors."""
+
     # Starlette reads 64 KB at a time; 1 MB reads cost far fewer thread hops per GB and still
     # keep the server's memory flat whatever the file size.
     chunk_size = 1 << 20
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # Starlette answers a bad Range with a bare text body; every error of this API is JSON
+        # with a detail that names the problem, so check the range first, the same way.
+        headers = Headers(scope=scope)
+        http_range, if_range = headers.get("range"), headers.get("if-range")
+        if http_range is not None and self.stat_result is not None and \
+                (if_range is None or self._should_use_range(if_range)):
+            size = self.stat_result.st_size
+            error: JSONResponse | None = None
+            try:
+                self._parse_range_header(http_range, size)
+            except MalformedRangeHeader as exc:
+                error = JSONResponse({"detail": f"Malformed Range header {http_range!r}: {exc.content}"}, 400)
+            except RangeNotSatisfiable:
+                error = JSONResponse({"detail": f"Range {http_range!r} is not satisfiable: the file has {size} bytes."},
+                                     416, headers={"Content-Range": f"bytes */{size}"})
+            if error is not None:
+                return await error(scope, receive, send)
+        await super().__call__(scope, receive, send)
 
 
 class UploadCreate(BaseModel):
@@ -296,6 +321,7 @@ def download_artifact(artifact_id: int, session: SessionDep, store: StoreDep) ->
     digest = base64.b64encode(bytes.fromhex(artifact.sha256)).decode()
     return ArtifactFileResponse(
         path,
+        stat_result=path.stat(),
         media_type="application/octet-stream",
         filename=artifact.filename,
         headers={"ETag": f'"{artifact.sha256}"', "X-Checksum-Sha256": artifact.sha256,
