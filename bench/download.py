@@ -13,7 +13,7 @@ resumable upload (the server verifies sha256, header and tensor shapes), then me
 - ``curl``: the same URL fetched by curl (when installed), a C client, to separate what the
   server sends from what a Python client can take in.
 
-While the transfers run, a thread samples the server's RSS with psutil every 10 ms; the growth
+While the upload and the downloads run, a thread samples the server's RSS with psutil every 10 ms; the growth
 over its RSS just before is printed, to show the file is streamed, not held in memory.
 
     .venv/bin/python bench/download.py            # --preset large --runs 3
@@ -160,9 +160,11 @@ def main(argv: list[str] | None = None) -> int:
         process, url = start_server(tmp / "data", tmp / "server.log")
         try:
             with NeuroLensClient(url) as client:
-                started = time.perf_counter()
-                artifact = client.upload_artifact(source, "encoder")
-                upload_s = time.perf_counter() - started
+                rss_before_upload = psutil.Process(process.pid).memory_info().rss
+                with RssSampler(process.pid) as upload_rss:
+                    started = time.perf_counter()
+                    artifact = client.upload_artifact(source, "encoder")
+                    upload_s = time.perf_counter() - started
                 source.unlink()  # the stored copy is the one to read from now
                 stored = tmp / "data" / "artifacts" / str(artifact["id"]) / artifact["filename"]
                 download_url = f"{url}/api/artifacts/{artifact['id']}/download"
@@ -191,7 +193,9 @@ def main(argv: list[str] | None = None) -> int:
     ceiling = rate(copy_s)
     print(f"artifact: {args.preset} encoder, {size / MB:.0f} MB, sha256 {artifact['sha256'][:16]}...; "
           f"median of {args.runs} runs each")
-    print(f"upload (resumable, verified by the server): {size / upload_s / MB:8.1f} MB/s")
+    print(f"upload (resumable, verified by the server): {size / upload_s / MB:8.1f} MB/s   "
+          f"(client and server each hash the file; server RSS growth "
+          f"{(upload_rss.peak - rss_before_upload) / MB:+.1f} MB)")
     print(f"plain file copy (ceiling):                  {ceiling:8.1f} MB/s")
     print(f"HTTP download to file:                      {rate(http_s):8.1f} MB/s   "
           f"{rate(http_s) / ceiling:.2f}x of the copy")

@@ -355,14 +355,24 @@ class UploadStore:
         shutil.rmtree(self._dir(upload_id), ignore_errors=True)
 
     def expire(self) -> None:
+        """Delete sessions untouched for ``expiry_s``.
+
+        Only session directories are considered: a one-shot temporary belongs to a request in
+        flight (leftovers of a crash are removed at start-up), and a ``.tmp-`` directory exists
+        only inside :meth:`create`.
+        """
         cutoff = time.time() - self.expiry_s
         for directory in self.root.iterdir():
-            if directory.name in self.busy:
+            if not _UPLOAD_ID.match(directory.name) or directory.name in self.busy:
                 continue
             try:
-                touched = max(directory.stat().st_mtime, (directory / DATA_FILENAME).stat().st_mtime)
+                touched = directory.stat().st_mtime
             except OSError:
-                touched = 0.0
+                continue  # removed meanwhile
+            try:
+                touched = max(touched, (directory / DATA_FILENAME).stat().st_mtime)
+            except OSError:
+                pass  # a session without data is judged by its directory's age
             if touched < cutoff:
                 log.info("removing expired upload %s", directory.name)
                 shutil.rmtree(directory, ignore_errors=True)

@@ -227,8 +227,9 @@ def test_client_and_cli_upload_resume_and_refuse_a_wrong_digest(shared_server: R
     assert "imported" in listed.stdout and str(new_id) in listed.stdout
 
 
-def test_upload_limit_is_enforced_before_reading(tmp_path: Path, encoder_file: Path) -> None:
-    server = start_server(tmp_path / "data", env={"NEUROLENS_MAX_UPLOAD_BYTES": "100000"})
+def test_upload_limit_and_expiry_of_abandoned_uploads(tmp_path: Path, encoder_file: Path) -> None:
+    server = start_server(tmp_path / "data", env={"NEUROLENS_MAX_UPLOAD_BYTES": "100000",
+                                                  "NEUROLENS_UPLOAD_EXPIRY_S": "1"})
     try:
         data = encoder_file.read_bytes()
         assert len(data) > 100000
@@ -240,6 +241,17 @@ def test_upload_limit_is_enforced_before_reading(tmp_path: Path, encoder_file: P
                                                                    "size_bytes": len(data)})
             assert response.status_code == 413
             assert client.get("/api/artifacts").json()["count"] == 0
+            assert not any(p.is_file() for p in (server.data_dir / "artifacts").rglob("*"))
+
+            # An upload abandoned half-way is deleted once it has been idle for upload_expiry_s.
+            small = data[:5000]
+            created = client.post("/api/artifacts/uploads", json={"kind": "encoder", "sha256": sha256(small),
+                                                                  "size_bytes": len(small)}).json()
+            client.patch(f"/api/artifacts/uploads/{created['id']}", content=small[:100], headers={"Upload-Offset": "0"})
+            assert client.get("/api/artifacts/uploads").json()["count"] == 1
+            time.sleep(1.5)
+            assert client.get("/api/artifacts/uploads").json()["count"] == 0
+            assert client.get(f"/api/artifacts/uploads/{created['id']}").status_code == 404
             assert not any(p.is_file() for p in (server.data_dir / "artifacts").rglob("*"))
     finally:
         server.stop()
