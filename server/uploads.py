@@ -22,6 +22,7 @@ instead, deleted whatever goes wrong.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import os
@@ -229,8 +230,12 @@ async def run_validator(kind: ArtifactKind, path: Path) -> None:
                                f"{lines[-1] if lines else '(no output)'}")
 
 
-async def verify(path: Path, kind: ArtifactKind, sha256: str, size: int | None) -> tuple[str, int]:
+async def verify(path: Path, kind: ArtifactKind, sha256: str, size: int | None,
+                 received: tuple[str, int] | None = None) -> tuple[str, int]:
     """Run every check on an uploaded file; return its sha256 and size.
+
+    ``received`` is the sha256 and length computed while the bytes streamed in, when one
+    hasher saw all of them; it saves reading the file once more. Otherwise the file is hashed.
 
     Raises
     ------
@@ -239,7 +244,7 @@ async def verify(path: Path, kind: ArtifactKind, sha256: str, size: int | None) 
     """
     from starlette.concurrency import run_in_threadpool
 
-    actual_sha, actual_size = await run_in_threadpool(sha256_of, path)
+    actual_sha, actual_size = received or await run_in_threadpool(sha256_of, path)
     if size is not None and actual_size != size:
         raise InvalidArtifactFile(f"Upload is truncated or too long: received {actual_size} bytes, declared {size}.")
     if actual_sha != sha256:
@@ -296,6 +301,9 @@ class UploadStore:
         self.expiry_s = expiry_s
         # Sessions receiving bytes right now: a second writer would interleave at wrong offsets.
         self.busy: set[str] = set()
+        # Running sha256 of each session whose bytes all arrived while this process ran, with the
+        # byte count it has seen; lost on restart, when the file is simply hashed at the end.
+        self.hashers: dict[str, tuple[int, "hashlib._Hash"]] = {}
         # No request is running yet, so any one-shot temporary is a leftover of a crash.
         for leftover in self.root.glob(f"{ONESHOT_PREFIX}*"):
             leftover.unlink(missing_ok=True)
@@ -352,6 +360,7 @@ class UploadStore:
         return sorted(found, key=lambda s: s.created_at)
 
     def discard(self, upload_id: str) -> None:
+        self.hashers.pop(upload_id, None)
         shutil.rmtree(self._dir(upload_id), ignore_errors=True)
 
     def expire(self) -> None:
@@ -398,6 +407,12 @@ class UploadStore:
                            f"{offset}. Continue from Upload-Offset: {session.offset}.")
         self.busy.add(session.id)
         path = self.data_path(session.id)
+        seen, hasher = self.hashers.pop(session.id, (0, None))
+        if offset == 0:
+            hasher = hashlib.sha256()
+        elif seen != offset:
+            hasher = None  # bytes from before a restart: hash the whole file at the end
+        written = 0
         try:
             with open(path, "r+b") as fh:
                 fh.seek(offset)
@@ -406,21 +421,36 @@ class UploadStore:
                                                  f"Upload {session.id} declared {session.size_bytes} bytes; "
                                                  f"this request sends more than the {session.size_bytes - offset} "
                                                  f"still missing. Nothing from it was kept."),
-                                             on_overflow=lambda: fh.truncate(offset))
+                                             on_overflow=lambda: fh.truncate(offset), hasher=hasher)
                 await run_in_threadpool(os.fsync, fh.fileno())
             return offset + written
+        except PayloadTooLarge:
+            hasher = None  # it saw bytes that were cut off again
+            raise
         finally:
+            if hasher is not None:
+                self.hashers[session.id] = (offset + written, hasher)
             self.busy.discard(session.id)
+
+    def received_digest(self, session: UploadSession) -> tuple[str, int] | None:
+        """The sha256 computed while the session's bytes arrived, if one hasher saw them all."""
+        seen, hasher = self.hashers.get(session.id, (-1, None))
+        if hasher is None or seen != session.offset:
+            return None
+        return hasher.hexdigest(), seen
 
     def oneshot_path(self) -> Path:
         return self.root / f"{ONESHOT_PREFIX}{secrets.token_hex(16)}"
 
 
-async def write_stream(fh, chunks: AsyncIterator[bytes], limit: int, too_large, on_overflow=None) -> int:
+async def write_stream(fh, chunks: AsyncIterator[bytes], limit: int, too_large, on_overflow=None,
+                       hasher: "hashlib._Hash | None" = None) -> int:
     """Copy an async byte stream into ``fh`` in batches, refusing more than ``limit`` bytes.
 
     Chunks are gathered into ~1 MB batches and written from a worker thread, so memory stays
     bounded whatever the upload size and the event loop never waits on the disk.
+
+    ``hasher``, if given, is updated with every byte written, in the same worker-thread call.
 
     Returns
     -------
@@ -429,6 +459,11 @@ async def write_stream(fh, chunks: AsyncIterator[bytes], limit: int, too_large, 
         written before the error propagates.
     """
     from starlette.concurrency import run_in_threadpool
+
+    def flush(data: bytes) -> None:
+        fh.write(data)
+        if hasher is not None:
+            hasher.update(data)
 
     written = 0
     batch: list[bytes] = []
@@ -443,11 +478,11 @@ async def write_stream(fh, chunks: AsyncIterator[bytes], limit: int, too_large, 
             batch.append(chunk)
             pending += len(chunk)
             if pending >= WRITE_BATCH_BYTES:
-                await run_in_threadpool(fh.write, b"".join(batch))
+                await run_in_threadpool(flush, b"".join(batch))
                 written += pending
                 batch, pending = [], 0
     finally:
         if pending:
-            await run_in_threadpool(fh.write, b"".join(batch))
+            await run_in_threadpool(flush, b"".join(batch))
             written += pending
     return written

@@ -21,6 +21,7 @@ Upload, resumable (the same checks at the end)::
 
 from __future__ import annotations
 
+import hashlib
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request, Response
@@ -220,7 +221,8 @@ async def complete_upload(upload_id: str, request: Request, session: SessionDep,
     try:
         path = uploads.data_path(upload_id)
         try:
-            sha256, size = await verify(path, upload.kind, upload.sha256, upload.size_bytes)
+            sha256, size = await verify(path, upload.kind, upload.sha256, upload.size_bytes,
+                                        received=uploads.received_digest(upload))
         except InvalidInput:
             uploads.discard(upload_id)
             raise
@@ -259,16 +261,18 @@ async def upload_artifact(
         check_size(declared, settings.max_upload_bytes)
     uploads = get_uploads(request)
     path = uploads.oneshot_path()
+    hasher = hashlib.sha256()
     try:
         with open(path, "wb") as fh:
             limit = settings.max_upload_bytes
             try:
-                await write_stream(fh, request.stream(), limit, lambda: PayloadTooLarge(
-                    f"Upload exceeds this server's limit of {limit} bytes (NEUROLENS_MAX_UPLOAD_BYTES)."))
+                received = await write_stream(fh, request.stream(), limit, lambda: PayloadTooLarge(
+                    f"Upload exceeds this server's limit of {limit} bytes (NEUROLENS_MAX_UPLOAD_BYTES)."),
+                    hasher=hasher)
             except ClientDisconnect:
                 raise InvalidInput("Upload interrupted: the connection closed before the whole body arrived; "
                                    "nothing was stored.") from None
-        sha, size = await verify(path, kind, digest, declared)
+        sha, size = await verify(path, kind, digest, declared, received=(hasher.hexdigest(), received))
         return await _adopt(session, store, path, kind, name, sha, size)
     finally:
         path.unlink(missing_ok=True)
@@ -306,7 +310,10 @@ def read_artifact(artifact_id: int, session: SessionDep) -> ArtifactPublic:
     return ArtifactPublic.model_validate(get_artifact(session, artifact_id), from_attributes=True)
 
 
-@router.api_route("/{artifact_id}/download", methods=["GET", "HEAD"], response_class=ArtifactFileResponse,
+# HEAD (length, ETag, digest without the body) is the same handler; kept out of the schema so
+# the OpenAPI document has one operation per id.
+@router.head("/{artifact_id}/download", response_class=ArtifactFileResponse, include_in_schema=False)
+@router.get("/{artifact_id}/download", response_class=ArtifactFileResponse,
             responses={200: {"content": {"application/octet-stream": {}}}, 206: {"description": "Partial content"},
                        416: {"description": "Range not satisfiable"}})
 def download_artifact(artifact_id: int, session: SessionDep, store: StoreDep) -> FileResponse:
