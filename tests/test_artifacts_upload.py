@@ -143,7 +143,7 @@ def test_resumable_upload_survives_a_dropped_connection(shared_server: RunningSe
         created = client.post("/api/artifacts/uploads", json={"kind": "encoder", "sha256": digest, "size_bytes": size})
         assert created.status_code == 201, created.text
         upload_id = created.json()["id"]
-        assert created.json()["offset"] == 0
+        assert created.json()["offset"] == 0 and created.json()["created_at"].endswith("Z")
         path = f"/api/artifacts/uploads/{upload_id}"
 
         response = client.patch(path, content=data[:half], headers={"Upload-Offset": "0"})

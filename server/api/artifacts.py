@@ -22,6 +22,8 @@ Upload, resumable (the same checks at the end)::
 from __future__ import annotations
 
 import hashlib
+import threading
+from datetime import datetime, timezone
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request, Response
@@ -99,7 +101,7 @@ class UploadPublic(BaseModel):
     size_bytes: int
     filename: str
     offset: int = Field(description="Bytes received so far; the next PATCH starts here.")
-    created_at: float
+    created_at: datetime
 
 
 class UploadsPublic(BaseModel):
@@ -107,11 +109,17 @@ class UploadsPublic(BaseModel):
     count: int
 
 
+_uploads_lock = threading.Lock()
+
+
 def get_uploads(request: Request) -> UploadStore:
     """The app's upload store, made on first use beside the artifact store."""
     state = request.app.state
-    if getattr(state, "uploads", None) is None:
-        state.uploads = UploadStore(state.store.root, state.settings.upload_expiry_s)
+    # Sync routes run in worker threads: two first requests must not build two stores (the
+    # second would clear the first's one-shot temporaries as crash leftovers).
+    with _uploads_lock:
+        if getattr(state, "uploads", None) is None:
+            state.uploads = UploadStore(state.store.root, state.settings.upload_expiry_s)
     return state.uploads
 
 
@@ -123,7 +131,9 @@ def get_artifact(session: SessionDep, artifact_id: int) -> Artifact:
 
 
 def _public_upload(upload: UploadSession) -> UploadPublic:
-    return UploadPublic(**upload.public())
+    fields = upload.public()
+    fields["created_at"] = datetime.fromtimestamp(upload.created_at, timezone.utc)
+    return UploadPublic(**fields)
 
 
 async def _adopt(session: SessionDep, store: ArtifactStore, source, kind: ArtifactKind, filename: str,
