@@ -91,11 +91,20 @@ def test_stage1_here_transfer_the_encoder_then_stage2_there(tmp_path: Path) -> N
         stage1 = laptop.wait_for_job(stage1["id"], {"succeeded"})
         encoder = next(a for a in stage1["artifacts"] if a["kind"] == "encoder")
 
-        # The whole move is one command.
+        # An earlier transfer died after a third of the file reached the GPU box ...
+        with laptop.client() as client:
+            encoder_bytes = client.get(f"/api/artifacts/{encoder['id']}/download").content
+        with NeuroLensClient(gpu_box.url) as target:
+            session = target.open_upload("encoder", encoder["sha256"], encoder["size_bytes"], encoder["filename"])
+            third = len(encoder_bytes) // 3
+            target.send_upload_bytes(session["id"], 0, third, iter([encoder_bytes[:third]]))
+
+        # ... and the whole move is one command, which continues that upload from its offset.
         result = cli(laptop.url, "transfer", str(encoder["id"]), "--to", gpu_box.url)
         assert result.exit_code == 0, result.output
         assert f"copied to {gpu_box.url}" in " ".join(result.stdout.split())
         with gpu_box.client() as client:
+            assert client.get("/api/artifacts/uploads").json()["count"] == 0  # the session was finished
             imported = client.get("/api/artifacts", params={"kind": "encoder"}).json()["data"]
             assert len(imported) == 1
             imported = imported[0]
