@@ -275,7 +275,7 @@ def _artifact_table(artifacts: list[dict[str, Any]]) -> Table:
                           ("Size", "right"), ("sha256", "left")):
         table.add_column(name, justify=justify, overflow="fold")  # type: ignore[arg-type]
     for art in artifacts:
-        table.add_row(str(art["id"]), str(art["job_id"]), art["kind"], art["filename"],
+        table.add_row(str(art["id"]), "imported" if art["job_id"] is None else str(art["job_id"]), art["kind"], art["filename"],
                       format_bytes(art.get("size_bytes")), art["sha256"][:16])
     return table
 
@@ -295,6 +295,15 @@ def artifacts(
     console.print(_artifact_table(found))
 
 
+def _transfer_bar():
+    from rich.progress import (
+        BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn,
+    )
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                    TimeRemainingColumn(), console=console, transient=True)
+
+
 @app.command()
 def download(
     ctx: typer.Context,
@@ -302,22 +311,85 @@ def download(
     # A str, not a Path: a trailing slash ("models/") must survive to mean "into this directory".
     output: Annotated[Optional[str], typer.Option(
         "--output", "-o", help="File or directory to write [default: the artifact's filename here].")] = None,
+    restart: Annotated[bool, typer.Option("--restart", help="Ignore a partial <file>.part and start over.")] = False,
 ) -> None:
-    """Download an artifact and verify its sha256."""
-    from rich.progress import (
-        BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn,
-    )
-
+    """Download an artifact and verify its sha256; a partial <file>.part is resumed."""
     started = time.monotonic()
+    resumed_at: list[int] = []
     with _connect(ctx) as client:
         record = client.get_artifact(artifact_id)
-        with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                      TimeRemainingColumn(), console=console, transient=True) as bar:
+        with _transfer_bar() as bar:
             task = bar.add_task(record["filename"], total=record["size_bytes"] or None)
-            path = client.download_artifact(
-                artifact_id, output, progress=lambda done, total: bar.update(task, completed=done))
+
+            def progress(done: int, total: int) -> None:
+                if not resumed_at:  # the first call reports what was already on disk
+                    resumed_at.append(done)
+                bar.update(task, completed=done)
+
+            path = client.download_artifact(artifact_id, output, progress=progress, resume=not restart)
+    if resumed_at and resumed_at[0]:
+        console.print(f"Resumed at {format_bytes(resumed_at[0])} of {format_bytes(record['size_bytes'])}.")
     console.print(f"Saved {path} ({format_bytes(record['size_bytes'])}, sha256 {record['sha256'][:16]}... "
                   f"verified) in {format_duration(time.monotonic() - started)}.")
+
+
+@app.command()
+def upload(
+    ctx: typer.Context,
+    path: Annotated[Path, typer.Argument(help="The file to import.")],
+    kind: Annotated[str, typer.Option(help="encoder, checkpoint, model or report.")] = "encoder",
+    sha256: Annotated[Optional[str], typer.Option(
+        help="The sha256 the file must have; the server refuses the upload if the bytes differ "
+             "[default: computed here].")] = None,
+    name: Annotated[Optional[str], typer.Option(help="Stored file name [default: the file's name].")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the new artifact id.")] = False,
+) -> None:
+    """Import an artifact file (e.g. an encoder from another machine); resumes an interrupted upload."""
+    if not path.is_file():
+        raise _fail(f"no such file: {path}")
+    started = time.monotonic()
+    with _connect(ctx) as client:
+        with _transfer_bar() as bar:
+            task = bar.add_task(path.name, total=path.stat().st_size or None)
+            artifact = client.upload_artifact(path, kind, sha256=sha256, filename=name,
+                                              progress=lambda done, total: bar.update(task, completed=done))
+    if quiet:
+        typer.echo(artifact["id"])
+        return
+    console.print(f"Artifact {artifact['id']} stored: {artifact['kind']} {artifact['filename']} "
+                  f"({format_bytes(artifact['size_bytes'])}, sha256 {artifact['sha256'][:16]}... verified by the "
+                  f"server) in {format_duration(time.monotonic() - started)}.")
+
+
+@app.command()
+def transfer(
+    ctx: typer.Context,
+    artifact_id: Annotated[int, typer.Argument(help="Artifact id on the source server (--server).")],
+    to: Annotated[str, typer.Option("--to", help="URL of the receiving server, e.g. http://gpu-box:8000.")],
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the artifact id on the target.")] = False,
+) -> None:
+    """Copy an artifact to another server, streamed and verified there (no local file)."""
+    started = time.monotonic()
+    with _connect(ctx) as source:
+        try:
+            with NeuroLensClient(to) as target:
+                record = source.get_artifact(artifact_id)
+                with _transfer_bar() as bar:
+                    task = bar.add_task(record["filename"], total=record["size_bytes"] or None)
+                    artifact, copied = source.transfer_artifact(
+                        artifact_id, target, progress=lambda done, total: bar.update(task, completed=done))
+        except NeuroLensError as exc:
+            raise _fail(str(exc)) from None
+    if quiet:
+        typer.echo(artifact["id"])
+        return
+    if not copied:
+        console.print(f"{target.base_url} already has this {artifact['kind']} as artifact {artifact['id']} "
+                      f"(same sha256); nothing sent.")
+        return
+    console.print(f"Artifact {artifact_id} copied to {target.base_url} as artifact {artifact['id']} "
+                  f"({format_bytes(artifact['size_bytes'])}, sha256 verified there) in "
+                  f"{format_duration(time.monotonic() - started)}.")
 
 
 def main() -> None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -324,11 +324,15 @@ class NeuroLensClient:
         return self._json("GET", f"/api/artifacts/{artifact_id}")
 
     def download_artifact(self, artifact_id: int, path: str | os.PathLike[str] | None = None, *,
-                          progress: ProgressCallback | None = None, chunk_size: int = 1 << 20) -> Path:
-        """Download an artifact and verify it against its recorded sha256.
+                          progress: ProgressCallback | None = None, chunk_size: int = 1 << 20,
+                          resume: bool = True) -> Path:
+        """Download an artifact, resuming a partial file, and verify it against its recorded sha256.
 
         The bytes go to ``<path>.part`` first and are renamed into place only after the size and
-        sha256 match, so ``path`` never holds a torn or corrupt file.
+        sha256 match, so ``path`` never holds a torn or corrupt file. A ``.part`` file left by an
+        interrupted download (by this client, by ``curl -o``, by anything) is continued with
+        ``Range: bytes=<its size>-`` and ``If-Range: <ETag>``, so a changed file on the server is
+        sent whole instead of spliced onto old bytes.
 
         Parameters
         ----------
@@ -339,9 +343,12 @@ class NeuroLensClient:
             the artifact's own filename in.
             ``None`` means the artifact's filename in the current directory.
         progress : callable or None
-            ``progress(bytes_done, bytes_total)``, called after each chunk.
+            ``progress(bytes_done, bytes_total)``, called once before the transfer (with the
+            bytes already on disk when resuming) and after each chunk.
         chunk_size : int
             Bytes per read.
+        resume : bool
+            Continue an existing ``.part`` file; ``False`` starts from zero.
 
         Returns
         -------
@@ -351,7 +358,8 @@ class NeuroLensClient:
         Raises
         ------
         ChecksumError
-            The received bytes do not match the record; the partial file is removed.
+            The received bytes do not match the record, also after one fresh retry when a
+            resumed file turned out wrong; the partial file is removed.
         """
         record = self.get_artifact(artifact_id)
         # Only the name part of the server's filename is used, so a record can never write
@@ -363,42 +371,282 @@ class NeuroLensClient:
             dest = dest / own_name
         dest.parent.mkdir(parents=True, exist_ok=True)
         part = dest.with_name(dest.name + ".part")
+        total = record["size_bytes"]
 
-        hasher = hashlib.sha256()
-        # A later version resumes here: hash the existing part file, then request the rest with
-        # ``Range: bytes=<offset>-`` and append. Until then every download starts at zero.
-        offset = 0
-        try:
-            done = self._fetch_into(artifact_id, part, offset, hasher, record["size_bytes"], progress, chunk_size)
-        except BaseException:
+        offset = part.stat().st_size if resume and part.is_file() else 0
+        if offset > total:  # not a prefix of this artifact, whatever it is
+            offset = 0
+        while True:
+            hasher = hashlib.sha256()
+            if offset:
+                _hash_prefix(part, offset, hasher)
+            if progress is not None:
+                progress(offset, total)
+            done = offset
+            try:
+                if offset < total or total == 0:
+                    done = self._fetch_into(artifact_id, part, offset, hasher, total, progress, chunk_size,
+                                            etag=f'"{record["sha256"]}"')
+            except ChecksumError:
+                raise
+            except BaseException:
+                # An interrupted download keeps its bytes: they are where the next try resumes.
+                if not resume:
+                    part.unlink(missing_ok=True)
+                raise
+            actual = hasher.hexdigest() if done >= 0 else ""
+            if done == total and actual == record["sha256"]:
+                break
             part.unlink(missing_ok=True)
-            raise
-        actual = hasher.hexdigest()
-        if done != record["size_bytes"] or actual != record["sha256"]:
-            part.unlink(missing_ok=True)
-            got = actual if done == record["size_bytes"] else f"{done} bytes instead of {record['size_bytes']}"
+            if offset:  # the old partial file was not a prefix of this artifact: start afresh once
+                offset = 0
+                continue
+            got = actual if done == total else f"{done} bytes instead of {total}"
             raise ChecksumError(str(dest), record["sha256"], got)
         os.replace(part, dest)
         return dest
 
     def _fetch_into(self, artifact_id: int, part: Path, offset: int, hasher: "hashlib._Hash", total: int,
-                    progress: ProgressCallback | None, chunk_size: int) -> int:
-        """Stream the artifact from byte ``offset`` into ``part``; return the bytes it now holds."""
+                    progress: ProgressCallback | None, chunk_size: int, etag: str | None = None) -> int:
+        """Stream the artifact from byte ``offset`` into ``part``; return the bytes it now holds.
+
+        If the server ignores the range (a 200 instead of 206, e.g. because ``If-Range`` did not
+        match), the file is rewritten from zero and ``hasher`` is reset accordingly.
+        """
         headers = {"Accept": "application/octet-stream"}
         if offset:
             headers["Range"] = f"bytes={offset}-"
-        done = offset
+            if etag:
+                headers["If-Range"] = etag
         with self._stream("GET", f"/api/artifacts/{artifact_id}/download", headers=headers) as response:
-            with open(part, "ab" if offset else "wb") as out:
-                for chunk in response.iter_bytes(chunk_size):
-                    out.write(chunk)
-                    hasher.update(chunk)
+            if offset and response.status_code != 206:
+                offset = 0
+                hasher.__init__()  # type: ignore[misc]  # a fresh sha256: the whole file follows
+            done = offset
+            with open(part, "r+b" if offset else "wb") as out:
+                out.seek(offset)
+                out.truncate()
+                try:
+                    for chunk in response.iter_bytes(chunk_size):
+                        out.write(chunk)
+                        hasher.update(chunk)
+                        done += len(chunk)
+                        if progress is not None:
+                            progress(done, total)
+                except httpx.TransportError as exc:
+                    out.flush()
+                    raise ConnectionError(self.base_url, f"download interrupted at byte {done}: "
+                                                         f"{_describe_transport_error(exc)}") from exc
+                out.flush()
+                os.fsync(out.fileno())  # the rename after verification must not publish unflushed bytes
+        return done
+
+    # -- uploads ----------------------------------------------------------------------------
+
+    def list_uploads(self, *, sha256: str | None = None) -> list[dict[str, Any]]:
+        """Return the server's unfinished uploads, optionally only those for content ``sha256``."""
+        params = {"sha256": sha256} if sha256 else {}
+        return self._json("GET", "/api/artifacts/uploads", params=params)["data"]
+
+    def get_upload(self, upload_id: str) -> dict[str, Any]:
+        """Return one upload session; its ``offset`` is the number of bytes the server holds."""
+        return self._json("GET", f"/api/artifacts/uploads/{upload_id}")
+
+    def open_upload(self, kind: str, sha256: str, size_bytes: int, filename: str | None = None, *,
+                    reuse: bool = True) -> dict[str, Any]:
+        """Open an upload session, or find an unfinished one for the same file to resume.
+
+        Parameters
+        ----------
+        kind : {"encoder", "checkpoint", "model", "report"}
+            What the file is; the server checks its content against it.
+        sha256 : str
+            Hex digest the complete file must have.
+        size_bytes : int
+            Length of the complete file.
+        filename : str or None
+            Name to store it under.
+        reuse : bool
+            Continue an open session with the same kind, digest, size and name if there is one.
+
+        Returns
+        -------
+        dict
+            The session: ``id``, ``offset`` and the declared values.
+        """
+        if reuse:
+            for session in self.list_uploads(sha256=sha256):
+                if (session["kind"], session["size_bytes"]) == (kind, size_bytes) and \
+                        (filename is None or session["filename"] == filename):
+                    return session
+        body: dict[str, Any] = {"kind": kind, "sha256": sha256, "size_bytes": size_bytes}
+        if filename:
+            body["filename"] = filename
+        return self._json("POST", "/api/artifacts/uploads", json=body)
+
+    def send_upload_bytes(self, upload_id: str, offset: int, length: int, chunks: Iterable[bytes]) -> dict[str, Any]:
+        """PATCH ``length`` bytes (``chunks``) onto an upload session at ``offset``; return the session."""
+        headers = {"Upload-Offset": str(offset), "Content-Length": str(length),
+                   "Content-Type": "application/octet-stream"}
+        # The body may take minutes; only a stalled write or a silent server should time out.
+        return self._json("PATCH", f"/api/artifacts/uploads/{upload_id}", content=chunks, headers=headers,
+                          timeout=httpx.Timeout(DEFAULT_TIMEOUT.read, connect=DEFAULT_TIMEOUT.connect,
+                                                read=None if length > 0 else DEFAULT_TIMEOUT.read))
+
+    def complete_upload(self, upload_id: str) -> dict[str, Any]:
+        """Ask the server to verify the received file and store it; returns the new artifact.
+
+        Raises
+        ------
+        APIError
+            422 when the bytes fail verification (length, sha256, content); the message says
+            which. The session is gone then: its bytes are known to be wrong.
+        """
+        # Verification hashes the file and builds the model's shapes in a subprocess.
+        return self._json("POST", f"/api/artifacts/uploads/{upload_id}/complete",
+                          timeout=httpx.Timeout(600.0, connect=DEFAULT_TIMEOUT.connect))
+
+    def delete_upload(self, upload_id: str) -> None:
+        """Abandon an upload session and let the server delete its bytes."""
+        self._request("DELETE", f"/api/artifacts/uploads/{upload_id}")
+
+    def upload_artifact(self, path: str | os.PathLike[str], kind: str, *, sha256: str | None = None,
+                        filename: str | None = None, progress: ProgressCallback | None = None,
+                        chunk_size: int = 1 << 20, retries: int = 5) -> dict[str, Any]:
+        """Import a file as an artifact, resuming where an earlier attempt stopped.
+
+        The upload goes through a resumable session: an unfinished session for the same file
+        (found by its sha256) is continued from the offset the server already holds, and a
+        dropped connection is retried from the new offset up to ``retries`` times.
+
+        Parameters
+        ----------
+        path : path-like
+            The file to send.
+        kind : {"encoder", "checkpoint", "model", "report"}
+            What the file is.
+        sha256 : str or None
+            The digest the file must have. The server checks the received bytes against it and
+            refuses a mismatch. ``None`` hashes the file here first.
+        filename : str or None
+            Name to store it under; defaults to the file's own name.
+        progress : callable or None
+            ``progress(bytes_done, bytes_total)``.
+        chunk_size : int
+            Bytes per read.
+        retries : int
+            Reconnections allowed after dropped connections.
+
+        Returns
+        -------
+        dict
+            The new artifact (``job_id`` is ``None`` for an imported file).
+        """
+        source = Path(path)
+        size = source.stat().st_size
+        digest = sha256.lower() if sha256 else _hash_prefix(source, size, hashlib.sha256()).hexdigest()
+        session = self.open_upload(kind, digest, size, filename or source.name)
+
+        def read_from(offset: int) -> Iterator[bytes]:
+            with open(source, "rb") as fh:
+                fh.seek(offset)
+                done = offset
+                while chunk := fh.read(chunk_size):
+                    yield chunk
                     done += len(chunk)
                     if progress is not None:
-                        progress(done, total)
-                out.flush()
-                os.fsync(out.fileno())  # the rename below must not publish unflushed bytes
-        return done
+                        progress(done, size)
+
+        return self._push(session, size, read_from, retries)
+
+    def _push(self, session: dict[str, Any], size: int, read_from: Callable[[int], Iterator[bytes]],
+              retries: int) -> dict[str, Any]:
+        """Send the missing bytes of an upload session, reconnecting after drops, then complete it."""
+        failures = 0
+        offset = session["offset"]
+        while offset < size:
+            try:
+                session = self.send_upload_bytes(session["id"], offset, size - offset, read_from(offset))
+                offset = session["offset"]
+            except (ConnectionError, APIError) as exc:
+                # 409: another offset than ours (an earlier attempt's bytes arrived after all).
+                if isinstance(exc, APIError) and exc.status_code != 409:
+                    raise
+                failures += 1
+                if failures > retries:
+                    raise
+                time.sleep(min(0.5 * 2 ** (failures - 1), 10.0))
+                offset = self._refresh_offset(session["id"])
+        return self.complete_upload(session["id"])
+
+    def _refresh_offset(self, upload_id: str) -> int:
+        return self.get_upload(upload_id)["offset"]
+
+    def transfer_artifact(self, artifact_id: int, target: "NeuroLensClient", *,
+                          progress: ProgressCallback | None = None, chunk_size: int = 1 << 20,
+                          retries: int = 5) -> tuple[dict[str, Any], bool]:
+        """Copy an artifact from this server to ``target``, streaming, without a local file.
+
+        The download's body is fed straight into the target's upload session; after a dropped
+        connection on either side the copy continues from the offset the target holds, with a
+        ``Range`` request to this server. The target verifies the sha256 on record here and the
+        file's content before it stores anything.
+
+        Parameters
+        ----------
+        artifact_id : int
+            The artifact's id on this server.
+        target : NeuroLensClient
+            A client for the receiving server.
+        progress : callable or None
+            ``progress(bytes_done, bytes_total)``.
+        chunk_size : int
+            Bytes per read.
+        retries : int
+            Reconnections allowed after dropped connections.
+
+        Returns
+        -------
+        artifact : dict
+            The artifact on the target server.
+        copied : bool
+            ``False`` when the target already held an artifact of this kind and content, which
+            is then returned and nothing is sent.
+        """
+        record = self.get_artifact(artifact_id)
+        existing = target._json("GET", "/api/artifacts", params={"sha256": record["sha256"], "kind": record["kind"]})
+        if existing["data"]:
+            return existing["data"][0], False
+        session = target.open_upload(record["kind"], record["sha256"], record["size_bytes"], record["filename"])
+        etag = f'"{record["sha256"]}"'
+
+        def read_from(offset: int) -> Iterator[bytes]:
+            headers = {"Accept": "application/octet-stream", "Range": f"bytes={offset}-", "If-Range": etag}
+            done = offset
+            with self._stream("GET", f"/api/artifacts/{artifact_id}/download", headers=headers) as response:
+                if response.status_code != 206 and offset:
+                    raise ChecksumError(f"artifact {artifact_id}", record["sha256"], "a changed file (If-Range)")
+                try:
+                    for chunk in response.iter_bytes(chunk_size):
+                        yield chunk
+                        done += len(chunk)
+                        if progress is not None:
+                            progress(done, record["size_bytes"])
+                except httpx.TransportError as exc:
+                    # Raised as our error so that the target's request does not take the blame.
+                    raise ConnectionError(self.base_url, _describe_transport_error(exc)) from exc
+
+        return target._push(session, record["size_bytes"], read_from, retries), True
+
+
+def _hash_prefix(path: Path, length: int, hasher: "hashlib._Hash", chunk_size: int = 1 << 20) -> "hashlib._Hash":
+    """Feed the first ``length`` bytes of ``path`` to ``hasher``, in bounded memory."""
+    with open(path, "rb") as fh:
+        remaining = length
+        while remaining > 0 and (chunk := fh.read(min(chunk_size, remaining))):
+            hasher.update(chunk)
+            remaining -= len(chunk)
+    return hasher
 
 
 def _describe_transport_error(exc: httpx.TransportError) -> str:

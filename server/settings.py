@@ -24,6 +24,8 @@ class Settings(BaseSettings):
     access_log: bool = Field(False, description="Log every HTTP request (trainer heartbeats and dashboard polls included).")
     demo: bool = Field(False, description="Queue the demo pipeline (Stage 1 then Stage 2, synthetic) on first start.")
     max_upload_bytes: int = Field(8 * 1024**3, gt=0, description="Largest artifact upload accepted.")
+    upload_expiry_s: float = Field(7 * 24 * 3600.0, gt=0,
+                                   description="An unfinished upload untouched this long is deleted.")
     max_request_bytes: int = Field(1024**2, gt=0, description="Largest body accepted by any endpoint but uploads.")
     token: str = Field("", description="Bearer token every mutating request needs; required off loopback.")
     memory_budget_bytes: int = Field(0, ge=0, description="Cap on the predicted peak memory of all running jobs together; 0 means no cap.")

@@ -66,6 +66,16 @@ class ArtifactStore:
             os.replace(partial, target)
         return f"{artifact_id}/{filename}"
 
+    def adopt(self, source: Path, artifact_id: int, filename: str) -> str:
+        """Move ``source`` (a verified upload on the store's file system) to ``<artifact_id>/<filename>``.
+
+        ``os.replace`` is atomic, so the artifact's file is either absent or complete.
+        """
+        directory = self.root / str(artifact_id)
+        directory.mkdir(parents=True, exist_ok=True)
+        os.replace(source, directory / filename)
+        return f"{artifact_id}/{filename}"
+
     def remove(self, storage_path: str) -> None:
         path = self.path_of(storage_path)
         path.unlink(missing_ok=True)

@@ -1,0 +1,212 @@
+"""Check that an artifact file's tensors are the ones its declared config builds.
+
+Run by the server on every upload, in a subprocess because the server never imports torch::
+
+    python -m trainer.validate encoder path/to/encoder.safetensors
+
+Exit status 0 means the file is valid (a one-line JSON summary goes to stdout); 2 means it is
+not, with one line on stderr that says why; anything else is a crash of the checker itself.
+
+The expected state dict is built from the config in the file's own metadata, with the modules
+constructed on torch's ``meta`` device: every parameter has its real shape and dtype but no
+storage, so checking a 270M-parameter encoder costs a few MB and well under a second. Tensor data
+is never read, and nothing is unpickled (safetensors headers are JSON).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from trainer.checkpoint import CHECKPOINT_FORMAT
+from trainer.config import ConfigError, EncoderConfig
+from trainer.export import ENCODER_FORMAT, MODEL_FORMAT
+
+EXIT_INVALID = 2
+
+# safetensors' dtype names for the torch dtypes our modules hold.
+_DTYPE_NAMES = {
+    torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+class InvalidArtifact(Exception):
+    """The file is not a valid artifact of the kind it was declared as."""
+
+
+def read_layout(path: Path) -> tuple[dict[str, str], dict[str, tuple[tuple[int, ...], str]]]:
+    """Metadata and ``{name: (shape, dtype)}`` of a safetensors file, without reading tensor data."""
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            metadata = dict(fh.metadata() or {})
+            layout = {}
+            for name in fh.keys():
+                piece = fh.get_slice(name)
+                layout[name] = (tuple(piece.get_shape()), str(piece.get_dtype()))
+    except Exception as exc:  # safetensors raises its own error types for malformed files
+        raise InvalidArtifact(f"not a readable safetensors file: {exc}") from exc
+    return metadata, layout
+
+
+def expected_layout(module: torch.nn.Module, prefix: str = "") -> dict[str, tuple[tuple[int, ...], str]]:
+    return {f"{prefix}{k}": (tuple(v.shape), _DTYPE_NAMES.get(v.dtype, str(v.dtype)))
+            for k, v in module.state_dict().items()}
+
+
+def _json_field(metadata: dict[str, str], key: str) -> Any:
+    if key not in metadata:
+        raise InvalidArtifact(f"metadata has no {key!r}")
+    try:
+        return json.loads(metadata[key])
+    except ValueError as exc:
+        raise InvalidArtifact(f"metadata {key!r} is not valid JSON: {exc}") from exc
+
+
+def _encoder_config(value: Any) -> EncoderConfig:
+    try:
+        return EncoderConfig.from_dict(value)
+    except (ConfigError, TypeError, ValueError, KeyError) as exc:
+        raise InvalidArtifact(f"invalid encoder_config: {exc}") from exc
+
+
+def _bart(config_dict: Any) -> torch.nn.Module:
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    if not isinstance(config_dict, dict):
+        raise InvalidArtifact("bart_config is not a JSON object")
+    try:
+        config = BartConfig.from_dict(config_dict)
+        with torch.device("meta"):
+            return BartForConditionalGeneration(config)
+    except Exception as exc:  # transformers raises assorted errors for inconsistent configs
+        raise InvalidArtifact(f"invalid bart_config: {exc}") from exc
+
+
+def compare(found: dict[str, tuple[tuple[int, ...], str]], expected: dict[str, tuple[tuple[int, ...], str]],
+            aliases: dict[str, str] | None = None) -> None:
+    """Raise :class:`InvalidArtifact` naming missing, unexpected and mis-shaped tensors.
+
+    ``aliases`` maps a tied tensor stored once to the name it is stored under.
+    """
+    found = dict(found)
+    for alias, target in (aliases or {}).items():
+        if target not in found:
+            raise InvalidArtifact(f"alias {alias!r} points to {target!r}, which is not in the file")
+        found[alias] = found[target]
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    wrong = [f"{k} {found[k][0]} {found[k][1]} != {expected[k][0]} {expected[k][1]}"
+             for k in expected if k in found and found[k] != expected[k]]
+    problems = []
+    if missing:
+        problems.append(f"missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''} ({len(missing)} in all)")
+    if unexpected:
+        problems.append(f"unexpected tensors {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
+    if wrong:
+        problems.append(f"shape or dtype mismatches {wrong[:3]}{' ...' if len(wrong) > 3 else ''}")
+    if problems:
+        raise InvalidArtifact("tensors do not match the declared config: " + "; ".join(problems))
+
+
+def _aliases(metadata: dict[str, str]) -> dict[str, str]:
+    if "aliases" not in metadata:
+        return {}
+    aliases = _json_field(metadata, "aliases")
+    if not isinstance(aliases, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in aliases.items()):
+        raise InvalidArtifact("metadata 'aliases' is not a JSON object of names")
+    return aliases
+
+
+def _check_format(metadata: dict[str, str], wanted: str, kind: str) -> None:
+    if metadata.get("format") != wanted:
+        raise InvalidArtifact(f"metadata format is {metadata.get('format')!r}; a {kind} needs {wanted!r}")
+
+
+def validate_encoder(path: Path) -> dict[str, Any]:
+    from trainer.models.multiview import MultiViewEncoder
+
+    metadata, found = read_layout(path)
+    _check_format(metadata, ENCODER_FORMAT, "encoder")
+    config = _encoder_config(_json_field(metadata, "encoder_config"))
+    with torch.device("meta"):
+        encoder = MultiViewEncoder(config)
+    compare(found, expected_layout(encoder))
+    return {"kind": "encoder", "preset": config.name, "tensors": len(found)}
+
+
+def validate_model(path: Path) -> dict[str, Any]:
+    from trainer.models.bridge import Bridge
+    from trainer.models.multiview import MultiViewEncoder
+
+    metadata, found = read_layout(path)
+    _check_format(metadata, MODEL_FORMAT, "model")
+    config = _encoder_config(_json_field(metadata, "encoder_config"))
+    bart = _bart(_json_field(metadata, "bart_config"))
+    with torch.device("meta"):
+        encoder = MultiViewEncoder(config)
+        bridge = Bridge(config.d_model, bart.config.d_model)
+    expected = expected_layout(encoder, "encoder.")
+    expected.update(expected_layout(bridge, "bridge."))
+    expected.update(expected_layout(bart, "bart."))
+    compare(found, expected, _aliases(metadata))
+    return {"kind": "model", "preset": config.name, "tensors": len(found)}
+
+
+def validate_checkpoint(path: Path) -> dict[str, Any]:
+    from trainer.models.bridge import EEGToText
+    from trainer.models.multiview import MultiViewEncoder, SSLHead
+
+    metadata, found = read_layout(path)
+    _check_format(metadata, CHECKPOINT_FORMAT, "checkpoint")
+    config = _encoder_config(_json_field(metadata, "encoder_config"))
+    state = _json_field(metadata, "trainer_state")
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise InvalidArtifact("metadata 'trainer_state' has no integer 'step'")
+    if "bart_config" in metadata:  # Stage 2 checkpoints hold the bridge and BART, not the encoder
+        bart = _bart(_json_field(metadata, "bart_config"))
+        with torch.device("meta"):
+            model: torch.nn.Module = EEGToText(config.d_model, bart)
+        stage = "stage2"
+    else:
+        with torch.device("meta"):
+            model = torch.nn.ModuleDict({"encoder": MultiViewEncoder(config), "head": SSLHead(config)})
+        stage = "stage1"
+    # Optimizer moments and RNG states ride along under their own prefixes; their shapes follow
+    # the optimizer, not the config, and a resume checks them against the live optimizer.
+    weights = {k: v for k, v in found.items() if k.startswith("model.")}
+    others = sorted(k for k in found if not k.startswith(("model.", "optim.", "rng.")))
+    if others:
+        raise InvalidArtifact(f"unexpected tensors {others[:5]} (a checkpoint holds model.*, optim.* and rng.*)")
+    aliases = {k: v for k, v in _aliases(metadata).items() if k.startswith("model.")}
+    compare(weights, expected_layout(model, "model."), aliases)
+    return {"kind": "checkpoint", "stage": stage, "preset": config.name, "step": state["step"], "tensors": len(found)}
+
+
+VALIDATORS = {"encoder": validate_encoder, "model": validate_model, "checkpoint": validate_checkpoint}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m trainer.validate",
+                                     description="Check an artifact file against its declared config.")
+    parser.add_argument("kind", choices=sorted(VALIDATORS))
+    parser.add_argument("path", type=Path)
+    args = parser.parse_args(argv)
+    try:
+        summary = VALIDATORS[args.kind](args.path)
+    except InvalidArtifact as exc:
+        print(" ".join(str(exc).split()), file=sys.stderr)
+        return EXIT_INVALID
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
