@@ -78,12 +78,16 @@ class Reporter:
             self._thread = threading.Thread(target=self._heartbeat_loop, name="reporter", daemon=True)
             self._thread.start()
 
-    def close(self) -> None:
-        """Stop the heartbeat thread and close the HTTP client."""
+    def stop_heartbeats(self) -> None:
+        """Stop the heartbeat thread, waiting for a send in flight to finish."""
         self._halt.set()
-        if self._thread is not None:
+        if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=EVENT_TIMEOUT.read or 10.0)
             self._thread = None
+
+    def close(self) -> None:
+        """Stop the heartbeat thread and close the HTTP client."""
+        self.stop_heartbeats()
         if self._client is not None:
             self._client.close()
             self._client = None
@@ -102,6 +106,10 @@ class Reporter:
 
     def event(self, kind: str, *, retry: bool = True, **fields: Any) -> None:
         """Send an event of ``kind`` (``started``, ``log``, ``checkpoint``, ``finished``, ``error``)."""
+        if kind in ("finished", "error"):
+            # The last word: no heartbeat may arrive after it (the server reads the last event
+            # of a re-attached trainer to learn how it ended).
+            self.stop_heartbeats()
         with self._lock:
             base = {k: self._latest.get(k) for k in ("step", "total")}
         base.update(fields)
