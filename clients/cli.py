@@ -20,7 +20,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from clients.client import SERVER_ENV, NeuroLensClient
+from clients.client import SERVER_ENV, TOKEN_ENV, NeuroLensClient
 from clients.exceptions import NeuroLensError
 from clients.format import (
     format_bytes, format_duration, format_memory, format_progress, status_label,
@@ -42,6 +42,7 @@ console = Console(highlight=False)
 @dataclass
 class _Options:
     server: str | None
+    token: str | None = None
 
 
 def _fail(message: str, code: int = 1) -> typer.Exit:
@@ -54,7 +55,7 @@ def _fail(message: str, code: int = 1) -> typer.Exit:
 def _connect(ctx: typer.Context) -> Iterator[NeuroLensClient]:
     """A client for the chosen server; NeuroLens errors become one stderr line and exit 1."""
     try:
-        with NeuroLensClient(ctx.obj.server if ctx.obj else None) as client:
+        with NeuroLensClient(ctx.obj.server if ctx.obj else None, token=ctx.obj.token if ctx.obj else None) as client:
             yield client
     except NeuroLensError as exc:
         raise _fail(str(exc)) from None
@@ -66,8 +67,11 @@ def _main(
     server: Annotated[Optional[str], typer.Option(
         "--server", "-s", envvar=SERVER_ENV, show_envvar=True,
         help="Server URL, e.g. http://gpu-box:8000 (default http://127.0.0.1:8000).")] = None,
+    token: Annotated[Optional[str], typer.Option(
+        "--token", envvar=TOKEN_ENV, show_envvar=True, show_default=False,
+        help="The server's access token, sent as 'Authorization: Bearer' (needed beyond loopback).")] = None,
 ) -> None:
-    ctx.obj = _Options(server=server)
+    ctx.obj = _Options(server=server, token=token)
 
 
 # -- serve -------------------------------------------------------------------------------------
@@ -78,6 +82,9 @@ def serve(
     port: Annotated[Optional[int], typer.Option(help="Port to listen on.")] = None,
     data_dir: Annotated[Optional[Path], typer.Option(help="Database, jobs and artifacts directory.")] = None,
     demo: Annotated[bool, typer.Option("--demo", help="Queue the synthetic demo pipeline on first start.")] = False,
+    token: Annotated[Optional[str], typer.Option(
+        "--token", show_default=False,
+        help="Access token every change must carry (or NEUROLENS_TOKEN); required beyond loopback.")] = None,
 ) -> None:
     """Run the NeuroLens server (flags override NEUROLENS_* environment variables)."""
     # Imported here so that client commands never pay for FastAPI, SQLModel and uvicorn.
@@ -93,6 +100,8 @@ def serve(
         overrides["data_dir"] = data_dir
     if demo:
         overrides["demo"] = True
+    if token is not None:
+        overrides["token"] = token
     from pydantic import ValidationError
 
     try:
@@ -102,6 +111,10 @@ def serve(
             f"invalid {'.'.join(str(p) for p in err['loc'])} {err.get('input')!r}: {err['msg']}"
             for err in exc.errors())
         raise _fail(problems) from None
+    try:
+        settings.check_exposure()
+    except ValueError as exc:
+        raise _fail(str(exc), code=2) from None
     run_server(settings)
 
 
@@ -366,13 +379,16 @@ def transfer(
     ctx: typer.Context,
     artifact_id: Annotated[int, typer.Argument(help="Artifact id on the source server (--server).")],
     to: Annotated[str, typer.Option("--to", help="URL of the receiving server, e.g. http://gpu-box:8000.")],
+    to_token: Annotated[Optional[str], typer.Option(
+        "--to-token", envvar="NEUROLENS_TO_TOKEN", show_envvar=True, show_default=False,
+        help="The receiving server's access token, if it has one.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the artifact id on the target.")] = False,
 ) -> None:
     """Copy an artifact to another server, streamed and verified there (no local file)."""
     started = time.monotonic()
     with _connect(ctx) as source:
         try:
-            with NeuroLensClient(to) as target:
+            with NeuroLensClient(to, token=to_token or "") as target:
                 record = source.get_artifact(artifact_id)
                 with _transfer_bar() as bar:
                     task = bar.add_task(record["filename"], total=record["size_bytes"] or None)

@@ -30,6 +30,8 @@ from clients.exceptions import APIError, ChecksumError, ConnectionError, JobTime
 
 DEFAULT_SERVER = "http://127.0.0.1:8000"
 SERVER_ENV = "NEUROLENS_SERVER"
+# The server's access token (needed for changes when the server listens beyond loopback).
+TOKEN_ENV = "NEUROLENS_TOKEN"
 
 TERMINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
 """Statuses a job never leaves."""
@@ -81,11 +83,15 @@ class NeuroLensClient:
             print(nl.health())
     """
 
-    def __init__(self, base_url: str | None = None, *, timeout: httpx.Timeout | float = DEFAULT_TIMEOUT,
+    def __init__(self, base_url: str | None = None, *, token: str | None = None,
+                 timeout: httpx.Timeout | float = DEFAULT_TIMEOUT,
                  transport: httpx.BaseTransport | None = None) -> None:
         self.base_url = resolve_server_url(base_url)
-        self._http = httpx.Client(base_url=self.base_url, timeout=timeout, transport=transport,
-                                  headers={"Accept": "application/json"})
+        headers = {"Accept": "application/json"}
+        token = token if token is not None else os.environ.get(TOKEN_ENV, "")
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        self._http = httpx.Client(base_url=self.base_url, timeout=timeout, transport=transport, headers=headers)
 
     # -- plumbing ---------------------------------------------------------------------------
 
@@ -657,4 +663,4 @@ def _describe_transport_error(exc: httpx.TransportError) -> str:
     return str(exc) or type(exc).__name__
 
 
-__all__ = ["DEFAULT_SERVER", "NeuroLensClient", "SERVER_ENV", "TERMINAL_STATUSES", "resolve_server_url"]
+__all__ = ["DEFAULT_SERVER", "NeuroLensClient", "SERVER_ENV", "TERMINAL_STATUSES", "TOKEN_ENV", "resolve_server_url"]

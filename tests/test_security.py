@@ -47,6 +47,37 @@ def test_with_a_token_every_mutating_request_needs_it(tmp_path):
         server.stop()
 
 
+def test_the_cli_sends_the_token_and_says_when_it_is_missing(tmp_path):
+    from typer.testing import CliRunner
+
+    from clients.cli import app
+
+    server = start_server(tmp_path / "data", args=("--token", TOKEN))
+    runner = CliRunner()
+    try:
+        refused = runner.invoke(app, ["--server", server.url, "submit", "stage1", "--steps", "3"], env={"NEUROLENS_TOKEN": ""})
+        assert refused.exit_code == 1
+        assert "Authorization: Bearer" in refused.output and "Traceback" not in refused.output
+        accepted = runner.invoke(app, ["--server", server.url, "--token", TOKEN, "submit", "stage1", "--steps", "3", "-q"])
+        assert accepted.exit_code == 0, accepted.output
+        job_id = int(accepted.output.strip())
+        from_env = runner.invoke(app, ["--server", server.url, "cancel", str(job_id)], env={"NEUROLENS_TOKEN": TOKEN})
+        assert from_env.exit_code in (0, 1), from_env.output  # cancelled, or already finished (409)
+        assert "Authorization" not in from_env.output
+    finally:
+        server.stop()
+
+
+def test_serve_refuses_all_interfaces_without_a_token(tmp_path):
+    from typer.testing import CliRunner
+
+    from clients.cli import app
+
+    result = CliRunner().invoke(app, ["serve", "--host", "0.0.0.0", "--data-dir", str(tmp_path)], env={"NEUROLENS_TOKEN": ""})
+    assert result.exit_code == 2
+    assert "Refusing to listen on '0.0.0.0' without a token" in result.output
+
+
 def test_server_with_a_token_may_listen_on_all_interfaces(tmp_path):
     server = start_server(tmp_path / "data", args=("--token", TOKEN), env={"NEUROLENS_HOST": "0.0.0.0"})
     server.stop()  # start_server already checked /api/health over loopback
