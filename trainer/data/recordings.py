@@ -5,8 +5,10 @@ recursively), or ``synthetic`` / ``synthetic:null`` (generated on first use). Ev
 goes through the same steps:
 
 1. ``mne.io.read_raw(path, preload=False)``; a file MNE cannot read fails with its name;
-2. EEG channels only, average reference, band-pass 0.5-45 Hz (upper edge lowered to fit the
-   sampling rate), resample to the encoder's rate;
+2. EEG channels only (channels marked bad in the file are left out), average reference, notch
+   at the power-line frequency and its harmonics (``info["line_freq"]``, 50 Hz when the file
+   does not say) where they lie below the file's Nyquist frequency, band-pass 0.5-45 Hz (upper
+   edge lowered to fit the sampling rate), resample to the encoder's rate;
 3. microvolts, then each channel scaled by a robust z-score (median / IQR) so that recordings
    from different amplifiers share one input scale;
 4. channels mapped onto the encoder's set by name (case-insensitive, "EEG Fz-REF" style
@@ -34,6 +36,7 @@ EXTENSIONS = (".fif", ".edf", ".bdf", ".vhdr", ".set")
 SYNTHETIC_VARIANTS = {"synthetic": "synthetic", "synthetic:null": "synthetic-null"}
 SYNTHETIC_SEED = 0  # fixed, so Stage 1 and Stage 2 jobs with different training seeds share data
 L_FREQ, H_FREQ = 0.5, 45.0
+DEFAULT_LINE_FREQ = 50.0  # Hz; most of the world. A file that records 60 Hz says so in line_freq.
 
 
 @dataclass
@@ -155,6 +158,12 @@ def load_recording(path: Path, encoder: EncoderConfig, min_channel_share: float 
         raw.pick(eeg_names).load_data(verbose="error")
         # Average reference over all EEG channels present, before the extras are dropped.
         raw.set_eeg_reference("average", projection=False, verbose="error")
+        # Line noise is often far stronger than EEG; the low-pass's transition band would let
+        # part of it through, so it is notched out first (harmonics too, for high-rate files).
+        line = float(raw.info.get("line_freq") or DEFAULT_LINE_FREQ)
+        harmonics = np.arange(line, raw.info["sfreq"] / 2 - 1.0, line)
+        if len(harmonics):
+            raw.notch_filter(harmonics, verbose="error")
         nyquist = min(raw.info["sfreq"], encoder.sfreq) / 2
         h_freq = min(H_FREQ, 0.9 * nyquist)
         raw.filter(L_FREQ, h_freq, verbose="error")
