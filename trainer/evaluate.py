@@ -29,7 +29,8 @@ def embed_windows(encoder: MultiViewEncoder, x: np.ndarray, mask: np.ndarray, ba
     return np.concatenate(out) if out else np.zeros((0, encoder.config.n_patches, encoder.config.d_model), np.float32)
 
 
-def word_probe_data(recordings: list[Recording], config: EncoderConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def word_probe_data(recordings: list[Recording], config: EncoderConfig, max_words: int = PROBE_MAX_WORDS
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Windows starting at word onsets and their word labels (for recordings with word annotations).
 
     Returns
@@ -43,7 +44,7 @@ def word_probe_data(recordings: list[Recording], config: EncoderConfig) -> tuple
     """
     items = [(rec, w) for rec in recordings for w in rec.words]
     counts = Counter(w.text for _, w in items)
-    items = [(rec, w) for rec, w in items if counts[w.text] >= 2][:PROBE_MAX_WORDS]
+    items = [(rec, w) for rec, w in items if counts[w.text] >= 2][:max_words]
     vocab = {t: i for i, t in enumerate(sorted({w.text for _, w in items}))}
     if not items:
         empty = np.zeros((0,), np.int64)
@@ -69,8 +70,8 @@ def ridge_probe_accuracy(features: np.ndarray, labels: np.ndarray, ridge: float 
     return float((np.argmax(x_test @ weights, axis=1) == labels[test]).mean())
 
 
-def word_probe(encoder: MultiViewEncoder, recordings: list[Recording], device: torch.device | str = "cpu"
-               ) -> dict[str, float] | None:
+def word_probe(encoder: MultiViewEncoder, recordings: list[Recording], device: torch.device | str = "cpu",
+               max_words: int = PROBE_MAX_WORDS) -> dict[str, float] | None:
     """Linear-probe word identity from frozen embeddings of word-onset windows.
 
     The features are the embeddings of the patches covering the first half second after the
@@ -84,7 +85,7 @@ def word_probe(encoder: MultiViewEncoder, recordings: list[Recording], device: t
         (share of the most frequent word); ``None`` if no word annotations exist.
     """
     config = encoder.config
-    x, mask, labels = word_probe_data(recordings, config)
+    x, mask, labels = word_probe_data(recordings, config, max_words)
     if len(labels) < 20:
         return None
     k = min(config.n_patches, math.ceil(PROBE_RESPONSE_S * config.sfreq / config.patch_samples))
