@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -115,6 +116,54 @@ def probe_features(encoder: MultiViewEncoder, x: np.ndarray, mask: np.ndarray, n
     return np.concatenate(out)
 
 
+@dataclass
+class ProbeRun:
+    """A word probe halfway: the inputs, and the trained encoder's features (see :func:`word_probe`)."""
+
+    config: EncoderConfig
+    x: np.ndarray
+    mask: np.ndarray
+    labels: np.ndarray
+    groups: np.ndarray
+    n_patches: int
+    trained: np.ndarray
+
+
+def word_probe_start(encoder: MultiViewEncoder, recordings: list[Recording], device: torch.device | str = "cpu",
+                     max_words: int = PROBE_MAX_WORDS) -> ProbeRun | None:
+    """First half of :func:`word_probe`: the trained encoder's features. ``None`` without words.
+
+    Splitting the probe lets Stage 1 release the trained encoder before
+    :func:`word_probe_finish` builds the random-init one, so two encoders never coexist.
+    """
+    config = encoder.config
+    x, mask, labels, groups = word_probe_data(recordings, config, max_words)
+    if len(labels) < 20:
+        return None
+    k = min(config.n_patches, math.ceil(PROBE_RESPONSE_S * config.sfreq / config.patch_samples))
+    trained = probe_features(encoder, x, mask, k, device=device)
+    encoder.train()
+    return ProbeRun(config, x, mask, labels, groups, k, trained)
+
+
+def word_probe_finish(run: ProbeRun, device: torch.device | str = "cpu") -> dict[str, float]:
+    """Second half of :func:`word_probe`: the random-init and raw-signal baselines, and the scores."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(12345)
+        random_encoder = MultiViewEncoder(run.config).to(device)
+    random_features = probe_features(random_encoder, run.x, run.mask, run.n_patches, device=device)
+    del random_encoder
+    test = run.groups % 4 == 3
+    raw = run.x[:, :, :run.n_patches * run.config.patch_samples].reshape(len(run.x), -1)
+    return {
+        "probe_words": int(len(run.labels)),
+        "probe_acc": ridge_probe_accuracy(run.trained, run.labels, run.groups),
+        "probe_acc_random_init": ridge_probe_accuracy(random_features, run.labels, run.groups),
+        "probe_acc_raw": ridge_probe_accuracy(raw, run.labels, run.groups),
+        "probe_chance": float(np.bincount(run.labels[test]).max() / max(1, test.sum())),
+    }
+
+
 def word_probe(encoder: MultiViewEncoder, recordings: list[Recording], device: torch.device | str = "cpu",
                max_words: int = PROBE_MAX_WORDS) -> dict[str, float] | None:
     """Linear-probe word identity from frozen token states of word-onset windows.
@@ -131,27 +180,8 @@ def word_probe(encoder: MultiViewEncoder, recordings: list[Recording], device: t
         (the raw signal), ``probe_chance`` (share of the most frequent word among the held-out
         ones); ``None`` if fewer than 20 usable word annotations exist.
     """
-    config = encoder.config
-    x, mask, labels, groups = word_probe_data(recordings, config, max_words)
-    if len(labels) < 20:
-        return None
-    k = min(config.n_patches, math.ceil(PROBE_RESPONSE_S * config.sfreq / config.patch_samples))
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(12345)
-        random_encoder = MultiViewEncoder(config).to(device)
-    test = groups % 4 == 3
-    raw = x[:, :, :k * config.patch_samples].reshape(len(x), -1)
-    result = {
-        "probe_words": int(len(labels)),
-        "probe_acc": ridge_probe_accuracy(probe_features(encoder, x, mask, k, device=device), labels, groups),
-        "probe_acc_random_init": ridge_probe_accuracy(probe_features(random_encoder, x, mask, k, device=device),
-                                                      labels, groups),
-        "probe_acc_raw": ridge_probe_accuracy(raw, labels, groups),
-        "probe_chance": float(np.bincount(labels[test]).max() / max(1, test.sum())),
-    }
-    encoder.train()
-    return result
+    run = word_probe_start(encoder, recordings, device, max_words)
+    return None if run is None else word_probe_finish(run, device)
 
 
 # -- text metrics ------------------------------------------------------------------------------------

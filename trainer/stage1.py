@@ -7,6 +7,7 @@ honoured between steps) -> evaluation -> export of ``final/encoder.safetensors``
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from pathlib import Path
@@ -19,7 +20,7 @@ from trainer import export
 from trainer.checkpoint import find_latest_checkpoint
 from trainer.config import Stage1Config
 from trainer.data.recordings import load_dataset, windows
-from trainer.evaluate import word_probe
+from trainer.evaluate import word_probe_finish, word_probe_start
 from trainer.exceptions import CheckpointError
 from trainer.memory import FusedOptimizer
 from trainer.models.multiview import MultiViewEncoder, SSLHead, count_parameters, random_token_mask
@@ -139,15 +140,20 @@ def run(spec: JobSpec, config: Stage1Config, reporter: Reporter) -> int:
                                     config, device) if config.val_windows else None,
         "parameters": count_parameters(encoder),
     }
-    probe = word_probe(encoder, recordings, device, max_words=config.probe_words) if config.probe_words else None
-    if probe is not None:
-        metrics.update(probe)
+    probe = word_probe_start(encoder, recordings, device, config.probe_words) if config.probe_words else None
     encoder_path = export.save_encoder(encoder, job_dir / export.FINAL_DIRNAME / export.ENCODER_FILENAME)
     reporter.register(ArtifactKind.encoder, str(encoder_path.relative_to(job_dir)))
     if checkpoint_path is None:
         checkpoint_path = find_latest_checkpoint(job_dir)
     if checkpoint_path is not None:
         reporter.register(ArtifactKind.checkpoint, str(checkpoint_path.relative_to(job_dir)))
+    if probe is not None:
+        # The trained weights are saved and no longer needed: release them (the fused
+        # optimizer's hooks make a reference cycle, hence the collect) before the probe builds
+        # its random-init encoder, so a large run never holds two encoders at once.
+        del model, encoder, head, optimizer
+        gc.collect()
+        metrics.update(word_probe_finish(probe, device))
     reporter.event("finished", step=state.step, loss=metrics["train_loss"], metrics=metrics)
     log.info("stage 1 finished: %s", metrics)
     return EXIT_OK
