@@ -15,10 +15,14 @@ from trainer.exceptions import CheckpointError
 from trainer.training import TrainState, load_training_checkpoint, make_optimizer, save_training_checkpoint
 
 
-def make(seed: int = 0):
+PLAIN_ADAMW = {"optimizer": "adamw", "fused_optimizer": False}
+OPTIMIZERS = {"plain-adamw": PLAIN_ADAMW, "fused-adafactor": {}, "fused-adamw": {"optimizer": "adamw"}}
+
+
+def make(seed: int = 0, config: dict | None = None):
     torch.manual_seed(seed)
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
-    optimizer = make_optimizer(list(model.parameters()), Stage1Config(preset="tiny"))
+    optimizer = make_optimizer(list(model.parameters()), Stage1Config(preset="tiny", **(PLAIN_ADAMW if config is None else config)))
     return model, optimizer
 
 
@@ -65,8 +69,9 @@ def test_torn_and_temporary_directories_are_ignored_and_removed(tmp_path):
     assert not torn.exists() and not leftover.exists()
 
 
-def test_resume_restores_weights_optimizer_and_rng_exactly(tmp_path):
-    model, optimizer = make()
+@pytest.mark.parametrize("kind", list(OPTIMIZERS))
+def test_resume_restores_weights_optimizer_and_rng_exactly(tmp_path, kind):
+    model, optimizer = make(config=OPTIMIZERS[kind])
     generator = torch.Generator().manual_seed(3)
     train_steps(model, optimizer, 3, generator)
     path = save_training_checkpoint(tmp_path, model, optimizer, TrainState(step=3, losses=[1.0, 0.5]),
@@ -74,13 +79,15 @@ def test_resume_restores_weights_optimizer_and_rng_exactly(tmp_path):
     train_steps(model, optimizer, 4, generator)
     expected = [p.detach().clone() for p in model.parameters()]
 
-    model2, optimizer2 = make(seed=99)  # different init: everything must come from the file
+    model2, optimizer2 = make(seed=99, config=OPTIMIZERS[kind])  # different init: all must come from the file
     generator2 = torch.Generator().manual_seed(0)
     state, _ = load_training_checkpoint(path, model2, optimizer2, {"data": generator2})
     assert state.step == 3 and state.losses == [1.0, 0.5]
     train_steps(model2, optimizer2, 4, generator2)
     for a, b in zip(expected, model2.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+    if kind.startswith("fused"):
+        assert all(p.grad is None for p in model2.parameters())  # each freed right after its step
 
 
 def test_mismatched_model_is_refused_with_names(tmp_path):

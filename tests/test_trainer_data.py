@@ -135,3 +135,28 @@ def test_splits_keep_sentences_disjoint_and_are_deterministic():
     assert not (by_split["train"] & by_split["test"]) and not (by_split["train"] & by_split["val"])
     assert not (by_split["val"] & by_split["test"])
     assert set(split_by_text(["a b", "c d", "e f"])) == {"train", "val", "test"}
+
+
+def test_dataset_is_cached_on_disk_and_memory_mapped(synthetic_dir, tmp_path):
+    from trainer.data.recordings import load_dataset
+
+    [direct] = [load_recording(p, TINY) for p in resolve_dataset(str(synthetic_dir), tmp_path, TINY)]
+    [first] = load_dataset(str(synthetic_dir), tmp_path, TINY)
+    [cached] = sorted((tmp_path / "preprocessed").glob("*.npy"))
+    written = cached.stat().st_mtime_ns
+    [second] = load_dataset(str(synthetic_dir), tmp_path, TINY)
+    assert cached.stat().st_mtime_ns == written  # read back, not preprocessed again
+    for rec in (first, second):
+        assert isinstance(rec.data, np.memmap) and not rec.data.flags.writeable
+        np.testing.assert_array_equal(rec.data, direct.data)
+        assert rec.words == direct.words and rec.sentences == direct.sentences
+        assert rec.present.tolist() == direct.present.tolist()
+
+    (train_x, train_m), (val_x, val_m) = windows([second], TINY)
+    length = TINY.window_samples
+    assert len(train_x) + len(val_x) == direct.data.shape[1] // length
+    assert train_x.shape == (len(train_x), 8, length) and train_m.shape == (len(train_x), 8)
+    picked = train_x[np.array([3, 0, 7])]
+    assert picked.dtype == np.float32 and picked.shape == (3, 8, length)
+    np.testing.assert_array_equal(picked[0], direct.data[:, 3 * length:4 * length])
+    np.testing.assert_array_equal(val_x[:1][0], direct.data[:, len(train_x) * length:(len(train_x) + 1) * length])

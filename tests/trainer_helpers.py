@@ -46,7 +46,7 @@ class TrainerRun:
         return [json.loads(line) for line in self.stdout.splitlines() if line.startswith("{")]
 
 
-def run_trainer(spec_path: Path, timeout: float = 120.0) -> TrainerRun:
+def run_trainer(spec_path: Path, timeout: float = 300.0) -> TrainerRun:
     """``python -m trainer run spec.json`` in a real subprocess."""
     env = dict(os.environ, PYTHONPATH=str(REPO))
     proc = subprocess.run([sys.executable, "-m", "trainer", "run", str(spec_path)], cwd=REPO, env=env,

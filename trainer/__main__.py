@@ -105,6 +105,10 @@ def main(argv: list[str] | None = None) -> int:
     run_parser = commands.add_parser("run", help="run one job from its spec.json")
     run_parser.add_argument("spec", type=Path, help="path to the job's spec.json")
     args = parser.parse_args(argv)
+    # Before torch allocates anything, so that every large temporary is returned when freed.
+    from trainer.memory import release_freed_memory_promptly
+
+    release_freed_memory_promptly()
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per heartbeat is noise

@@ -18,6 +18,8 @@ import logging
 import os
 import re
 import shutil
+import struct
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +58,57 @@ def _fsync_file(path: Path) -> None:
         os.fsync(fh.fileno())
 
 
+# safetensors dtype names (the format's spec) of the dtypes our state dicts hold.
+_SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """Write a safetensors file one tensor at a time, without building it in memory.
+
+    ``safetensors.torch.save_file`` first converts every tensor to ``bytes`` and then writes
+    them, so saving a 1 GB state briefly needs another 1 GB: for the large encoder that alone
+    would break the 2 GB budget. The format is simple (an 8-byte little-endian header length,
+    a JSON header of dtypes, shapes and byte offsets, then the raw little-endian data), so it is
+    written here tensor by tensor straight from each tensor's own memory; files are read back
+    with the safetensors library itself.
+
+    Parameters
+    ----------
+    tensors : dict of str to Tensor
+        Tensors on any device (each is moved to the CPU on its own while it is written).
+    path : Path
+        File to write (overwritten).
+    metadata : dict of str to str
+        The header's ``__metadata__``.
+    """
+    if sys.byteorder != "little":  # the format is little-endian; a raw copy would be wrong
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
+        return
+    header: dict[str, Any] = {"__metadata__": metadata}
+    offset = 0
+    for name, tensor in tensors.items():
+        if tensor.dtype not in _SAFETENSORS_DTYPES:
+            raise TypeError(f"Cannot store tensor {name!r} of dtype {tensor.dtype} in safetensors.")
+        size = tensor.numel() * tensor.element_size()
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    blob += b" " * (-len(blob) % 8)  # the data must start 8-byte aligned
+    with open(path, "wb") as fh:
+        fh.write(struct.pack("<Q", len(blob)))
+        fh.write(blob)
+        for tensor in tensors.values():
+            flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+            if flat.numel():
+                fh.write(memoryview(flat.view(torch.uint8).numpy()))
+        fh.flush()
+
+
 def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> Path:
     """Write a safetensors file via a hidden temporary sibling and ``os.replace``.
 
@@ -75,7 +128,7 @@ def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metada
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
-    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    write_safetensors(tensors, tmp, metadata)
     _fsync_file(tmp)
     os.replace(tmp, path)
     _fsync_dir(path.parent)
@@ -121,8 +174,11 @@ def expand_aliases(tensors: dict[str, torch.Tensor], aliases: dict[str, str]) ->
     return out
 
 
-def validate_state_dict(module: torch.nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
+def validate_state_dict(module: torch.nn.Module, tensors: dict[str, Any], source: str) -> None:
     """Check that ``tensors`` has exactly ``module``'s keys and shapes before loading.
+
+    ``tensors`` maps names to tensors, or to shapes (so a file can be checked before any of its
+    data is read).
 
     Raises
     ------
@@ -132,9 +188,10 @@ def validate_state_dict(module: torch.nn.Module, tensors: dict[str, torch.Tensor
     expected = module.state_dict()
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
+    shape = {k: tuple(v.shape) if hasattr(v, "shape") else tuple(v) for k, v in tensors.items()}
     wrong = [
-        f"{k} {tuple(tensors[k].shape)} != {tuple(expected[k].shape)}"
-        for k in expected if k in tensors and tuple(tensors[k].shape) != tuple(expected[k].shape)
+        f"{k} {shape[k]} != {tuple(expected[k].shape)}"
+        for k in expected if k in tensors and shape[k] != tuple(expected[k].shape)
     ]
     problems = []
     if missing:
@@ -215,8 +272,7 @@ def save_checkpoint(job_dir: Path, step: int, tensors: dict[str, torch.Tensor],
     header = {k: json.dumps(v) for k, v in metadata.items()}
     header["aliases"] = json.dumps(aliases)
     header["format"] = CHECKPOINT_FORMAT
-    save_file({k: v.detach().to("cpu").contiguous() for k, v in kept.items()},
-              str(tmp / CHECKPOINT_FILENAME), metadata=header)
+    write_safetensors(kept, tmp / CHECKPOINT_FILENAME, header)
     _fsync_file(tmp / CHECKPOINT_FILENAME)
     with open(tmp / STATE_FILENAME, "w", encoding="utf-8") as fh:
         json.dump({"step": step, **metadata.get("trainer_state", {})}, fh, indent=2)
@@ -285,6 +341,51 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
     meta = {k: json.loads(v) for k, v in header.items() if k != "format"}
     tensors = expand_aliases(tensors, meta.pop("aliases", {}))
     return tensors, meta
+
+
+def load_checkpoint_into(path: Path, module: torch.nn.Module, prefix: str = "model."
+                         ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Load ``prefix``-ed weights into ``module`` in place, one tensor at a time.
+
+    Reading the whole file first (:func:`load_checkpoint`) would hold a second copy of the
+    weights next to the module's own: 1 GB more at the moment a large run resumes. Here shapes
+    are validated from the header, then each weight is read and copied into its parameter and
+    dropped before the next.
+
+    Returns
+    -------
+    others : dict of str to Tensor
+        The file's other tensors (optimizer state, RNG states), read in full.
+    metadata : dict
+        The decoded JSON metadata, as :func:`load_checkpoint` returns it.
+
+    Raises
+    ------
+    CheckpointError
+        The file is unreadable, not a checkpoint, or does not match ``module``.
+    """
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            header = fh.metadata() or {}
+            if header.get("format") != CHECKPOINT_FORMAT:
+                raise CheckpointError(f"{path} is not a NeuroLens checkpoint (format {header.get('format')!r}).")
+            meta = {k: json.loads(v) for k, v in header.items() if k != "format"}
+            aliases = meta.pop("aliases", {})
+            stored = {name: name for name in fh.keys()}
+            stored.update({alias: name for alias, name in aliases.items()})
+            weights = {k[len(prefix):]: name for k, name in stored.items() if k.startswith(prefix)}
+            validate_state_dict(module, {k: fh.get_slice(name).get_shape() for k, name in weights.items()},
+                                str(path))
+            target = module.state_dict(keep_vars=True)
+            with torch.no_grad():
+                for key, name in weights.items():
+                    target[key].copy_(fh.get_tensor(name))
+            others = {k: fh.get_tensor(name) for k, name in stored.items() if not k.startswith(prefix)}
+    except CheckpointError:
+        raise
+    except Exception as exc:
+        raise CheckpointError(f"Cannot read checkpoint {path}: {exc}") from exc
+    return others, meta
 
 
 def subset(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

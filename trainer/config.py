@@ -221,10 +221,28 @@ class TrainConfigBase:
 class Stage1Config(TrainConfigBase):
     """Self-supervised training of the MultiView encoder."""
 
+    optimizer: str = "adafactor"
+    """'adafactor' (factored second moments: a few MB of state for 265M parameters) or 'adamw'."""
     mask_ratio: float = 0.5
     """Share of (channel, patch) tokens masked for reconstruction."""
     agreement_weight: float = 0.1
     """Weight of the cross-view agreement term in the loss."""
+    fused_optimizer: bool = True
+    """Step each parameter from its gradient hook during backward, so no full set of gradients
+    is ever held (see :class:`trainer.memory.FusedOptimizer`); off means a plain loop with
+    global gradient-norm clipping."""
+    activation_checkpointing: bool = True
+    """Keep only each transformer block's input and recompute the block during backward."""
+    accumulate_dtype: str = "bfloat16"
+    """'bfloat16' or 'float32': dtype gradients are carried in across micro-batches when the
+    optimizer is fused (bfloat16 halves that buffer at a small rounding cost)."""
+    window_s: float = 0.0
+    """Training window length in seconds; 0 keeps the preset's. Must be whole patches."""
+    val_windows: int = 256
+    """Most held-out windows the final validation loss is measured on; 0 skips it."""
+    probe_words: int = 1500
+    """Word-onset windows the final linear probe uses; 0 skips the probe (it runs the encoder
+    and a random-init copy of it over every window)."""
 
     STAGE: ClassVar[str] = "stage1"
     PRESET_NAMES: ClassVar[tuple[str, ...]] = tuple(EncoderConfig.PRESETS)
@@ -234,10 +252,21 @@ class Stage1Config(TrainConfigBase):
         if isinstance(self.mask_ratio, bool) or not isinstance(self.mask_ratio, (int, float)) or not 0 < self.mask_ratio < 1:
             raise ConfigError(f"Invalid mask_ratio {self.mask_ratio!r}; expected a number between 0 and 1.")
         _expect_positive("agreement_weight", self.agreement_weight, integer=False, allow_zero=True)
+        for name in ("fused_optimizer", "activation_checkpointing"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"Invalid {name} {getattr(self, name)!r}; expected true or false.")
+        _expect_choice("accumulate_dtype", self.accumulate_dtype, ("bfloat16", "float32"))
+        _expect_positive("window_s", self.window_s, integer=False, allow_zero=True)
+        _expect_positive("val_windows", self.val_windows, allow_zero=True)
+        _expect_positive("probe_words", self.probe_words, allow_zero=True)
+        self.encoder  # a window that is not whole patches fails here, before the job is queued
 
     @property
     def encoder(self) -> EncoderConfig:
-        return EncoderConfig.from_name(self.preset)
+        preset = EncoderConfig.from_name(self.preset)
+        if self.window_s:
+            return dataclasses.replace(preset, window_s=float(self.window_s))
+        return preset
 
 
 @dataclass
@@ -300,7 +329,9 @@ def parse_config(stage: str, data: dict[str, Any] | None) -> TrainConfigBase:
 # MNE runtime baseline, plus weights, gradients and optimizer state by parameter count, plus
 # activations by tokens in flight. Issue 7 checks it against measured peaks.
 RUNTIME_BASELINE_BYTES = 450 * 1024**2
-_BYTES_PER_PARAM = {"adamw": 16, "adafactor": 9}  # weights + grads + optimizer state (fp32)
+# fp32 bytes per parameter: weights 4; gradients 4 when held all at once (plain loop); optimizer
+# state 8 for AdamW (two moments) and about 1 for Adafactor (factored rows and columns).
+_STATE_BYTES_PER_PARAM = {"adamw": 8, "adafactor": 1}
 
 
 def predict_peak_bytes(config: TrainConfigBase) -> int:
@@ -309,12 +340,24 @@ def predict_peak_bytes(config: TrainConfigBase) -> int:
         enc = config.encoder
         params = enc.approx_parameters()
         tokens = 2 * len(enc.channels) * enc.n_patches
-        activations = config.micro_batch_size * tokens * (enc.d_model * 16 + enc.d_ff * 2) * 4 * enc.n_layers
+        per_layer = tokens * (enc.d_model * 16 + enc.d_ff * 2) * 4
+        # With checkpointing only block inputs are kept, plus one block's activations rebuilt.
+        activations = config.micro_batch_size * (
+            (tokens * enc.d_model * 4 * enc.n_layers + per_layer) if config.activation_checkpointing
+            else per_layer * enc.n_layers)
+        if not config.fused_optimizer:
+            grads = 4
+        elif config.accumulation_steps > 1:
+            grads = 2 if config.accumulate_dtype == "bfloat16" else 4
+        else:
+            grads = 0  # a parameter's gradient lives only until its hook has stepped it
     else:
         assert isinstance(config, Stage2Config)
         params = config.bart.approx_parameters()
         activations = config.micro_batch_size * 64 * (config.bart.d_model * 16 + config.bart.ffn_dim * 2) * 4 * 4
-    return int(RUNTIME_BASELINE_BYTES + params * _BYTES_PER_PARAM[config.optimizer] + activations)
+        grads = 4
+    per_param = 4 + grads + _STATE_BYTES_PER_PARAM[config.optimizer]
+    return int(RUNTIME_BASELINE_BYTES + params * per_param + activations)
 
 
 def config_fields(stage: str) -> list[dict[str, Any]]:

@@ -7,6 +7,7 @@ honoured between steps) -> evaluation -> export of ``final/encoder.safetensors``
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from pathlib import Path
@@ -19,8 +20,9 @@ from trainer import export
 from trainer.checkpoint import find_latest_checkpoint
 from trainer.config import Stage1Config
 from trainer.data.recordings import load_dataset, windows
-from trainer.evaluate import word_probe
+from trainer.evaluate import word_probe_finish, word_probe_start
 from trainer.exceptions import CheckpointError
+from trainer.memory import FusedOptimizer
 from trainer.models.multiview import MultiViewEncoder, SSLHead, count_parameters, random_token_mask
 from trainer.protocol import EXIT_OK, EXIT_STOPPED, ArtifactKind, JobSpec
 from trainer.reporter import Reporter
@@ -64,9 +66,11 @@ def run(spec: JobSpec, config: Stage1Config, reporter: Reporter) -> int:
 
     # -- model and optimizer -----------------------------------------------------------------------
     seed_everything(config.seed)
-    encoder, head = MultiViewEncoder(enc_config), SSLHead(enc_config)
+    encoder = MultiViewEncoder(enc_config, activation_checkpointing=config.activation_checkpointing)
+    head = SSLHead(enc_config)
     model = nn.ModuleDict({"encoder": encoder, "head": head}).to(device)
     optimizer = make_optimizer(list(model.parameters()), config)
+    fused = isinstance(optimizer, FusedOptimizer)
     mask_generator = torch.Generator().manual_seed(config.seed)
     log.info("encoder %s: %d parameters (+%d in the SSL head)", enc_config.name,
              count_parameters(encoder), count_parameters(head))
@@ -106,7 +110,9 @@ def run(spec: JobSpec, config: Stage1Config, reporter: Reporter) -> int:
             group["lr"] = lr
         optimizer.zero_grad(set_to_none=True)
         step_loss = 0.0
-        for _ in range(config.accumulation_steps):
+        for micro in range(config.accumulation_steps):
+            if fused:  # the hooks step the parameters during the last micro-batch's backward
+                optimizer.start_micro_batch(last=micro == config.accumulation_steps - 1)
             idx = order.next(config.micro_batch_size)
             x = torch.from_numpy(train_x[idx]).to(device)
             channel_mask = torch.from_numpy(train_mask[idx]).to(device)
@@ -114,7 +120,8 @@ def run(spec: JobSpec, config: Stage1Config, reporter: Reporter) -> int:
             loss, _ = head(encoder, x, channel_mask, token_mask, config.agreement_weight)
             (loss / config.accumulation_steps).backward()
             step_loss += loss.item() / config.accumulation_steps
-        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        if not fused:  # fused: no full gradient exists to take a norm of (see FusedOptimizer)
+            nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         state.step += 1
         state.record(step_loss)
@@ -129,18 +136,24 @@ def run(spec: JobSpec, config: Stage1Config, reporter: Reporter) -> int:
         "steps": state.step,
         "train_loss": state.losses[-1] if state.losses else None,
         "train_loss_avg10": float(np.mean(state.losses[-10:])) if state.losses else None,
-        "val_loss": validation_loss(encoder, head, val_x, val_mask, config, device),
+        "val_loss": validation_loss(encoder, head, val_x[:config.val_windows], val_mask[:config.val_windows],
+                                    config, device) if config.val_windows else None,
         "parameters": count_parameters(encoder),
     }
-    probe = word_probe(encoder, recordings, device)
-    if probe is not None:
-        metrics.update(probe)
+    probe = word_probe_start(encoder, recordings, device, config.probe_words) if config.probe_words else None
     encoder_path = export.save_encoder(encoder, job_dir / export.FINAL_DIRNAME / export.ENCODER_FILENAME)
     reporter.register(ArtifactKind.encoder, str(encoder_path.relative_to(job_dir)))
     if checkpoint_path is None:
         checkpoint_path = find_latest_checkpoint(job_dir)
     if checkpoint_path is not None:
         reporter.register(ArtifactKind.checkpoint, str(checkpoint_path.relative_to(job_dir)))
+    if probe is not None:
+        # The trained weights are saved and no longer needed: release them (the fused
+        # optimizer's hooks make a reference cycle, hence the collect) before the probe builds
+        # its random-init encoder, so a large run never holds two encoders at once.
+        del model, encoder, head, optimizer
+        gc.collect()
+        metrics.update(word_probe_finish(probe, device))
     reporter.event("finished", step=state.step, loss=metrics["train_loss"], metrics=metrics)
     log.info("stage 1 finished: %s", metrics)
     return EXIT_OK

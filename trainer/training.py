@@ -19,6 +19,7 @@ import torch
 from trainer import checkpoint as ckpt
 from trainer.config import TrainConfigBase
 from trainer.exceptions import TrainerError
+from trainer.memory import FusedOptimizer
 
 LOSS_TAIL = 50  # losses kept in the checkpoint so a resumed run can report a smoothed loss
 
@@ -38,14 +39,28 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def make_optimizer(params: list[torch.nn.Parameter], config: TrainConfigBase) -> torch.optim.Optimizer:
-    """AdamW, or transformers' Adafactor (factored second moments: far less optimizer memory)."""
-    if config.optimizer == "adafactor":
-        from transformers.optimization import Adafactor
+def make_optimizer(params: list[torch.nn.Parameter], config: TrainConfigBase) -> torch.optim.Optimizer | FusedOptimizer:
+    """AdamW or transformers' Adafactor, fused into the backward pass if the config asks.
 
-        # Our own schedule sets the lr, so Adafactor's relative-step schedule is switched off.
-        return Adafactor(params, lr=config.lr, relative_step=False, scale_parameter=False, warmup_init=False)
-    return torch.optim.AdamW(params, lr=config.lr, betas=(0.9, 0.95), weight_decay=0.01)
+    Adafactor keeps factored second moments (a row and a column vector per matrix) and no first
+    moment, so its state is a few MB where AdamW's is twice the weights. A config with
+    ``fused_optimizer`` (Stage 1) gets a :class:`~trainer.memory.FusedOptimizer`: one such
+    optimizer per parameter, stepped from the gradient hooks.
+    """
+    def build(group: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+        if config.optimizer == "adafactor":
+            from transformers.optimization import Adafactor
+
+            # Our own schedule sets the lr, so Adafactor's relative-step schedule is switched off.
+            return Adafactor(group, lr=config.lr, relative_step=False, scale_parameter=False, warmup_init=False)
+        # foreach=False when fused: the multi-tensor kernels only pay off across many tensors.
+        return torch.optim.AdamW(group, lr=config.lr, betas=(0.9, 0.95), weight_decay=0.01,
+                                 foreach=False if getattr(config, "fused_optimizer", False) else None)
+
+    if getattr(config, "fused_optimizer", False):
+        dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[getattr(config, "accumulate_dtype", "float32")]
+        return FusedOptimizer(params, build, accumulate_dtype=dtype)
+    return build(params)
 
 
 def lr_at(step: int, config: TrainConfigBase) -> float:
@@ -141,7 +156,7 @@ def restore_host_rng_state(data: dict[str, Any]) -> None:
 
 
 # -- whole-state checkpoints ------------------------------------------------------------------------
-def save_training_checkpoint(job_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+def save_training_checkpoint(job_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | FusedOptimizer,
                              state: TrainState, generators: dict[str, torch.Generator],
                              metadata: dict[str, Any]) -> Path:
     """Checkpoint model, optimizer, RNGs and :class:`TrainState`; returns the file path."""
@@ -154,7 +169,7 @@ def save_training_checkpoint(job_dir: Path, model: torch.nn.Module, optimizer: t
     return ckpt.save_checkpoint(job_dir, state.step, tensors, meta)
 
 
-def load_training_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+def load_training_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | FusedOptimizer,
                              generators: dict[str, torch.Generator]) -> tuple[TrainState, dict[str, Any]]:
     """Validate and restore a checkpoint written by :func:`save_training_checkpoint`.
 
@@ -165,10 +180,7 @@ def load_training_checkpoint(path: Path, model: torch.nn.Module, optimizer: torc
     metadata : dict
         The decoded metadata (configs) for the caller to compare with its own.
     """
-    tensors, meta = ckpt.load_checkpoint(path)
-    weights = ckpt.subset(tensors, "model.")
-    ckpt.validate_state_dict(model, weights, str(path))
-    model.load_state_dict(weights)
+    tensors, meta = ckpt.load_checkpoint_into(path, model, "model.")
     ckpt.optimizer_from_tensors(optimizer, {k: v for k, v in tensors.items() if k.startswith("optim.")},
                                 meta["optimizer"], str(path))
     restore_rng_tensors(tensors, generators)

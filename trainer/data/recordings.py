@@ -5,17 +5,28 @@ recursively), or ``synthetic`` / ``synthetic:null`` (generated on first use). Ev
 goes through the same steps:
 
 1. ``mne.io.read_raw(path, preload=False)``; a file MNE cannot read fails with its name;
-2. EEG channels only, average reference, band-pass 0.5-45 Hz (upper edge lowered to fit the
-   sampling rate), resample to the encoder's rate;
+2. EEG channels only (channels marked bad in the file are left out), average reference, notch
+   at the power-line frequency and its harmonics (``info["line_freq"]``, 50 Hz when the file
+   does not say) where they lie below the file's Nyquist frequency, band-pass 0.5-45 Hz (upper
+   edge lowered to fit the sampling rate), resample to the encoder's rate;
 3. microvolts, then each channel scaled by a robust z-score (median / IQR) so that recordings
    from different amplifiers share one input scale;
 4. channels mapped onto the encoder's set by name (case-insensitive, "EEG Fz-REF" style
    decorations ignored): missing ones are zero-filled and masked, extra ones dropped.
+
+A dataset is preprocessed one recording at a time into an on-disk cache (``<cache>/preprocessed/``:
+one float32 ``.npy`` per recording plus a JSON sidecar), keyed by the file's path, size and
+modification time and by the encoder's channels and rate. Training then reads the cache through
+memory maps, and :class:`WindowArray` cuts windows only when a batch asks for them, so a dataset
+larger than RAM trains in bounded memory: the operating system pages signal in and out as needed.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +45,7 @@ EXTENSIONS = (".fif", ".edf", ".bdf", ".vhdr", ".set")
 SYNTHETIC_VARIANTS = {"synthetic": "synthetic", "synthetic:null": "synthetic-null"}
 SYNTHETIC_SEED = 0  # fixed, so Stage 1 and Stage 2 jobs with different training seeds share data
 L_FREQ, H_FREQ = 0.5, 45.0
+DEFAULT_LINE_FREQ = 50.0  # Hz; most of the world. A file that records 60 Hz says so in line_freq.
 
 
 @dataclass
@@ -42,7 +54,8 @@ class Recording:
 
     path: Path
     data: np.ndarray
-    """Signals, shape ``(n_encoder_channels, n_samples)``, float32, robust z-scored microvolts."""
+    """Signals, shape ``(n_encoder_channels, n_samples)``, float32, robust z-scored microvolts;
+    a read-only memory map when the recording comes from the preprocessing cache."""
     present: np.ndarray
     """Boolean mask, shape ``(n_encoder_channels,)``: channel found in the recording."""
     sfreq: float
@@ -155,6 +168,12 @@ def load_recording(path: Path, encoder: EncoderConfig, min_channel_share: float 
         raw.pick(eeg_names).load_data(verbose="error")
         # Average reference over all EEG channels present, before the extras are dropped.
         raw.set_eeg_reference("average", projection=False, verbose="error")
+        # Line noise is often far stronger than EEG; the low-pass's transition band would let
+        # part of it through, so it is notched out first (harmonics too, for high-rate files).
+        line = float(raw.info.get("line_freq") or DEFAULT_LINE_FREQ)
+        harmonics = np.arange(line, raw.info["sfreq"] / 2 - 1.0, line)
+        if len(harmonics):
+            raw.notch_filter(harmonics, verbose="error")
         nyquist = min(raw.info["sfreq"], encoder.sfreq) / 2
         h_freq = min(H_FREQ, 0.9 * nyquist)
         raw.filter(L_FREQ, h_freq, verbose="error")
@@ -178,9 +197,49 @@ def load_recording(path: Path, encoder: EncoderConfig, min_channel_share: float 
     return Recording(path=path, data=data, present=present, sfreq=encoder.sfreq, sentences=sentences, words=words)
 
 
+PREPROCESS_VERSION = 2  # bump when load_recording's output changes, so old caches are rebuilt
+
+
+def _cache_key(path: Path, encoder: EncoderConfig) -> str:
+    stat = path.stat()
+    ident = [str(path.resolve()), stat.st_size, stat.st_mtime_ns, list(encoder.channels), encoder.sfreq,
+             L_FREQ, H_FREQ, PREPROCESS_VERSION]
+    return hashlib.sha1(json.dumps(ident).encode()).hexdigest()[:20]
+
+
+def load_recording_cached(path: Path, encoder: EncoderConfig, cache: Path) -> Recording:
+    """:func:`load_recording` through the on-disk cache; the signal comes back memory-mapped.
+
+    The first call preprocesses the file and writes ``<key>.npy`` and ``<key>.json`` via
+    temporary names and ``os.replace`` (the JSON last, so its presence means the pair is
+    complete); later calls, from this job or another, only map the file.
+    """
+    key = _cache_key(path, encoder)
+    data_path, meta_path = cache / f"{key}.npy", cache / f"{key}.json"
+    if not meta_path.is_file():
+        rec = load_recording(path, encoder)
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = cache / f".tmp-{key}-{os.getpid()}.npy"
+        np.save(tmp, rec.data)
+        os.replace(tmp, data_path)
+        meta = {"path": str(path), "present": rec.present.tolist(), "sfreq": rec.sfreq,
+                "sentences": [[x.onset_s, x.duration_s, x.text] for x in rec.sentences],
+                "words": [[w.onset_s, w.text] for w in rec.words]}
+        tmp_meta = cache / f".tmp-{key}-{os.getpid()}.json"
+        tmp_meta.write_text(json.dumps(meta))
+        os.replace(tmp_meta, meta_path)
+        del rec  # the in-RAM copy goes; training reads the memory map below
+    meta = json.loads(meta_path.read_text())
+    return Recording(path=path, data=np.load(data_path, mmap_mode="r"), present=np.asarray(meta["present"], bool),
+                     sfreq=meta["sfreq"], sentences=[Sentence(*x) for x in meta["sentences"]],
+                     words=[Word(*w) for w in meta["words"]])
+
+
 def load_dataset(dataset: str, root: Path, encoder: EncoderConfig) -> list[Recording]:
-    """All recordings of a dataset, preprocessed (see :func:`load_recording`)."""
-    recordings = [load_recording(p, encoder) for p in resolve_dataset(dataset, root, encoder)]
+    """All recordings of a dataset, preprocessed (see :func:`load_recording`) and cached on disk
+    under ``<root>/preprocessed/``, one at a time, so only one recording is ever in RAM whole."""
+    cache = root / "preprocessed"
+    recordings = [load_recording_cached(p, encoder, cache) for p in resolve_dataset(dataset, root, encoder)]
     total_s = sum(r.data.shape[1] for r in recordings) / encoder.sfreq
     log.info("dataset %s: %d recordings, %.0f s, %d sentences", dataset, len(recordings), total_s,
              sum(len(r.sentences) for r in recordings))
@@ -195,8 +254,44 @@ def cut(recording: Recording, start: int, length: int) -> np.ndarray:
     return out
 
 
+class WindowArray:
+    """Fixed-length windows of recordings, cut only when indexed.
+
+    Indexing with an integer array or a slice returns a new ``(n, C, T)`` float32 array; the
+    windows themselves stay in the (memory-mapped) recordings, so holding a ``WindowArray`` of
+    a dataset of any size costs a few bytes per window.
+
+    Parameters
+    ----------
+    recordings : list of Recording
+        Sources of the signal.
+    starts : ndarray
+        ``(n, 2)`` int64 rows of (recording index, first sample).
+    length : int
+        Samples per window.
+    """
+
+    def __init__(self, recordings: list[Recording], starts: np.ndarray, length: int) -> None:
+        self.recordings, self.starts, self.length = recordings, starts.reshape(-1, 2), length
+        self.n_channels = recordings[0].data.shape[0] if recordings else 0
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (len(self), self.n_channels, self.length)
+
+    def __getitem__(self, index: slice | np.ndarray | list[int]) -> np.ndarray:
+        rows = self.starts[index]
+        out = np.empty((len(rows), self.n_channels, self.length), dtype=np.float32)
+        for i, (rec, start) in enumerate(rows):
+            out[i] = self.recordings[rec].data[:, start:start + self.length]
+        return out
+
+
 def windows(recordings: list[Recording], encoder: EncoderConfig, val_share: float = 0.1
-            ) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+            ) -> tuple[tuple[WindowArray, np.ndarray], tuple[WindowArray, np.ndarray]]:
     """Non-overlapping ``window_s`` windows for Stage 1, split into train and validation.
 
     The last ``val_share`` of each recording's windows (in time) is held out, so validation
@@ -205,23 +300,22 @@ def windows(recordings: list[Recording], encoder: EncoderConfig, val_share: floa
     Returns
     -------
     (train_x, train_mask), (val_x, val_mask)
-        ``x`` has shape ``(n, channels, window_samples)``, ``mask`` ``(n, channels)``.
+        ``x`` is a :class:`WindowArray` of shape ``(n, channels, window_samples)`` (windows are
+        cut when indexed), ``mask`` an ``(n, channels)`` boolean array.
     """
     length = encoder.window_samples
-    train, val, train_mask, val_mask = [], [], [], []
-    for rec in recordings:
+    train, val = [], []
+    for r, rec in enumerate(recordings):
         n = rec.data.shape[1] // length
         n_val = int(round(n * val_share)) if n >= 2 else 0
         for k in range(n):
-            x = rec.data[:, k * length:(k + 1) * length]
-            (val if k >= n - n_val else train).append(x)
-            (val_mask if k >= n - n_val else train_mask).append(rec.present)
+            (val if k >= n - n_val else train).append((r, k * length))
     if not train:
         raise DatasetError(f"Recordings are shorter than one {encoder.window_s:g} s window; nothing to train on.")
 
-    def stack(xs: list[np.ndarray], masks: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        if not xs:
-            return np.zeros((0, len(encoder.channels), length), np.float32), np.zeros((0, len(encoder.channels)), bool)
-        return np.stack(xs).astype(np.float32), np.stack(masks)
+    def build(rows: list[tuple[int, int]]) -> tuple[WindowArray, np.ndarray]:
+        starts = np.asarray(rows, dtype=np.int64).reshape(-1, 2)
+        masks = np.stack([recordings[r].present for r, _ in rows]) if rows else np.zeros((0, len(encoder.channels)), bool)
+        return WindowArray(recordings, starts, length), masks
 
-    return stack(train, train_mask), stack(val, val_mask)
+    return build(train), build(val)

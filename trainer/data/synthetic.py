@@ -15,12 +15,15 @@ In the ``null`` variant each response is the template of a random word unrelated
 annotated one, so the EEG looks the same but carries no information about the text: a model
 that decodes it better than noise has learned the language, not the brain.
 
-The recording is written with MNE as a real file (FIF here; :data:`WRITERS` maps a format to a
-writer so that EDF, BrainVision or EEGLAB can be added), in volts, with the 10-20 montage set.
+The recording is written as a real file in any of the formats MNE reads (:data:`WRITERS`: FIF,
+EDF, BDF, BrainVision, EEGLAB, or a BIDS folder holding an EDF), in volts, with the 10-20 montage
+set where the format stores one. Non-FIF formats go through ``mne.export.export_raw``, which uses
+edfio (EDF and BDF), pybv (BrainVision) and eeglabio (EEGLAB).
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import os
@@ -124,7 +127,9 @@ def generate_raw(channels: tuple[str, ...], seed: int, null: bool = False,
         word_onsets = [t + i * WORD_S + text_rng.uniform(-0.02, 0.02) for i in range(len(words))]
         onsets.append(word_onsets)
         t += len(words) * WORD_S + RESPONSE_S + text_rng.uniform(0.6, 1.0)
-    n_samples = int((t + 1.0) * sfreq)
+    # Whole seconds: EDF and BDF store 1 s data records and would pad a partial last one,
+    # which would make those copies differ from the others in length.
+    n_samples = int(np.ceil(t + 1.0) * sfreq)
 
     data = _pink_noise(noise_rng, len(channels), n_samples, sfreq)
     index = {w: i for i, w in enumerate(VOCABULARY)}
@@ -152,15 +157,68 @@ def _write_fif(raw: mne.io.BaseRaw, directory: Path) -> Path:
     return path
 
 
-# Format name -> writer(raw, directory) -> written path. Other formats plug in here.
-WRITERS: dict[str, Callable[[mne.io.BaseRaw, Path], Path]] = {"fif": _write_fif}
+def _exporter(fmt: str, extension: str) -> Callable[[mne.io.BaseRaw, Path], Path]:
+    """A writer that exports through ``mne.export.export_raw`` (annotations included)."""
+    def write(raw: mne.io.BaseRaw, directory: Path) -> Path:
+        path = directory / f"{RECORDING_STEM}_eeg.{extension}"
+        mne.export.export_raw(path, raw, fmt=fmt, overwrite=True, verbose="error")
+        return path
+
+    write.__name__ = f"_write_{fmt}"
+    return write
+
+
+def _write_bids(raw: mne.io.BaseRaw, directory: Path) -> Path:
+    """A minimal BIDS-EEG dataset: EDF recording plus ``_events.tsv``, ``_channels.tsv`` and sidecars.
+
+    Written by hand rather than with mne-bids because these five small files are all the reader
+    needs, and the project should not carry a dependency for them. The words and sentences go
+    into ``_events.tsv`` (``trial_type`` sentence / word, ``value`` the text), which is where
+    BIDS keeps them and what :func:`trainer.data.text.read_events_tsv` reads.
+    """
+    eeg_dir = directory / "sub-01" / "eeg"
+    eeg_dir.mkdir(parents=True)
+    (directory / "dataset_description.json").write_text(json.dumps(
+        {"Name": "NeuroLens synthetic reading EEG", "BIDSVersion": "1.9.0", "DatasetType": "raw"}, indent=2))
+    (directory / "participants.tsv").write_text("participant_id\nsub-01\n")
+    stripped = raw.copy().set_annotations(None)  # the events file is the source of truth in BIDS
+    path = eeg_dir / f"{RECORDING_STEM}_eeg.edf"
+    mne.export.export_raw(path, stripped, fmt="edf", overwrite=True, verbose="error")
+    (eeg_dir / f"{RECORDING_STEM}_eeg.json").write_text(json.dumps({
+        "TaskName": "reading", "SamplingFrequency": raw.info["sfreq"], "EEGReference": "average",
+        "PowerLineFrequency": 50, "SoftwareFilters": "n/a", "EEGChannelCount": len(raw.ch_names),
+    }, indent=2))
+    with open(eeg_dir / f"{RECORDING_STEM}_channels.tsv", "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh, delimiter="\t", lineterminator="\n")
+        writer.writerow(["name", "type", "units", "status"])
+        writer.writerows([name, "EEG", "V", "good"] for name in raw.ch_names)
+    with open(eeg_dir / f"{RECORDING_STEM}_events.tsv", "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh, delimiter="\t", lineterminator="\n")
+        writer.writerow(["onset", "duration", "trial_type", "value"])
+        for onset, duration, description in zip(raw.annotations.onset, raw.annotations.duration,
+                                                 raw.annotations.description):
+            kind, _, text = str(description).partition(":")
+            writer.writerow([f"{onset:.6f}", f"{duration:.6f}", kind, text])
+    return path
+
+
+# Format name -> writer(raw, directory) -> written recording path.
+WRITERS: dict[str, Callable[[mne.io.BaseRaw, Path], Path]] = {
+    "fif": _write_fif,
+    "edf": _exporter("edf", "edf"),
+    "bdf": _exporter("bdf", "bdf"),
+    "brainvision": _exporter("brainvision", "vhdr"),
+    "eeglab": _exporter("eeglab", "set"),
+    "bids": _write_bids,
+}
 
 
 def ensure_synthetic_dataset(root: Path, variant: str, seed: int, channels: tuple[str, ...],
                              fmt: str = "fif", n_sentences: int = N_SENTENCES) -> Path:
     """Return the folder holding the synthetic dataset, generating it on first use.
 
-    The folder is ``<root>/datasets/<variant>-<seed>-<nchannels>/``. It is built in a temporary
+    The folder is ``<root>/datasets/<variant>-<seed>-<nchannels>[-<n_sentences>][-<fmt>]/`` (the
+    optional parts only where they differ from the defaults, so existing caches stay valid). It is built in a temporary
     sibling and moved into place with ``os.replace``; when two trainers race, the loser drops
     its copy and uses the winner's, so nobody ever reads a half-written dataset.
 
@@ -186,7 +244,12 @@ def ensure_synthetic_dataset(root: Path, variant: str, seed: int, channels: tupl
     """
     if fmt not in WRITERS:
         raise ValueError(f"Invalid synthetic format {fmt!r}; expected one of {sorted(WRITERS)}.")
-    final = root / "datasets" / f"{variant}-{seed}-{len(channels)}"
+    name = f"{variant}-{seed}-{len(channels)}"
+    if n_sentences != N_SENTENCES:
+        name += f"-{n_sentences}"
+    if fmt != "fif":
+        name += f"-{fmt}"
+    final = root / "datasets" / name
     if (final / "dataset.json").is_file():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -196,7 +259,7 @@ def ensure_synthetic_dataset(root: Path, variant: str, seed: int, channels: tupl
     raw = generate_raw(channels, seed, null=variant.endswith("null"), n_sentences=n_sentences)
     written = WRITERS[fmt](raw, tmp)
     meta = {"variant": variant, "seed": seed, "channels": list(channels), "format": fmt,
-            "sentences": n_sentences, "file": written.name, "vocabulary": list(VOCABULARY)}
+            "sentences": n_sentences, "file": str(written.relative_to(tmp)), "vocabulary": list(VOCABULARY)}
     (tmp / "dataset.json").write_text(json.dumps(meta, indent=2))
     try:
         os.replace(tmp, final)

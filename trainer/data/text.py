@@ -20,6 +20,8 @@ from trainer.exceptions import RecordingError
 
 log = logging.getLogger(__name__)
 
+BRAINVISION_COMMENT = "Comment/"
+
 
 @dataclass(frozen=True)
 class Sentence:
@@ -86,7 +88,11 @@ def read_annotations(raw: mne.io.BaseRaw, path: Path) -> tuple[list[Sentence], l
     offset = raw.first_time if ann.orig_time is not None else 0.0
     sentences, words = [], []
     for onset, duration, description in zip(ann.onset, ann.duration, ann.description):
-        kind, _, text = str(description).partition(":")
+        description = str(description)
+        # BrainVision markers come back as "<marker type>/<description>"; ours are comments.
+        if description.startswith(BRAINVISION_COMMENT):
+            description = description[len(BRAINVISION_COMMENT):]
+        kind, _, text = description.partition(":")
         text = _normalise_text(text)
         if kind == "sentence" and text:
             sentences.append(Sentence(float(onset - offset), float(duration), text))

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from trainer.config import EncoderConfig
 from trainer.data.montage import channel_positions
@@ -45,11 +46,15 @@ class MultiViewEncoder(nn.Module):
     ----------
     config : EncoderConfig
         Channels, sampling rate, patching and transformer sizes.
+    activation_checkpointing : bool
+        Recompute each block's activations during backward instead of keeping them (training
+        only; a training choice, not part of the architecture, so not in the config).
     """
 
-    def __init__(self, config: EncoderConfig) -> None:
+    def __init__(self, config: EncoderConfig, activation_checkpointing: bool = False) -> None:
         super().__init__()
         self.config = config
+        self.activation_checkpointing = activation_checkpointing
         c, p, d = len(config.channels), config.n_patches, config.d_model
         self.temporal = nn.Linear(config.patch_samples, d)
         self.spectral = nn.Linear(config.n_freq_bins, d)
@@ -104,7 +109,16 @@ class MultiViewEncoder(nn.Module):
             p = self.config.n_patches
             absent = ~channel_mask.bool()                                  # (B, C)
             padding = absent[:, None, :, None].expand(-1, N_VIEWS, -1, p).flatten(1)
-        return self.norm(self.blocks(tokens, src_key_padding_mask=padding))
+        hidden = tokens
+        checkpointing = self.activation_checkpointing and self.training and torch.is_grad_enabled()
+        for layer in self.blocks.layers:  # the same computation as self.blocks(...), layer by layer
+            if checkpointing:
+                # Only the block's input is kept; its attention and feed-forward activations are
+                # recomputed during backward. Costs one more forward, saves most activation memory.
+                hidden = checkpoint(layer, hidden, None, padding, use_reentrant=False)
+            else:
+                hidden = layer(hidden, src_key_padding_mask=padding)
+        return self.norm(hidden)
 
     def states(self, x: torch.Tensor, channel_mask: torch.Tensor | None = None,
                token_mask: torch.Tensor | None = None) -> torch.Tensor:

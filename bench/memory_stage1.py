@@ -1,0 +1,119 @@
+"""Peak memory of Stage 1 on the ``large`` encoder (~265M parameters): lean modes vs plain AdamW.
+
+Each mode is a real trainer run, ``python -m trainer run spec.json`` (offline: events on
+stdout), in its own process, on the built-in synthetic dataset (32 channels). The peak resident
+set of each run is the kernel's ``ru_maxrss`` for that child, taken with ``os.wait4`` (so it
+covers start-up, data loading, every step, the checkpoint and the encoder export), and is
+printed with its ratio to the plain AdamW baseline measured in the same run:
+
+- ``lean mb=1``: Adafactor fused into backward, activation checkpointing, micro-batch 1;
+- ``lean mb=1 x8``: the same with gradients accumulated to an effective batch of 8 (bfloat16
+  accumulation buffers);
+- ``plain adamw``: torch AdamW, ``loss.backward(); clip; step()``, no checkpointing, batch 1.
+
+The bounds the issue sets (lean 2.0 GB, accumulated 2.5 GB; GB = 10^9 bytes) are checked and
+the exit status is 1 when one is exceeded. Windows are 0.5 s (the preset's 0.25 s patches, so
+2 per channel: 128 tokens) and the final validation uses 8 windows, so that the 45 forward and
+backward passes of a 265M-parameter model take minutes, not hours, on a 2-core CPU; weights,
+gradients and optimizer state, which dominate the peak, do not depend on the window.
+
+Usage::
+
+    python bench/memory_stage1.py [--steps 5] [--window-s 0.5] [--modes lean-mb1,lean-acc8,plain]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+GB = 1e9
+BASE = {"preset": "large", "lr": 1e-4, "warmup_steps": 1, "log_every_s": 5.0, "seed": 0, "probe_words": 0,
+        "val_windows": 8}
+MODES = {
+    "lean-mb1": ("lean mb=1", {"optimizer": "adafactor", "fused_optimizer": True, "activation_checkpointing": True,
+                               "batch_size": 1, "micro_batch_size": 1}, 2.0),
+    "lean-acc8": ("lean mb=1 x8 accumulation", {"optimizer": "adafactor", "fused_optimizer": True,
+                                                 "activation_checkpointing": True, "batch_size": 8,
+                                                 "micro_batch_size": 1}, 2.5),
+    "plain": ("plain adamw", {"optimizer": "adamw", "fused_optimizer": False, "activation_checkpointing": False,
+                              "batch_size": 1, "micro_batch_size": 1}, None),
+}
+
+
+def run_mode(name: str, overrides: dict, steps: int, window_s: float, work: Path, cache: Path) -> dict:
+    """Run one trainer process to completion; its peak RSS, wall time and last events."""
+    job_dir = work / name
+    job_dir.mkdir()
+    config = {**BASE, **overrides, "steps": steps, "checkpoint_every": steps, "window_s": window_s}
+    spec = {"job_id": 1, "stage": "stage1", "dataset": "synthetic", "config": config, "job_dir": str(job_dir),
+            "api_url": "", "token": "bench", "cache_dir": str(cache)}
+    (job_dir / "spec.json").write_text(json.dumps(spec))
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    started = time.perf_counter()
+    with open(job_dir / "stdout.jsonl", "wb") as out, open(job_dir / "stderr.log", "wb") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "trainer", "run", str(job_dir / "spec.json")],
+                                cwd=REPO, env=env, stdout=out, stderr=err)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    elapsed = time.perf_counter() - started
+    events = [json.loads(line) for line in (job_dir / "stdout.jsonl").read_text().splitlines() if line.startswith("{")]
+    if proc.returncode != 0:
+        sys.exit(f"{name} failed with exit code {proc.returncode}:\n{(job_dir / 'stderr.log').read_text()[-3000:]}")
+    finished = [e for e in events if e["kind"] == "finished"][-1]
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is KiB on Linux, bytes on macOS
+    return {"peak": usage.ru_maxrss * scale, "seconds": elapsed, "steps": finished["step"],
+            "loss": finished["loss"], "parameters": finished["metrics"]["parameters"],
+            "reported_peak": max((e.get("peak_rss_bytes") or 0) for e in events)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=5, help="optimizer steps per mode (default 5)")
+    parser.add_argument("--window-s", type=float, default=0.5, help="window length in seconds (default 0.5)")
+    parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, from {', '.join(MODES)}")
+    args = parser.parse_args()
+    modes = args.modes.split(",")
+    unknown = sorted(set(modes) - set(MODES))
+    if unknown:
+        parser.error(f"unknown mode {unknown[0]!r}; expected some of {', '.join(MODES)}")
+
+    from trainer.config import CHANNELS_32
+    from trainer.data.recordings import SYNTHETIC_SEED
+    from trainer.data.synthetic import ensure_synthetic_dataset
+
+    with tempfile.TemporaryDirectory(prefix="neurolens-bench-") as tmp:
+        work, cache = Path(tmp), Path(tmp) / "cache"
+        # Generated here, once, so that no measured process pays for it.
+        ensure_synthetic_dataset(cache, "synthetic", SYNTHETIC_SEED, CHANNELS_32)
+        results = {}
+        for mode in modes:
+            label, overrides, _ = MODES[mode]
+            results[mode] = r = run_mode(mode, overrides, args.steps, args.window_s, work, cache)
+            print(f"{label}: peak {r['peak'] / GB:.2f} GB ({r['steps']} steps of the {r['parameters'] / 1e6:.1f}M-"
+                  f"parameter encoder in {r['seconds']:.0f} s, final loss {r['loss']:.4f}, "
+                  f"trainer-reported peak {r['reported_peak'] / GB:.2f} GB)", flush=True)
+
+    failed = False
+    for mode in modes:
+        label, _, bound = MODES[mode]
+        if "plain" in results and mode != "plain":
+            print(f"ratio {label} / plain adamw: {results[mode]['peak'] / results['plain']['peak']:.2f}")
+        if bound is not None:
+            ok = results[mode]["peak"] <= bound * GB
+            failed |= not ok
+            print(f"{label}: {'within' if ok else 'OVER'} the {bound:.1f} GB bound")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
