@@ -124,6 +124,9 @@ def shoot(page: sync_api.Page, name: str) -> Path:
     return path
 
 
+STEPS = 300
+
+
 def test_stage1_from_the_form_to_a_verified_encoder_download(server, open_page, tmp_path):
     (ARTIFACTS_DIR / "dashboard-job-running.png").unlink(missing_ok=True)
     w = open_page(server)
@@ -133,7 +136,8 @@ def test_stage1_from_the_form_to_a_verified_encoder_download(server, open_page, 
 
     page.get_by_test_id("stage1-dataset").fill("synthetic")
     page.get_by_test_id("stage1-preset").select_option("tiny")
-    page.get_by_test_id("stage1-steps").fill("30")
+    # Enough steps that a 2 s poll sees the job part way even on a fast, quiet machine.
+    page.get_by_test_id("stage1-steps").fill(str(STEPS))
     page.get_by_test_id("stage1-submit").click()
 
     # The page opens the new job; its id is in the URL fragment.
@@ -146,23 +150,23 @@ def test_stage1_from_the_form_to_a_verified_encoder_download(server, open_page, 
     # Watch the progress bar and the memory cell while it trains.
     seen_steps: list[int] = []
     memory_texts: list[str] = []
-    deadline = time.monotonic() + 150
+    deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         value = page.get_by_test_id("job-panel-progress").get_attribute("value")
         seen_steps.append(int(float(value or 0)))
         memory_texts.append(row.get_by_test_id("job-memory").inner_text())
-        if 0 < seen_steps[-1] < 30 and not (ARTIFACTS_DIR / "dashboard-job-running.png").exists():
+        if 0 < seen_steps[-1] < STEPS and not (ARTIFACTS_DIR / "dashboard-job-running.png").exists():
             shoot(page, "dashboard-job-running.png")  # mid-run: progress with ETA, live charts
         if "succeeded" in status_of(page) or "failed" in status_of(page):
             break
         page.wait_for_timeout(500)
     wait_for_status(page, "succeeded", timeout_s=5)
     assert "✓" in status_of(page), "status carries a symbol as well as a colour"
-    assert any(0 < step < 30 for step in seen_steps) or len(set(seen_steps)) >= 3, \
+    assert any(0 < step < STEPS for step in seen_steps) or len(set(seen_steps)) >= 3, \
         f"the progress bar never showed the job part way: {sorted(set(seen_steps))}"
     assert seen_steps == sorted(seen_steps), "progress went backwards"
-    assert page.get_by_test_id("job-panel-progress").get_attribute("value") == "30"
-    assert page.get_by_test_id("job-panel-progress").get_attribute("max") == "30"
+    assert page.get_by_test_id("job-panel-progress").get_attribute("value") == str(STEPS)
+    assert page.get_by_test_id("job-panel-progress").get_attribute("max") == str(STEPS)
     # Memory of the trainer against the machine's free RAM, in MiB, while it ran.
     assert any(re.search(r"\d+(\.\d)? MiB now, peak \d+(\.\d)? MiB of \d+(\.\d)? GiB free", text)
                for text in memory_texts), memory_texts
