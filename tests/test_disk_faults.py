@@ -23,15 +23,17 @@ def mount_tmpfs(path, size_bytes: int) -> None:
         pytest.skip(f"cannot mount a small filesystem here (needs root): {result.stderr.strip()}")
 
 
+@pytest.mark.slow
 def test_disk_full_while_saving_pauses_and_keeps_the_previous_checkpoint(tmp_path):
     data_dir = tmp_path / "data"
     job_dir = data_dir / "jobs" / "1"
-    # Room for two tiny checkpoints (~1.1 MB each) and the log, not for a third being written.
-    mount_tmpfs(job_dir, 2_700_000)
+    # Room for two tiny checkpoints (~0.42 MB each) and the log, not for a third being written.
+    mount_tmpfs(job_dir, 1_100_000)
     server = start_server(data_dir)
     try:
         with server.client() as client:
-            config = {"preset": "tiny", "steps": 200, "checkpoint_every": 10, "log_every_s": 0.5}
+            config = {"preset": "tiny", "steps": 200, "checkpoint_every": 10, "log_every_s": 0.5,
+                      "probe_words": 0, "val_windows": 16}
             job = client.post("/api/jobs", json={"stage": "stage1", "config": config}).json()
             assert job["id"] == 1
             job = server.wait_for_job(1, {"paused"}, timeout=180)
@@ -54,13 +56,15 @@ def test_disk_full_while_saving_pauses_and_keeps_the_previous_checkpoint(tmp_pat
         subprocess.run(["umount", "-l", str(job_dir)], capture_output=True)
 
 
+@pytest.mark.slow
 def test_kills_during_checkpoint_writes_never_load_a_torn_checkpoint(tmp_path):
     """A checkpoint every step, and SIGKILLs at random moments: every resume loads a complete one."""
     server = start_server(tmp_path / "data", env={"NEUROLENS_MAX_ATTEMPTS": "6"})
     rng = random.Random(3)
     try:
         with server.client() as client:
-            config = {"preset": "tiny", "steps": 60, "checkpoint_every": 1, "log_every_s": 0.3}
+            config = {"preset": "tiny", "steps": 60, "checkpoint_every": 1, "log_every_s": 0.3,
+                      "probe_words": 0, "val_windows": 16}
             job = client.post("/api/jobs", json={"stage": "stage1", "config": config}).json()
             for kill in range(3):
                 wait_for_step(server, job["id"], 8 + 15 * kill)

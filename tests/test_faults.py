@@ -17,7 +17,9 @@ from tests.conftest import RunningServer, free_port, start_server
 
 CHECKPOINT_EVERY = 10
 JOB = {"stage": "stage1", "dataset": "synthetic",
-       "config": {"preset": "tiny", "steps": 60, "checkpoint_every": CHECKPOINT_EVERY, "log_every_s": 0.3}}
+       "config": {"preset": "tiny", "steps": 60, "checkpoint_every": CHECKPOINT_EVERY, "log_every_s": 0.3,
+                  # The end-of-run probe and validation are not what these tests are about.
+                  "probe_words": 0, "val_windows": 16}}
 
 
 def trainer_processes(server: RunningServer, job_id: int) -> list[psutil.Process]:

@@ -10,7 +10,7 @@ from tests.conftest import start_server
 from tests.test_faults import trainer_processes, wait_for_step
 
 MB = 1024**2
-TINY = {"preset": "tiny", "log_every_s": 0.5}
+TINY = {"preset": "tiny", "log_every_s": 0.5, "probe_words": 0, "val_windows": 16}
 
 
 def test_a_job_larger_than_the_budget_is_refused(tmp_path):
