@@ -69,8 +69,22 @@ def word_probe_data(recordings: list[Recording], config: EncoderConfig, max_word
 PROBE_RIDGES = (1.0, 10.0, 100.0, 1000.0)
 
 
-def _ridge_fit(x: np.ndarray, y: np.ndarray, ridge: float) -> np.ndarray:
-    return np.linalg.solve(x.T @ x + ridge * np.eye(x.shape[1]), x.T @ y)
+def _ridge_predict(x_train: np.ndarray, y_train: np.ndarray, x_eval: np.ndarray, ridge: float) -> np.ndarray:
+    """Ridge regression's predictions for ``x_eval``, in whichever form has the smaller system.
+
+    The primal form solves a (features x features) system; the dual form (the same weights,
+    ``x.T (x x.T + ridge I)^-1 y``) an (samples x samples) one. Per-channel token states are
+    wide (32 channels x 2 patches x 1024 dims = 65536 for the large preset) while a probe has at
+    most ``probe_words`` samples, so the primal Gram matrix alone would take 34 GB there.
+    """
+    n, d = x_train.shape
+    if d <= n:
+        gram = (x_train.T @ x_train).astype(np.float64)
+        weights = np.linalg.solve(gram + ridge * np.eye(d), x_train.T.astype(np.float64) @ y_train)
+        return x_eval @ weights
+    gram = (x_train @ x_train.T).astype(np.float64)
+    alpha = np.linalg.solve(gram + ridge * np.eye(n), y_train)
+    return (x_eval @ x_train.T).astype(np.float64) @ alpha
 
 
 def ridge_probe_accuracy(features: np.ndarray, labels: np.ndarray, groups: np.ndarray | None = None) -> float:
@@ -87,15 +101,20 @@ def ridge_probe_accuracy(features: np.ndarray, labels: np.ndarray, groups: np.nd
 
     def prepare(train_rows: np.ndarray, eval_rows: np.ndarray) -> tuple[np.ndarray, ...]:
         mean, std = features[train_rows].mean(0), features[train_rows].std(0) + 1e-6
-        xs = [np.hstack([(features[r] - mean) / std, np.ones((r.sum(), 1))]) for r in (train_rows, eval_rows)]
+        # Kept in the features' float32: for the wide features of the large preset a float64
+        # copy of every split would cost a gigabyte; the small systems are solved in float64.
+        xs = [np.hstack([(features[r] - mean) / std, np.ones((r.sum(), 1), features.dtype)])
+              for r in (train_rows, eval_rows)]
         return xs[0], xs[1], np.eye(labels.max() + 1)[labels[train_rows]]
 
     fit_rows = ~test & ~inner
     x_fit, x_inner, y_fit = prepare(fit_rows, inner)
-    scores = [(np.argmax(x_inner @ _ridge_fit(x_fit, y_fit, r), axis=1) == labels[inner]).mean() for r in PROBE_RIDGES]
+    scores = [(np.argmax(_ridge_predict(x_fit, y_fit, x_inner, r), axis=1) == labels[inner]).mean()
+              for r in PROBE_RIDGES]
+    del x_fit, x_inner
     ridge = PROBE_RIDGES[int(np.argmax(scores))]
     x_train, x_test, y_train = prepare(~test, test)
-    return float((np.argmax(x_test @ _ridge_fit(x_train, y_train, ridge), axis=1) == labels[test]).mean())
+    return float((np.argmax(_ridge_predict(x_train, y_train, x_test, ridge), axis=1) == labels[test]).mean())
 
 
 @torch.no_grad()
