@@ -227,6 +227,9 @@ class Stage1Config(TrainConfigBase):
     """Share of (channel, patch) tokens masked for reconstruction."""
     agreement_weight: float = 0.1
     """Weight of the cross-view agreement term in the loss."""
+    visible_weight: float = 1.0
+    """Weight of reconstructing the visible (unmasked) tokens, relative to the masked ones; 0
+    scores masked tokens only. Keeps the final states of visible tokens tied to the signal."""
     fused_optimizer: bool = True
     """Step each parameter from its gradient hook during backward, so no full set of gradients
     is ever held (see :class:`trainer.memory.FusedOptimizer`); off means a plain loop with
@@ -252,6 +255,7 @@ class Stage1Config(TrainConfigBase):
         if isinstance(self.mask_ratio, bool) or not isinstance(self.mask_ratio, (int, float)) or not 0 < self.mask_ratio < 1:
             raise ConfigError(f"Invalid mask_ratio {self.mask_ratio!r}; expected a number between 0 and 1.")
         _expect_positive("agreement_weight", self.agreement_weight, integer=False, allow_zero=True)
+        _expect_positive("visible_weight", self.visible_weight, integer=False, allow_zero=True)
         for name in ("fused_optimizer", "activation_checkpointing"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"Invalid {name} {getattr(self, name)!r}; expected true or false.")
@@ -347,9 +351,9 @@ def _predict_stage1_peak_bytes(config: "Stage1Config") -> int:
       2 or 4 for the accumulation buffers when micro-batches are accumulated), and the
       activations of one micro-batch: every block's input kept when checkpointing plus one
       block's internals recomputed, or every block's internals without checkpointing. A block's
-      internals per window are its attention scores (heads x tokens^2, kept before and after
-      the softmax) and about 16 d_model + 2 d_ff floats per token (projections, norms, the
-      feed-forward's hidden layer and GELU);
+      internals per window are about 16 d_model + 2 d_ff floats per token (projections, norms,
+      the feed-forward's hidden layer and GELU); attention goes through PyTorch's fused
+      scaled-dot-product kernel, which keeps no tokens x tokens score matrix;
     - probe start: the trained model and optimizer still held, with the probe's windows and the
       trained encoder's features (``probe_words`` x channels x patches-in-0.5-s x d_model);
     - probe finish: the random-init encoder in place of the trained one (released first), both
@@ -361,7 +365,7 @@ def _predict_stage1_peak_bytes(config: "Stage1Config") -> int:
     enc = config.encoder
     params = enc.approx_parameters()
     tokens = 2 * len(enc.channels) * enc.n_patches
-    block = tokens * (16 * enc.d_model + 2 * enc.d_ff) * 4 + 2 * enc.n_heads * tokens * tokens * 4
+    block = tokens * (16 * enc.d_model + 2 * enc.d_ff) * 4
     kept_inputs = tokens * enc.d_model * 4 * enc.n_layers
     per_window = kept_inputs + block if config.activation_checkpointing else block * enc.n_layers
     activations = config.micro_batch_size * per_window
@@ -379,8 +383,9 @@ def _predict_stage1_peak_bytes(config: "Stage1Config") -> int:
         probe_patches = min(enc.n_patches, math.ceil(0.5 * enc.sfreq / enc.patch_samples))
         features = config.probe_words * len(enc.channels) * probe_patches * enc.d_model * 4
         probe_windows = config.probe_words * len(enc.channels) * enc.window_samples * 4
-        probe_start = params * (4 + state) + probe_windows + features
-        probe_finish = params * 4 + probe_windows + 3 * features
+        inference = config.micro_batch_size * block  # the probe runs micro-batches through an encoder
+        probe_start = params * (4 + state) + probe_windows + features + inference
+        probe_finish = params * 4 + probe_windows + 3 * features + inference
         probe = max(probe_start, probe_finish)
     return int(STAGE1_BASELINE_BYTES + max(training, probe))
 

@@ -45,7 +45,7 @@ def validation_loss(encoder: MultiViewEncoder, head: SSLHead, x: np.ndarray, mas
         xb = torch.from_numpy(x[i:i + config.micro_batch_size]).to(device)
         mb = torch.from_numpy(mask[i:i + config.micro_batch_size]).to(device)
         tm = random_token_mask(len(xb), config.encoder, config.mask_ratio, generator).to(device)
-        loss, _ = head(encoder, xb, mb, tm, config.agreement_weight)
+        loss, _ = head(encoder, xb, mb, tm, config.agreement_weight, config.visible_weight)
         total += loss.item() * len(xb)
         count += len(xb)
     encoder.train(), head.train()
@@ -117,7 +117,7 @@ def run(spec: JobSpec, config: Stage1Config, reporter: Reporter) -> int:
             x = torch.from_numpy(train_x[idx]).to(device)
             channel_mask = torch.from_numpy(train_mask[idx]).to(device)
             token_mask = random_token_mask(len(idx), enc_config, config.mask_ratio, mask_generator).to(device)
-            loss, _ = head(encoder, x, channel_mask, token_mask, config.agreement_weight)
+            loss, _ = head(encoder, x, channel_mask, token_mask, config.agreement_weight, config.visible_weight)
             (loss / config.accumulation_steps).backward()
             step_loss += loss.item() / config.accumulation_steps
         if not fused:  # fused: no full gradient exists to take a norm of (see FusedOptimizer)
@@ -140,7 +140,8 @@ def run(spec: JobSpec, config: Stage1Config, reporter: Reporter) -> int:
                                     config, device) if config.val_windows else None,
         "parameters": count_parameters(encoder),
     }
-    probe = word_probe_start(encoder, recordings, device, config.probe_words) if config.probe_words else None
+    probe = (word_probe_start(encoder, recordings, device, config.probe_words, batch=config.micro_batch_size)
+             if config.probe_words else None)
     encoder_path = export.save_encoder(encoder, job_dir / export.FINAL_DIRNAME / export.ENCODER_FILENAME)
     reporter.register(ArtifactKind.encoder, str(encoder_path.relative_to(job_dir)))
     if checkpoint_path is None:

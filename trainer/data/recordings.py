@@ -8,17 +8,20 @@ goes through the same steps:
 2. EEG channels only (channels marked bad in the file are left out), average reference, notch
    at the power-line frequency and its harmonics (``info["line_freq"]``, 50 Hz when the file
    does not say) where they lie below the file's Nyquist frequency, band-pass 0.5-45 Hz (upper
-   edge lowered to fit the sampling rate), resample to the encoder's rate;
+   edge lowered to fit the sampling rate), polyphase resampling to the encoder's rate;
 3. microvolts, then each channel scaled by a robust z-score (median / IQR) so that recordings
    from different amplifiers share one input scale;
 4. channels mapped onto the encoder's set by name (case-insensitive, "EEG Fz-REF" style
    decorations ignored): missing ones are zero-filled and masked, extra ones dropped.
 
-A dataset is preprocessed one recording at a time into an on-disk cache (``<cache>/preprocessed/``:
-one float32 ``.npy`` per recording plus a JSON sidecar), keyed by the file's path, size and
-modification time and by the encoder's channels and rate. Training then reads the cache through
-memory maps, and :class:`WindowArray` cuts windows only when a batch asks for them, so a dataset
-larger than RAM trains in bounded memory: the operating system pages signal in and out as needed.
+A dataset is preprocessed one recording at a time, and each recording a chunk at a time
+(:func:`preprocess_recording`: padded chunks, so the result equals whole-recording processing),
+straight into an on-disk cache (``<cache>/preprocessed/``: one memory-mapped float32 ``.npy``
+per recording plus a JSON sidecar), keyed by the file's path, size and modification time and by
+the encoder's channels and rate. Training then reads the cache through memory maps, and
+:class:`WindowArray` cuts windows only when a batch asks for them, so neither a dataset nor a
+single recording larger than RAM needs more than bounded memory: the operating system pages
+signal in and out as needed.
 """
 
 from __future__ import annotations

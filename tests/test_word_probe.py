@@ -1,0 +1,56 @@
+"""The Stage 1 word probe: its ridge classifier, its bootstrap interval, and the recorded result."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from trainer.evaluate import _ridge_predict, centroid_probe_hits, paired_bootstrap_interval, ridge_probe_hits
+
+
+def test_dual_ridge_equals_primal_ridge():
+    rng = np.random.default_rng(0)
+    y = rng.standard_normal((40, 3))
+    for n_features in (25, 300):  # primal form below 40 features, dual above
+        x, x_eval = rng.standard_normal((40, n_features)), rng.standard_normal((7, n_features))
+        primal = x_eval @ np.linalg.solve(x.T @ x + 10.0 * np.eye(n_features), x.T @ y)
+        np.testing.assert_allclose(_ridge_predict(x, y, x_eval, 10.0), primal, rtol=1e-8, atol=1e-10)
+
+
+def test_probe_reads_a_class_signal_and_not_noise():
+    rng = np.random.default_rng(1)
+    labels = np.repeat(np.arange(10), 30)
+    groups = np.arange(len(labels))
+    centres = rng.standard_normal((10, 50))
+    informative = centres[labels] + 0.5 * rng.standard_normal((len(labels), 50))
+    noise = rng.standard_normal((len(labels), 50))
+    assert ridge_probe_hits(informative, labels, groups).mean() > 0.9
+    assert ridge_probe_hits(noise, labels, groups).mean() < 0.3
+    assert centroid_probe_hits(informative, labels, groups).mean() > 0.9
+    assert centroid_probe_hits(noise, labels, groups).mean() < 0.3
+
+
+def test_centroid_probe_reads_geometry_that_a_ridge_fit_undoes():
+    # Word signal in a few directions, buried under large noise in the others. The ridge probe
+    # standardises each feature, so scaling the word directions up changes nothing for it;
+    # nearest centres see the difference: that is the representation's geometry.
+    rng = np.random.default_rng(3)
+    labels = np.repeat(np.arange(8), 40)
+    groups = np.arange(len(labels))
+    signal = np.zeros((len(labels), 60))
+    signal[:, :4] = rng.standard_normal((8, 4))[labels] + 0.3 * rng.standard_normal((len(labels), 4))
+    buried = signal + np.hstack([np.zeros((len(labels), 4)), 5.0 * rng.standard_normal((len(labels), 56))])
+    lifted = buried * np.r_[np.full(4, 10.0), np.ones(56)]
+    np.testing.assert_array_equal(ridge_probe_hits(buried, labels, groups), ridge_probe_hits(lifted, labels, groups))
+    assert centroid_probe_hits(lifted, labels, groups).mean() - centroid_probe_hits(buried, labels, groups).mean() > 0.25
+
+
+def test_paired_bootstrap_interval_brackets_the_difference():
+    rng = np.random.default_rng(2)
+    groups = np.repeat(np.arange(100), 4)
+    better = rng.random(400) < 0.8
+    worse = rng.random(400) < 0.5
+    low, high = paired_bootstrap_interval(better, worse, groups)
+    assert low < better.mean() - worse.mean() < high
+    assert low > 0.15 and high < 0.45
+    same_low, same_high = paired_bootstrap_interval(worse, worse, groups)
+    assert same_low == same_high == 0.0
