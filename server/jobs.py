@@ -77,7 +77,8 @@ def create_job(session: Session, body: JobCreate, memory_limit_bytes: int | None
         config = parse_config(body.stage, body.config)
     except ConfigError as exc:
         raise InvalidInput(str(exc)) from exc
-    predicted = predict_peak_bytes(config)
+    # Per trainer process; a data-parallel job runs `devices` of them, each with the whole model.
+    predicted = predict_peak_bytes(config) * config.devices
     if memory_limit_bytes and predicted > memory_limit_bytes:
         raise InvalidInput(
             f"This {body.stage} job is predicted to need {predicted / 2**30:.2f} GB at its peak, more than the "
@@ -152,7 +153,7 @@ def set_status(session: Session, job: Job, status: JobStatus, *, reason: str | N
                       last_heartbeat_at=now, error=None)
     else:
         values.update(pid=None, token_sha256=None, stop_request=None, stop_requested_at=None, rss_bytes=None,
-                      eta_s=None)
+                      gpu_allocated_bytes=None, gpu_reserved_bytes=None, eta_s=None)
     if status.is_finished:
         values["finished_at"] = now
     values.update(fields)
@@ -238,6 +239,12 @@ def record_event(session: Session, job: Job, event: TrainerEvent) -> str | None:
     job.metrics = metrics
     if event.peak_rss_bytes is not None:
         job.peak_rss_bytes = max(job.peak_rss_bytes or 0, event.peak_rss_bytes)
+    for key in ("gpu_allocated_bytes", "gpu_reserved_bytes"):
+        if getattr(event, key) is not None:
+            setattr(job, key, getattr(event, key))
+    for key in ("gpu_peak_allocated_bytes", "gpu_peak_reserved_bytes"):
+        if getattr(event, key) is not None:  # the peak over all attempts, like peak_rss_bytes
+            setattr(job, key, max(getattr(job, key) or 0, getattr(event, key)))
     if event.kind == "error" and event.message:
         job.error = event.message
     job.eta_s = _eta_seconds(job, now)

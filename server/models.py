@@ -73,6 +73,11 @@ class Job(SQLModel, table=True):
     rss_bytes: int | None = None
     peak_rss_bytes: int | None = None
     predicted_peak_bytes: int | None = None
+    # CUDA memory of a GPU job, as its trainer (rank 0) reports it.
+    gpu_allocated_bytes: int | None = None
+    gpu_reserved_bytes: int | None = None
+    gpu_peak_allocated_bytes: int | None = None
+    gpu_peak_reserved_bytes: int | None = None
     attempts: int = 0
     error: str | None = None
     # A pause or cancel asked for by a user, delivered to the trainer in its next event reply.
@@ -102,6 +107,10 @@ class Memory(SQLModel):
     rss_bytes: int | None
     peak_rss_bytes: int | None
     predicted_peak_bytes: int | None
+    gpu_allocated_bytes: int | None = None
+    gpu_reserved_bytes: int | None = None
+    gpu_peak_allocated_bytes: int | None = None
+    gpu_peak_reserved_bytes: int | None = None
 
 
 # --- Artifacts ----------------------------------------------------------------------------
@@ -170,6 +179,10 @@ class JobPublic(SQLModel):
                 rss_bytes=job.rss_bytes,
                 peak_rss_bytes=job.peak_rss_bytes,
                 predicted_peak_bytes=job.predicted_peak_bytes,
+                gpu_allocated_bytes=job.gpu_allocated_bytes,
+                gpu_reserved_bytes=job.gpu_reserved_bytes,
+                gpu_peak_allocated_bytes=job.gpu_peak_allocated_bytes,
+                gpu_peak_reserved_bytes=job.gpu_peak_reserved_bytes,
             ),
             attempts=job.attempts,
             error=job.error,
@@ -199,6 +212,10 @@ class JobEvent(SQLModel, table=True):
     samples_per_s: float | None = None
     rss_bytes: int | None = None
     peak_rss_bytes: int | None = None
+    gpu_allocated_bytes: int | None = None
+    gpu_reserved_bytes: int | None = None
+    gpu_peak_allocated_bytes: int | None = None
+    gpu_peak_reserved_bytes: int | None = None
     metrics: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     message: str | None = None
     created_at: datetime = Field(default_factory=utcnow)
@@ -215,6 +232,10 @@ class JobEventPublic(SQLModel):
     samples_per_s: float | None
     rss_bytes: int | None
     peak_rss_bytes: int | None
+    gpu_allocated_bytes: int | None = None
+    gpu_reserved_bytes: int | None = None
+    gpu_peak_allocated_bytes: int | None = None
+    gpu_peak_reserved_bytes: int | None = None
     metrics: dict[str, Any]
     message: str | None
     created_at: datetime
