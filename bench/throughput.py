@@ -116,7 +116,7 @@ def trainer_rate(job_dir: Path, stage: str, config: dict, cache: Path, warmup: i
             "job_dir": str(job_dir), "api_url": "", "token": "bench", "cache_dir": str(cache),
             "encoder_path": str(encoder_path) if encoder_path else None}
     (job_dir / "spec.json").write_text(json.dumps(spec))
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     done = subprocess.run(trainer_command(job_dir / "spec.json", processes), cwd=REPO, env=env,
                           capture_output=True, text=True)
     if done.returncode != 0:

@@ -36,7 +36,7 @@ def run_offline(job_dir: Path, cache: Path, processes: int, resume_from: Path | 
     if resume_from is not None:
         (job_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         shutil.copytree(resume_from, job_dir / "checkpoints" / resume_from.name)
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
     proc = subprocess.run(trainer_command(spec, processes), cwd=REPO_ROOT, env=env, capture_output=True,
                           text=True, timeout=300)
     run = TrainerRun(proc.returncode, proc.stdout, proc.stderr)

@@ -110,7 +110,7 @@ def test_killed_run_resumes_and_ends_with_the_uninterrupted_loss(stage1, tmp_pat
     """
     _, straight = stage1
     spec = write_spec(tmp_path / "job", "stage1", STAGE1, cache_dir=cache_dir)
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     proc = subprocess.Popen([sys.executable, "-m", "trainer", "run", str(spec)], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
