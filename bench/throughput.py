@@ -145,8 +145,14 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=20, help="timed steps per measurement")
     parser.add_argument("--warmup", type=int, default=3, help="steps left out of each median")
     parser.add_argument("--processes", type=int, default=0, help="also run Stage 1 on the CPU in N gloo processes")
+    parser.add_argument("--stages", default="1,2",
+                        help="'1,2' or '1' (Stage 2 starts from the encoder Stage 1 trains, so it needs Stage 1)")
     args = parser.parse_args()
-    torch.set_num_threads(os.cpu_count() or 1)
+    stages = args.stages.split(",")
+    if "1" not in stages:
+        parser.error("--stages must include 1: Stage 2 trains on the encoder the Stage 1 run exports")
+    # Both loops keep torch's default thread count (one per physical core): the trainer
+    # subprocess does too, so neither side is given more of the CPU than the other.
 
     with tempfile.TemporaryDirectory(prefix="neurolens-throughput-") as tmp:
         root, cache = Path(tmp), Path(tmp) / "cache"
@@ -166,6 +172,10 @@ def main() -> int:
             print(row("stage1 plain loop (fp32, AdamW)", plain1, plain1))
             ours1 = trainer_rate(root / f"{device}-s1", "stage1", stage1, cache, args.warmup)
             print(row("stage1 neurolens trainer (defaults)", ours1, plain1))
+            if device == "cuda":
+                fp32 = trainer_rate(root / "cuda-s1-fp32", "stage1", {**stage1, "precision": "float32"}, cache,
+                                    args.warmup)
+                print(row("stage1 neurolens trainer, float32", fp32, plain1))
             if device == "cpu":
                 bf16 = trainer_rate(root / "cpu-s1-bf16", "stage1", {**stage1, "precision": "bfloat16"}, cache,
                                     args.warmup)
@@ -174,6 +184,8 @@ def main() -> int:
                     ddp = trainer_rate(root / "cpu-s1-ddp", "stage1", stage1, cache, args.warmup, args.processes)
                     print(row(f"stage1 neurolens trainer, {args.processes} gloo processes", ddp, plain1))
 
+            if "2" not in stages:
+                continue
             encoder = root / f"{device}-s1" / "final" / "encoder.safetensors"
             plain2 = plain_stage2(enc_preset, bart_preset, batch, device, args.steps, args.warmup)
             print(row("stage2 plain loop (fp32, AdamW)", plain2, plain2))

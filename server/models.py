@@ -55,6 +55,10 @@ class JobCreate(SQLModel):
     config: dict[str, Any] = Field(default_factory=dict, description="Stage config: preset, steps, ...")
     after: int | None = Field(None, ge=1, le=DB_INT_MAX, description="Stage 2: the Stage 1 job whose encoder to start from.")
     encoder_artifact: int | None = Field(None, ge=1, le=DB_INT_MAX, description="Stage 2: an encoder artifact to start from.")
+    checkpoint_artifact: int | None = Field(
+        None, ge=1, le=DB_INT_MAX,
+        description="Stage 1: resume from this checkpoint artifact (written by a job of the same preset, on any "
+                    "machine, device or number of processes) and train on to this job's steps.")
 
 
 class Job(SQLModel, table=True):
@@ -64,6 +68,7 @@ class Job(SQLModel, table=True):
     config: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     after_job_id: int | None = Field(default=None, foreign_key="job.id")
     encoder_artifact_id: int | None = Field(default=None, foreign_key="artifact.id")
+    checkpoint_artifact_id: int | None = Field(default=None, foreign_key="artifact.id")
     status: JobStatus = Field(default=JobStatus.queued, index=True)
     reason: str | None = None
     step: int = 0
@@ -152,6 +157,7 @@ class JobPublic(SQLModel):
     config: dict[str, Any]
     after: int | None
     encoder_artifact: int | None
+    checkpoint_artifact: int | None = None
     progress: Progress
     metrics: dict[str, Any]
     memory: Memory
@@ -173,6 +179,7 @@ class JobPublic(SQLModel):
             config=job.config,
             after=job.after_job_id,
             encoder_artifact=job.encoder_artifact_id,
+            checkpoint_artifact=job.checkpoint_artifact_id,
             progress=Progress(step=job.step, total=job.total, eta_s=job.eta_s),
             metrics=job.metrics,
             memory=Memory(

@@ -354,6 +354,13 @@ class Scheduler:
             return False, None
         return True, self.store.path_of(artifact.storage_path)
 
+    def _resume_path(self, session: Session, job: Job) -> str | None:
+        """The stored file of the job's ``checkpoint_artifact``, if it names one that still exists."""
+        if job.checkpoint_artifact_id is None:
+            return None
+        artifact = session.get(Artifact, job.checkpoint_artifact_id)
+        return str(self.store.path_of(artifact.storage_path)) if artifact is not None else None
+
     def job_dir(self, job_id: int) -> Path:
         return (self.settings.jobs_dir / str(job_id)).resolve()
 
@@ -366,6 +373,7 @@ class Scheduler:
             job_dir=str(job_dir), api_url=self.settings.public_url, token=token,
             encoder_path=str(encoder_path) if encoder_path else None,
             cache_dir=str(self.settings.cache_dir.resolve()), attempt=job.attempts + 1,
+            resume_from=self._resume_path(session, job),
         )
         spec_path = job_dir / SPEC_FILENAME
         partial = job_dir / f".{SPEC_FILENAME}.partial"

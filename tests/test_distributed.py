@@ -96,7 +96,7 @@ def trainer_processes(job_dir: Path) -> list[psutil.Process]:
 def test_two_process_job_through_the_server_pauses_resumes_and_tracks_one_process(tmp_path):
     server: RunningServer = start_server(tmp_path / "data", env={"NEUROLENS_CONCURRENCY": "2"})
     try:
-        config = {**CONFIG, "steps": 40, "checkpoint_every": 10}
+        config = {**CONFIG, "steps": 20, "checkpoint_every": 5}
         with server.client() as client:
             one = client.post("/api/jobs", json={"stage": "stage1", "dataset": "synthetic", "config": config})
             two = client.post("/api/jobs", json={"stage": "stage1", "dataset": "synthetic",
@@ -119,27 +119,40 @@ def test_two_process_job_through_the_server_pauses_resumes_and_tracks_one_proces
         while trainer_processes(job_dir) and time.monotonic() < deadline:
             time.sleep(0.2)
         assert not trainer_processes(job_dir), "a rank outlived the paused job"
-        assert 3 <= paused["progress"]["step"] < 40
+        assert 3 <= paused["progress"]["step"] < 20
+        # The pause registered its checkpoint: a new job on one process continues from it (the
+        # move to another machine, where the artifact would arrive by `neurolens transfer`).
+        pause_checkpoint = [a for a in paused["artifacts"] if a["kind"] == "checkpoint"]
+        assert len(pause_checkpoint) == 1
         with server.client() as client:
+            moved = client.post("/api/jobs", json={"stage": "stage1", "dataset": "synthetic", "config": config,
+                                                   "checkpoint_artifact": pause_checkpoint[0]["id"]})
+            assert moved.status_code == 201, moved.text
+            assert moved.json()["checkpoint_artifact"] == pause_checkpoint[0]["id"]
             assert client.post(f"/api/jobs/{two_id}/resume").status_code == 200
         done_two = server.wait_for_job(two_id, {"succeeded"}, timeout=300)
         server.wait_for_job(one_id, {"succeeded"}, timeout=300)
+        done_moved = server.wait_for_job(moved.json()["id"], {"succeeded"}, timeout=300)
+        moved_dir = server.data_dir / "jobs" / str(done_moved["id"])
+        assert f"at step {paused['progress']['step']}" in (moved_dir / "trainer.log").read_text()
 
-        assert done_two["attempts"] == 2 and done_two["progress"]["step"] == 40
+        assert done_two["attempts"] == 2 and done_two["progress"]["step"] == 20
         kinds = sorted(a["kind"] for a in done_two["artifacts"])
-        assert kinds == ["checkpoint", "encoder"]  # registered once, by rank 0
+        assert kinds == ["checkpoint", "checkpoint", "encoder"]  # at the pause and at the end, by rank 0 only
         with server.client() as client:
             events = client.get(f"/api/jobs/{two_id}/events", params={"limit": 1000}).json()["data"]
         started = [e for e in events if e["kind"] == "started"]
         assert len(started) == 2 and all("in 2 processes" in e["message"] for e in started)
         one_dir = server.data_dir / "jobs" / str(one_id)
-        assert_tracks(step_losses(job_dir, 40)[-30:], step_losses(one_dir, 40)[-30:])
+        assert_tracks(step_losses(job_dir, 20), step_losses(one_dir, 20))
+        assert_tracks(step_losses(moved_dir, 20), step_losses(one_dir, 20))
     finally:
         server.stop()
 
 
+@pytest.mark.slow
 def test_killing_torchrun_takes_its_workers_down_and_the_job_retries(server):
-    config = {**CONFIG, "steps": 30, "checkpoint_every": 5, "devices": 2}
+    config = {**CONFIG, "steps": 20, "checkpoint_every": 5, "devices": 2}
     with server.client() as client:
         job_id = client.post("/api/jobs", json={"stage": "stage1", "dataset": "synthetic", "config": config}).json()["id"]
         deadline = time.monotonic() + 240
@@ -153,7 +166,7 @@ def test_killing_torchrun_takes_its_workers_down_and_the_job_retries(server):
     gone, alive = psutil.wait_procs(workers, timeout=15)
     assert not alive, f"workers outlived their torchrun: {alive}"
     done = server.wait_for_job(job_id, {"succeeded"}, timeout=300)
-    assert done["attempts"] == 2 and done["progress"]["step"] == 30
+    assert done["attempts"] == 2 and done["progress"]["step"] == 20
 
 
 def _agent_pid(server: RunningServer, job_id: int) -> int:
@@ -164,3 +177,29 @@ def _agent_pid(server: RunningServer, job_id: int) -> int:
         if "torch.distributed.run" in cmdline and spec in " ".join(cmdline):
             return process.pid
     raise AssertionError(f"no torchrun agent for job {job_id}")
+
+
+def test_a_job_may_resume_only_from_a_checkpoint_of_the_same_model(shared_server):
+    config = {**CONFIG, "steps": 3, "checkpoint_every": 3}
+    with shared_server.client() as client:
+        job_id = client.post("/api/jobs", json={"stage": "stage1", "dataset": "synthetic", "config": config}).json()["id"]
+    done = shared_server.wait_for_job(job_id, {"succeeded"})
+    ids = {a["kind"]: a["id"] for a in done["artifacts"]}
+    cases = [
+        ({"checkpoint_artifact": 999999}, 404, "Artifact 999999 named in 'checkpoint_artifact' not found."),
+        ({"checkpoint_artifact": ids["encoder"]}, 422, "'checkpoint_artifact' needs a checkpoint"),
+        ({"checkpoint_artifact": ids["checkpoint"], "config": {**config, "preset": "small"}}, 422,
+         "checkpoint of preset 'tiny' with a different encoder config than this job's (preset 'small'"),
+        ({"checkpoint_artifact": ids["checkpoint"], "config": {**config, "window_s": 1.0}}, 422,
+         "window 1 s"),
+        ({"checkpoint_artifact": ids["checkpoint"], "stage": "stage2", "after": job_id, "config": {}}, 422,
+         "'checkpoint_artifact' applies to stage1 jobs only"),
+    ]
+    with shared_server.client() as client:
+        before = client.get("/api/jobs").json()["count"]
+        for extra, status, message in cases:
+            body = {"stage": "stage1", "dataset": "synthetic", "config": config, **extra}
+            response = client.post("/api/jobs", json=body)
+            assert response.status_code == status, response.text
+            assert message in response.json()["detail"], response.text
+        assert client.get("/api/jobs").json()["count"] == before

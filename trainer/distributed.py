@@ -29,7 +29,7 @@ import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
@@ -156,13 +156,16 @@ def mean_over_ranks(value: float, world: World, device: torch.device) -> float:
     return float(total.item()) / world.size
 
 
-def broadcast_path(path: Path | None, world: World) -> Path | None:
-    """Rank 0's ``path`` on every rank (the checkpoint all ranks resume from)."""
+def broadcast(value: Any, world: World) -> Any:
+    """Rank 0's ``value`` on every rank (e.g. which checkpoint all ranks resume from).
+
+    Values go through pickle between our own ranks only, never from a request.
+    """
     if not world.distributed:
-        return path
-    box = [str(path) if path is not None else None]
+        return value
+    box = [value]
     dist.broadcast_object_list(box, src=0)
-    return Path(box[0]) if box[0] is not None else None
+    return box[0]
 
 
 def barrier(world: World) -> None:

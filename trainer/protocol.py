@@ -60,6 +60,8 @@ class JobSpec(BaseModel):
     token: str = Field(description="Bearer token that may report for this job only.")
     encoder_path: str | None = Field(None, description="Stage 2: the encoder safetensors file to start from.")
     cache_dir: str | None = Field(None, description="Directory shared by jobs for generated datasets and window caches.")
+    resume_from: str | None = Field(None, description="A checkpoint file (an artifact) to start from while the job "
+                                                      "directory has no checkpoint of its own.")
     attempt: int = 1
 
 

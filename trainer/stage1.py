@@ -114,7 +114,10 @@ def run(spec: JobSpec, config: Stage1Config, reporter: Reporter, world: World = 
     state = TrainState()
     metadata = {"stage_config": config.to_dict(), "encoder_config": enc_config.to_dict()}
     latest = find_latest_checkpoint(job_dir) if world.is_main else None
-    latest = distributed.broadcast_path(latest, world)
+    own = latest is not None  # False when starting from another job's checkpoint (an artifact)
+    if latest is None and spec.resume_from:
+        latest = Path(spec.resume_from)
+    latest, own = distributed.broadcast((latest, own), world)  # every rank loads rank 0's choice
     if latest is not None:
         state, saved = load_training_checkpoint(latest, model, optimizer, {"mask": mask_generator})
         if saved.get("encoder_config") != enc_config.to_dict():
@@ -122,8 +125,8 @@ def run(spec: JobSpec, config: Stage1Config, reporter: Reporter, world: World = 
                                   f"delete it or use the preset it was trained with.")
         log.info("resumed from %s at step %d", latest, state.step)
     order = DataOrder(len(train_x), config.seed, state)
-    last_saved = state.step if latest is not None else -1
-    checkpoint_path = latest
+    last_saved = state.step if own else -1
+    checkpoint_path = latest if own else None
     trained = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) \
         if world.distributed else model
 
@@ -142,7 +145,9 @@ def run(spec: JobSpec, config: Stage1Config, reporter: Reporter, world: World = 
         stop = distributed.agree_on_stop(world, reporter.stop_requested, device)
         if stop:
             if last_saved != state.step:
-                save()
+                checkpoint_path = save()
+            if checkpoint_path is not None and stop == "pause":  # a paused run can be moved elsewhere
+                reporter.register(ArtifactKind.checkpoint, str(checkpoint_path.relative_to(job_dir)))
             log.info("stopping at step %d (%s requested)", state.step, stop)
             return EXIT_STOPPED
         started = time.perf_counter()

@@ -1,4 +1,5 @@
-"""GPU memory of jobs and their events (CUDA allocated and reserved, now and peak).
+"""GPU memory of jobs and their events (CUDA allocated and reserved, now and peak), and the
+checkpoint artifact a job resumes from.
 
 Revision ID: 0002
 Revises: 0001
@@ -21,9 +22,16 @@ def upgrade() -> None:
         with op.batch_alter_table(table, schema=None) as batch_op:
             for column in COLUMNS:
                 batch_op.add_column(sa.Column(column, sa.Integer(), nullable=True))
+    with op.batch_alter_table("job", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("checkpoint_artifact_id", sa.Integer(), nullable=True))
+        batch_op.create_foreign_key("fk_job_checkpoint_artifact_id_artifact", "artifact",
+                                    ["checkpoint_artifact_id"], ["id"])
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("job", schema=None) as batch_op:
+        batch_op.drop_constraint("fk_job_checkpoint_artifact_id_artifact", type_="foreignkey")
+        batch_op.drop_column("checkpoint_artifact_id")
     for table in ("job", "jobevent"):
         with op.batch_alter_table(table, schema=None) as batch_op:
             for column in COLUMNS:
