@@ -51,7 +51,15 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def median_rate(times: list[float], batch: int, warmup: int) -> float:
+def timed_rate(step, device: str, batch: int, steps: int, warmup: int) -> float:
+    """Median samples/s of ``step()`` (one forward, backward and optimizer step) after ``warmup``."""
+    times = []
+    for _ in range(warmup + steps):
+        synchronize(device)
+        started = time.perf_counter()
+        step()
+        synchronize(device)
+        times.append(time.perf_counter() - started)
     return batch / statistics.median(times[warmup:])
 
 
@@ -65,17 +73,14 @@ def plain_stage1(preset: str, batch: int, device: str, steps: int, warmup: int) 
     x = torch.randn(batch, len(config.channels), config.window_samples, device=device)
     channel_mask = torch.ones(batch, len(config.channels), dtype=torch.bool, device=device)
     token_mask = random_token_mask(batch, config, 0.5, torch.Generator().manual_seed(0)).to(device)
-    times = []
-    for _ in range(warmup + steps):
-        synchronize(device)
-        started = time.perf_counter()
+
+    def step() -> None:
         loss, _ = head(encoder, x, channel_mask, token_mask, 0.1)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        synchronize(device)
-        times.append(time.perf_counter() - started)
-    return median_rate(times, batch, warmup)
+
+    return timed_rate(step, device, batch, steps, warmup)
 
 
 def plain_stage2(encoder_preset: str, bart_preset: str, batch: int, device: str, steps: int, warmup: int) -> float:
@@ -93,17 +98,13 @@ def plain_stage2(encoder_preset: str, bart_preset: str, batch: int, device: str,
     optimizer = torch.optim.AdamW([*bart.parameters(), *project.parameters()], lr=1e-4)
     embeddings = torch.randn(batch, tokens, encoder.d_model, device=device)
     labels = torch.randint(3, preset.vocab_size, (batch, 32), device=device)
-    times = []
-    for _ in range(warmup + steps):
-        synchronize(device)
-        started = time.perf_counter()
-        loss = bart(inputs_embeds=project(embeddings), labels=labels).loss
-        loss.backward()
+
+    def step() -> None:
+        bart(inputs_embeds=project(embeddings), labels=labels).loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        synchronize(device)
-        times.append(time.perf_counter() - started)
-    return median_rate(times, batch, warmup)
+
+    return timed_rate(step, device, batch, steps, warmup)
 
 
 # -- the real trainer -------------------------------------------------------------------------------
