@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
 import threading
 import time
@@ -52,6 +53,27 @@ def halved_micro_batch(config: dict) -> int | None:
         if batch % candidate == 0:
             return candidate
     return None
+
+
+_ROOT_CAUSE_EXIT = re.compile(r"Root Cause.*?exitcode\s*:\s*(-?\d+)", re.S)
+
+
+def torchrun_root_cause(log_path: Path, max_bytes: int = 16384) -> int | None:
+    """The exit code of the worker whose failure ended a torchrun, from torchrun's report.
+
+    torchrun exits 1 whatever happened to its workers, and prints a "Root Cause (first observed
+    failure)" block with that worker's ``exitcode`` (negative: the signal). Reading it tells an
+    out-of-memory SIGKILL of one worker from a crash, so that the memory back-off applies to
+    data-parallel jobs too.
+    """
+    try:
+        with open(log_path, "rb") as fh:
+            fh.seek(max(fh.seek(0, 2) - max_bytes, 0))
+            text = fh.read().decode("utf-8", errors="replace")
+    except OSError:
+        return None
+    found = _ROOT_CAUSE_EXIT.findall(text)
+    return int(found[-1]) if found else None
 
 
 def uses_gpu(config: dict, gpus: list[Gpu]) -> bool:
@@ -189,7 +211,13 @@ class Scheduler:
             last_line = last_log_line(self.job_dir(job.id) / LOG_FILENAME)
             if last_line:
                 reason = f"{reason}: {last_line}"
-            killed_by_os = code == -getattr(signal, "SIGKILL", 9) and job.id not in self._killed_by_us
+            sigkill = -getattr(signal, "SIGKILL", 9)
+            if code == 1 and job.config.get("devices", 1) > 1:  # torchrun: how did its first worker end?
+                worker = torchrun_root_cause(self.job_dir(job.id) / LOG_FILENAME)
+                if worker is not None:
+                    code = worker
+                    reason = f"a torchrun worker: {describe_exit(worker)}"
+            killed_by_os = code == sigkill and job.id not in self._killed_by_us
             self._killed_by_us.discard(job.id)
             if job.attempts < self.settings.max_attempts:
                 changes: dict = {}

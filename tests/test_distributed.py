@@ -169,6 +169,24 @@ def test_killing_torchrun_takes_its_workers_down_and_the_job_retries(server):
     assert done["attempts"] == 2 and done["progress"]["step"] == 20
 
 
+@pytest.mark.slow
+def test_a_worker_killed_like_out_of_memory_halves_the_micro_batch(server):
+    config = {**CONFIG, "steps": 20, "checkpoint_every": 5, "devices": 2}
+    with server.client() as client:
+        job_id = client.post("/api/jobs", json={"stage": "stage1", "dataset": "synthetic", "config": config}).json()["id"]
+        deadline = time.monotonic() + 240
+        while client.get(f"/api/jobs/{job_id}").json()["progress"]["step"] < 6:
+            assert time.monotonic() < deadline, server.log()[-3000:]
+            time.sleep(0.2)
+    psutil.Process(_agent_pid(server, job_id)).children()[-1].kill()  # one worker, as the OOM killer would
+    done = server.wait_for_job(job_id, {"succeeded"}, timeout=300)
+    assert done["attempts"] == 2 and done["config"]["micro_batch_size"] == 2
+    with server.client() as client:
+        events = client.get(f"/api/jobs/{job_id}/events", params={"limit": 1000}).json()["data"]
+    assert any("a torchrun worker: trainer exited with code -9 (signal SIGKILL)" in (e["message"] or "")
+               and "micro_batch_size 2" in e["message"] for e in events)
+
+
 def _agent_pid(server: RunningServer, job_id: int) -> int:
     """The torchrun agent of a job: the process whose command line names the job's spec."""
     spec = str(server.data_dir / "jobs" / str(job_id) / "spec.json")

@@ -31,3 +31,15 @@ def test_more_than_one_device_launches_through_torchrun():
     assert trainer_command(spec) == [sys.executable, "-m", "trainer", "run", str(spec)]
     assert trainer_command(spec, 4) == [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                         "--nproc_per_node", "4", "-m", "trainer", "run", str(spec)]
+
+
+def test_the_root_cause_of_a_torchrun_failure_is_read_from_its_report(tmp_path):
+    from server.scheduler import torchrun_root_cause
+
+    log = tmp_path / "trainer.log"
+    log.write_text("step 5\n[1]:\n  exitcode  : -15 (pid: 10)  (SIGTERM)\nRoot Cause (first observed failure):\n"
+                   "[0]:\n  rank      : 1 (local_rank: 1)\n  exitcode  : -9 (pid: 11)  (SIGKILL)\n")
+    assert torchrun_root_cause(log) == -9
+    log.write_text("Traceback: ValueError\n")
+    assert torchrun_root_cause(log) is None
+    assert torchrun_root_cause(tmp_path / "missing.log") is None

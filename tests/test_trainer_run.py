@@ -83,7 +83,9 @@ def test_stop_request_then_resume_continues_the_loss_curve(stage1, tmp_path, cac
     assert server.bad_auth == 0 and server.events[0]["kind"] == "started"
     [saved] = [e for e in server.events if e["kind"] == "checkpoint"][-1:]
     stop_step = saved["step"]
-    assert 4 <= stop_step < 30 and server.registrations == []
+    assert 4 <= stop_step < 30
+    # A pause registers its checkpoint, so the paused run can be moved to another machine.
+    assert server.registrations == [{"kind": "checkpoint", "path": f"checkpoints/step-{stop_step:06d}/checkpoint.safetensors"}]
 
     server = StandInServer().start()  # second attempt: no stop, registrations recorded
     try:
