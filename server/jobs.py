@@ -7,6 +7,7 @@ Every status change goes through :func:`set_status`, which applies the change's 
 from __future__ import annotations
 
 import hashlib
+import json
 import secrets
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,9 @@ from sqlmodel import Session, select
 
 from server.exceptions import Conflict, InvalidInput, NotFound
 from server.models import Artifact, Job, JobCreate, JobEvent, JobPublic, JobStatus, utcnow
-from trainer.config import ConfigError, parse_config, predict_peak_bytes
+from server.storage import StorageError, resolve_inside
+from server.uploads import InvalidArtifactFile, read_safetensors_header
+from trainer.config import ConfigError, TrainConfigBase, parse_config, predict_peak_bytes
 from trainer.protocol import ArtifactKind, TrainerEvent
 
 SYNTHETIC_DATASETS = ("synthetic", "synthetic:null")
@@ -67,7 +70,39 @@ def validate_dataset(dataset: str) -> str:
     return str(Path(dataset).expanduser().resolve())
 
 
-def create_job(session: Session, body: JobCreate, memory_limit_bytes: int | None = None) -> Job:
+def check_resume_checkpoint(session: Session, body: JobCreate, config: TrainConfigBase, store_root: Path | None) -> None:
+    """The ``checkpoint_artifact`` of a new job must be a checkpoint of the same model.
+
+    Its safetensors header (parsed by the server, nothing unpickled) holds the configs it was
+    written with; a checkpoint of another preset could only fail later, in the trainer.
+    """
+    artifact = session.get(Artifact, body.checkpoint_artifact)
+    if artifact is None:
+        raise NotFound(f"Artifact {body.checkpoint_artifact} named in 'checkpoint_artifact' not found.")
+    if artifact.kind != ArtifactKind.checkpoint:
+        raise InvalidInput(
+            f"Artifact {artifact.id} is a {artifact.kind.value} artifact; 'checkpoint_artifact' needs a checkpoint.")
+    if body.stage != "stage1":
+        raise InvalidInput("'checkpoint_artifact' applies to stage1 jobs only; a stage2 job resumes from its own "
+                           "checkpoints.")
+    if store_root is None:
+        return
+    try:
+        metadata = read_safetensors_header(resolve_inside(store_root, artifact.storage_path))
+        saved = json.loads(metadata.get("encoder_config", "null"))
+    except (InvalidArtifactFile, StorageError, OSError, ValueError) as exc:
+        raise InvalidInput(f"Artifact {artifact.id} cannot be read as a checkpoint: {exc}") from exc
+    wanted = config.encoder.to_dict()
+    if saved != wanted:
+        described = f"preset {saved.get('name')!r}" if isinstance(saved, dict) else "no encoder config"
+        raise InvalidInput(
+            f"Artifact {artifact.id} is a checkpoint of {described} with a different encoder config than this "
+            f"job's (preset {config.preset!r}, window {wanted['window_s']:g} s); use the preset and window_s "
+            f"it was trained with.")
+
+
+def create_job(session: Session, body: JobCreate, memory_limit_bytes: int | None = None,
+               store_root: Path | None = None) -> Job:
     """Validate a job request and queue it; nothing is written when any part is invalid.
 
     ``memory_limit_bytes`` is the most any one job may ever use here (the memory budget, or the
@@ -77,7 +112,8 @@ def create_job(session: Session, body: JobCreate, memory_limit_bytes: int | None
         config = parse_config(body.stage, body.config)
     except ConfigError as exc:
         raise InvalidInput(str(exc)) from exc
-    predicted = predict_peak_bytes(config)
+    # Per trainer process; a data-parallel job runs `devices` of them, each with the whole model.
+    predicted = predict_peak_bytes(config) * config.devices
     if memory_limit_bytes and predicted > memory_limit_bytes:
         raise InvalidInput(
             f"This {body.stage} job is predicted to need {predicted / 2**30:.2f} GB at its peak, more than the "
@@ -107,12 +143,16 @@ def create_job(session: Session, body: JobCreate, memory_limit_bytes: int | None
                     f"Artifact {artifact.id} is a {artifact.kind.value} artifact; 'encoder_artifact' needs an encoder."
                 )
 
+    if body.checkpoint_artifact is not None:
+        check_resume_checkpoint(session, body, config, store_root)
+
     job = Job(
         stage=body.stage,
         dataset=dataset,
         config=config.to_dict(),
         after_job_id=body.after,
         encoder_artifact_id=body.encoder_artifact,
+        checkpoint_artifact_id=body.checkpoint_artifact,
         total=config.steps,
         predicted_peak_bytes=predicted,
     )
@@ -152,7 +192,7 @@ def set_status(session: Session, job: Job, status: JobStatus, *, reason: str | N
                       last_heartbeat_at=now, error=None)
     else:
         values.update(pid=None, token_sha256=None, stop_request=None, stop_requested_at=None, rss_bytes=None,
-                      eta_s=None)
+                      gpu_allocated_bytes=None, gpu_reserved_bytes=None, eta_s=None)
     if status.is_finished:
         values["finished_at"] = now
     values.update(fields)
@@ -238,6 +278,12 @@ def record_event(session: Session, job: Job, event: TrainerEvent) -> str | None:
     job.metrics = metrics
     if event.peak_rss_bytes is not None:
         job.peak_rss_bytes = max(job.peak_rss_bytes or 0, event.peak_rss_bytes)
+    for key in ("gpu_allocated_bytes", "gpu_reserved_bytes"):
+        if getattr(event, key) is not None:
+            setattr(job, key, getattr(event, key))
+    for key in ("gpu_peak_allocated_bytes", "gpu_peak_reserved_bytes"):
+        if getattr(event, key) is not None:  # the peak over all attempts, like peak_rss_bytes
+            setattr(job, key, max(getattr(job, key) or 0, getattr(event, key)))
     if event.kind == "error" and event.message:
         job.error = event.message
     job.eta_s = _eta_seconds(job, now)

@@ -33,6 +33,22 @@ def test_migrations_build_and_remove_the_schema(tmp_path):
     upgrade_database(url)  # and back up again
 
 
+def test_migrations_match_the_models(tmp_path):
+    """The schema Alembic builds is the one the SQLModel tables describe (nothing forgotten)."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+    from sqlalchemy import create_engine
+    from sqlmodel import SQLModel
+
+    import server.models  # noqa: F401  (registers the tables)
+
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    upgrade_database(url)
+    with create_engine(url).connect() as connection:
+        differences = compare_metadata(MigrationContext.configure(connection), SQLModel.metadata)
+    assert differences == []
+
+
 def test_health_system_presets_and_docs(server):
     with server.client() as client:
         assert client.get("/api/health").json()["status"] == "ok"
@@ -56,6 +72,13 @@ BAD_JOBS = [
     ({"stage": "stage1", "config": {"steps": "many"}}, 422, "Invalid steps 'many'"),
     ({"stage": "stage1", "config": {"stepz": 10}}, 422, "Unknown config key 'stepz' for stage1"),
     ({"stage": "stage1", "config": {"batch_size": 8, "micro_batch_size": 3}}, 422, "must divide batch_size"),
+    ({"stage": "stage1", "config": {"batch_size": 8, "devices": 3}}, 422, "Invalid devices 3; it must divide batch_size 8"),
+    ({"stage": "stage1", "config": {"batch_size": 8, "devices": 2, "micro_batch_size": 3}}, 422,
+     "it must divide the per-process batch 4 (batch_size 8 / devices 2)"),
+    ({"stage": "stage1", "config": {"devices": 0}}, 422, "Invalid devices 0; it must be greater than zero."),
+    ({"stage": "stage1", "config": {"precision": "fp16"}}, 422, "Invalid precision 'fp16'"),
+    ({"stage": "stage1", "config": {"device": "tpu"}}, 422, "Invalid device 'tpu'"),
+    ({"stage": "stage2", "after": 1, "config": {"devices": 2}}, 422, "Stage 2 trains in one process"),
     ({"stage": "stage1", "dataset": "/no/such/recordings"}, 422, "Dataset path '/no/such/recordings' does not exist"),
     ({"stage": "stage1", "dataset": "synthetic:other"}, 422, "Invalid dataset 'synthetic:other'"),
     ({"stage": "stage2"}, 422, "needs exactly one of 'after'"),

@@ -83,7 +83,9 @@ def test_stop_request_then_resume_continues_the_loss_curve(stage1, tmp_path, cac
     assert server.bad_auth == 0 and server.events[0]["kind"] == "started"
     [saved] = [e for e in server.events if e["kind"] == "checkpoint"][-1:]
     stop_step = saved["step"]
-    assert 4 <= stop_step < 30 and server.registrations == []
+    assert 4 <= stop_step < 30
+    # A pause registers its checkpoint, so the paused run can be moved to another machine.
+    assert server.registrations == [{"kind": "checkpoint", "path": f"checkpoints/step-{stop_step:06d}/checkpoint.safetensors"}]
 
     server = StandInServer().start()  # second attempt: no stop, registrations recorded
     try:
@@ -110,7 +112,7 @@ def test_killed_run_resumes_and_ends_with_the_uninterrupted_loss(stage1, tmp_pat
     """
     _, straight = stage1
     spec = write_spec(tmp_path / "job", "stage1", STAGE1, cache_dir=cache_dir)
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     proc = subprocess.Popen([sys.executable, "-m", "trainer", "run", str(spec)], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:

@@ -48,7 +48,7 @@ class TrainerRun:
 
 def run_trainer(spec_path: Path, timeout: float = 300.0) -> TrainerRun:
     """``python -m trainer run spec.json`` in a real subprocess."""
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     proc = subprocess.run([sys.executable, "-m", "trainer", "run", str(spec_path)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout)
     return TrainerRun(proc.returncode, proc.stdout, proc.stderr)

@@ -55,6 +55,10 @@ def _expect_positive(name: str, value: Any, *, integer: bool = True, allow_zero:
         raise ConfigError(f"Invalid {name} {value!r}; it must be at most {MAX_COUNT}.")
 
 
+MAX_DEVICES = 64
+"""Most data-parallel processes a job may ask for (a sanity bound, not a tested scale)."""
+
+
 @dataclass(frozen=True)
 class EncoderConfig:
     """Shape of the MultiView Transformer EEG encoder; saved beside every checkpoint."""
@@ -171,7 +175,8 @@ class TrainConfigBase:
     batch_size: int = 8
     """Effective batch size: samples per optimizer step."""
     micro_batch_size: int = 0
-    """Samples per forward/backward pass; 0 means equal to batch_size. Gradients accumulate."""
+    """Samples per forward/backward pass in each process; 0 means batch_size / devices (no
+    accumulation). Gradients accumulate over batch_size / (devices * micro_batch_size) passes."""
     lr: float = 1e-3
     """Peak learning rate (linear warm-up, cosine decay)."""
     warmup_steps: int = 10
@@ -184,8 +189,16 @@ class TrainConfigBase:
     """Seconds between progress events sent to the server."""
     seed: int = 0
     """Seed for model init, data order and masking; a resumed run restores the RNG state."""
-    device: str = "cpu"
-    """'auto', 'cpu' or 'cuda'."""
+    device: str = "auto"
+    """'auto' (CUDA when present, else CPU), 'cpu' or 'cuda'."""
+    precision: str = "auto"
+    """'auto', 'float32' or 'bfloat16': the autocast dtype of forward passes. 'auto' is bfloat16
+    on a CUDA device that supports it and float32 on the CPU, where bench/throughput.py shows
+    bfloat16 autocast is slower. Weights and optimizer state stay float32 either way."""
+    devices: int = 1
+    """Processes training in data parallel (one per GPU on CUDA; CPU processes with gloo
+    otherwise). More than 1 launches the trainer through ``torchrun``; the effective batch is
+    still ``batch_size``, split evenly across the processes."""
 
     STAGE: ClassVar[str] = ""
     PRESET_NAMES: ClassVar[tuple[str, ...]] = ()
@@ -195,12 +208,20 @@ class TrainConfigBase:
         _expect_positive("steps", self.steps)
         _expect_positive("batch_size", self.batch_size)
         _expect_positive("micro_batch_size", self.micro_batch_size, allow_zero=True)
-        if self.micro_batch_size == 0:
-            self.micro_batch_size = self.batch_size
-        if self.batch_size % self.micro_batch_size:
+        _expect_positive("devices", self.devices)
+        if self.devices > MAX_DEVICES:
+            raise ConfigError(f"Invalid devices {self.devices}; at most {MAX_DEVICES} processes are supported.")
+        if self.batch_size % self.devices:
             raise ConfigError(
-                f"Invalid micro_batch_size {self.micro_batch_size}; it must divide batch_size {self.batch_size}."
+                f"Invalid devices {self.devices}; it must divide batch_size {self.batch_size} "
+                f"(each process takes an equal share of every batch)."
             )
+        if self.micro_batch_size == 0:
+            self.micro_batch_size = self.batch_size // self.devices
+        if self.per_process_batch % self.micro_batch_size:
+            where = (f"batch_size {self.batch_size}" if self.devices == 1 else
+                     f"the per-process batch {self.per_process_batch} (batch_size {self.batch_size} / devices {self.devices})")
+            raise ConfigError(f"Invalid micro_batch_size {self.micro_batch_size}; it must divide {where}.")
         _expect_positive("lr", self.lr, integer=False)
         _expect_positive("warmup_steps", self.warmup_steps, allow_zero=True)
         _expect_choice("optimizer", self.optimizer, ("adamw", "adafactor"))
@@ -208,10 +229,17 @@ class TrainConfigBase:
         _expect_positive("log_every_s", self.log_every_s, integer=False)
         _expect_positive("seed", self.seed, allow_zero=True)
         _expect_choice("device", self.device, ("auto", "cpu", "cuda"))
+        _expect_choice("precision", self.precision, ("auto", "float32", "bfloat16"))
+
+    @property
+    def per_process_batch(self) -> int:
+        """Samples each of the ``devices`` processes contributes to one optimizer step."""
+        return self.batch_size // self.devices
 
     @property
     def accumulation_steps(self) -> int:
-        return self.batch_size // self.micro_batch_size
+        """Micro-batches each process runs per optimizer step."""
+        return self.per_process_batch // self.micro_batch_size
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -297,6 +325,9 @@ class Stage2Config(TrainConfigBase):
             )
         if not isinstance(self.pretrained_dir, str):
             raise ConfigError(f"Invalid pretrained_dir {self.pretrained_dir!r}; expected a path string.")
+        if self.devices != 1:
+            raise ConfigError(f"Invalid devices {self.devices} for stage2; Stage 2 trains in one process "
+                              f"(data-parallel training is Stage 1's).")
 
     @property
     def bart(self) -> BartPreset:
@@ -345,8 +376,8 @@ def predict_peak_bytes(config: TrainConfigBase) -> int:
         activations = config.micro_batch_size * (
             (tokens * enc.d_model * 4 * enc.n_layers + per_layer) if config.activation_checkpointing
             else per_layer * enc.n_layers)
-        if not config.fused_optimizer:
-            grads = 4
+        if not config.fused_optimizer or config.devices > 1:
+            grads = 4  # all gradients at once (data-parallel: averaged across processes first)
         elif config.accumulation_steps > 1:
             grads = 2 if config.accumulate_dtype == "bfloat16" else 4
         else:
@@ -358,6 +389,20 @@ def predict_peak_bytes(config: TrainConfigBase) -> int:
         grads = 4
     per_param = 4 + grads + _STATE_BYTES_PER_PARAM[config.optimizer]
     return int(RUNTIME_BASELINE_BYTES + params * per_param + activations)
+
+
+# CUDA context, cuBLAS/cuDNN workspaces and the caching allocator's slack on one GPU.
+CUDA_OVERHEAD_BYTES = 600 * 1024**2
+
+
+def predict_gpu_bytes(config: TrainConfigBase) -> int:
+    """Predicted peak GPU memory of each process of a CUDA job, in bytes.
+
+    The same weights, gradients, optimizer state and activations as :func:`predict_peak_bytes`
+    (bf16 autocast only shrinks the activations, so this errs high), on the GPU instead of in
+    the process's RAM, plus the CUDA runtime's own overhead in place of Python's.
+    """
+    return predict_peak_bytes(config) - RUNTIME_BASELINE_BYTES + CUDA_OVERHEAD_BYTES
 
 
 def config_fields(stage: str) -> list[dict[str, Any]]:
@@ -372,5 +417,6 @@ def config_fields(stage: str) -> list[dict[str, Any]]:
 
 __all__ = [
     "BART_PRESETS", "CHANNELS_32", "CHANNELS_8", "ConfigError", "EncoderConfig", "Stage1Config",
-    "Stage2Config", "STAGES", "TrainConfigBase", "config_fields", "parse_config", "predict_peak_bytes",
+    "Stage2Config", "STAGES", "TrainConfigBase", "config_fields", "parse_config", "predict_gpu_bytes",
+    "predict_peak_bytes",
 ]

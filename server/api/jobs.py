@@ -32,7 +32,7 @@ def etag_of(job: Job) -> str:
 @router.post("", status_code=201, response_model=JobPublic)
 def create_job(body: JobCreate, session: SessionDep, scheduler: SchedulerDep, settings: SettingsDep) -> JobPublic:
     limit = settings.memory_budget_bytes or psutil.virtual_memory().total
-    job = job_rules.create_job(session, body, memory_limit_bytes=limit)
+    job = job_rules.create_job(session, body, memory_limit_bytes=limit, store_root=settings.artifacts_dir)
     scheduler.wake()
     return job_rules.to_public(session, job)
 
