@@ -260,12 +260,17 @@ def record_event(session: Session, job: Job, event: TrainerEvent) -> str | None:
     session.add(JobEvent(job_id=job.id, **event.model_dump()))
     job.last_heartbeat_at = now
     if event.kind == "started":
-        # The ETA counts from here: start-up (imports, data preparation) is not training speed.
         # A resumed attempt announces itself before it has loaded its checkpoint, so its step
         # is not news: the job keeps the step its checkpoint holds.
         job.attempt_started_at = now
         job.attempt_start_step = job.step
+        job.eta_from_step = job.eta_from_at = None
     elif event.step is not None:
+        if job.eta_from_step is None and event.step > job.attempt_start_step:
+            # The attempt's first reported step: the ETA's rate is measured from here on. Start-up
+            # (imports, data preparation, building the model) and the first step (warm-up,
+            # allocator growth) are not training speed; counting them made early ETAs far too long.
+            job.eta_from_step, job.eta_from_at = event.step, now
         job.step = event.step
     if event.total is not None:
         job.total = event.total
@@ -294,8 +299,9 @@ def record_event(session: Session, job: Job, event: TrainerEvent) -> str | None:
 
 
 def _eta_seconds(job: Job, now) -> float | None:
-    if job.attempt_started_at is None or job.step <= job.attempt_start_step:
+    """Remaining steps at the average rate since the attempt's first reported step."""
+    if job.eta_from_at is None or job.eta_from_step is None or job.step <= job.eta_from_step:
         return None
-    elapsed = (now - job.attempt_started_at).total_seconds()
-    rate = (job.step - job.attempt_start_step) / max(elapsed, 1e-6)
+    elapsed = (now - job.eta_from_at).total_seconds()
+    rate = (job.step - job.eta_from_step) / max(elapsed, 1e-6)
     return round(max(job.total - job.step, 0) / rate, 1)

@@ -95,6 +95,9 @@ class Job(SQLModel, table=True):
     # Step and time at which the current attempt began, for the ETA.
     attempt_start_step: int = 0
     attempt_started_at: datetime | None = None
+    # The attempt's first reported step and when it came: the ETA's rate is measured from there.
+    eta_from_step: int | None = None
+    eta_from_at: datetime | None = None
     # Bumped on every change; the job's ETag.
     version: int = 1
     created_at: datetime = Field(default_factory=utcnow)
