@@ -66,6 +66,24 @@ _SAFETENSORS_DTYPES = {
 }
 
 
+class LazyTensor:
+    """A tensor read only when it is written: ``dtype`` and ``shape`` now, data from ``load()``.
+
+    :func:`write_safetensors` needs every tensor's size for the header before any data, so a
+    file can be copied into another (the encoder into the Stage 2 model file) without holding
+    all of it in memory.
+    """
+
+    def __init__(self, dtype: torch.dtype, shape: tuple[int, ...], load) -> None:
+        self.dtype, self.shape, self.load = dtype, tuple(shape), load
+
+    def numel(self) -> int:
+        return int(torch.Size(self.shape).numel())
+
+    def element_size(self) -> int:
+        return torch.empty((), dtype=self.dtype).element_size()
+
+
 def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
     """Write a safetensors file one tensor at a time, without building it in memory.
 
@@ -78,7 +96,7 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: di
 
     Parameters
     ----------
-    tensors : dict of str to Tensor
+    tensors : dict of str to Tensor or LazyTensor
         Tensors on any device (each is moved to the CPU on its own while it is written).
     path : Path
         File to write (overwritten).
@@ -86,7 +104,8 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: di
         The header's ``__metadata__``.
     """
     if sys.byteorder != "little":  # the format is little-endian; a raw copy would be wrong
-        save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
+        save_file({k: (v.load() if isinstance(v, LazyTensor) else v).detach().to("cpu").contiguous()
+                   for k, v in tensors.items()}, str(path), metadata=metadata)
         return
     header: dict[str, Any] = {"__metadata__": metadata}
     offset = 0
@@ -103,6 +122,8 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: di
         fh.write(struct.pack("<Q", len(blob)))
         fh.write(blob)
         for tensor in tensors.values():
+            if isinstance(tensor, LazyTensor):
+                tensor = tensor.load()
             flat = tensor.detach().to("cpu").contiguous().reshape(-1)
             if flat.numel():
                 fh.write(memoryview(flat.view(torch.uint8).numpy()))
