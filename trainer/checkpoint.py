@@ -130,6 +130,39 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: di
         fh.flush()
 
 
+def read_safetensors_into(path: Path, targets: dict[str, torch.Tensor]) -> None:
+    """Fill each CPU tensor of ``targets`` in place with the file's tensor of the same name.
+
+    Read with plain file reads straight into the tensors' memory, not through
+    ``safetensors.safe_open``: that maps the file, and the mapped pages it touches count in the
+    process's resident set until it is closed, so loading a 1 GB encoder that way peaks at
+    2 GB (the module plus the mapping). Names, dtypes and shapes are checked against the header.
+    """
+    if sys.byteorder != "little":  # the format is little-endian; a raw read would be wrong
+        with safe_open(str(path), framework="pt") as fh, torch.no_grad():
+            for name, tensor in targets.items():
+                tensor.copy_(fh.get_tensor(name))
+        return
+    with open(path, "rb") as fh:
+        (length,) = struct.unpack("<Q", fh.read(8))
+        header = json.loads(fh.read(length))
+        base = 8 + length
+        for name, tensor in targets.items():
+            info = header.get(name)
+            if info is None:
+                raise CheckpointError(f"{path} has no tensor {name!r}")
+            if info["dtype"] != _SAFETENSORS_DTYPES.get(tensor.dtype) or list(info["shape"]) != list(tensor.shape):
+                raise CheckpointError(f"{path}: tensor {name!r} is {info['dtype']} {info['shape']}, "
+                                      f"expected {_SAFETENSORS_DTYPES.get(tensor.dtype)} {list(tensor.shape)}")
+            start, end = info["data_offsets"]
+            if not tensor.is_contiguous() or tensor.device.type != "cpu":
+                raise ValueError(f"read_safetensors_into needs contiguous CPU tensors ({name!r} is not)")
+            fh.seek(base + start)
+            view = memoryview(tensor.detach().reshape(-1).view(torch.uint8).numpy())
+            if end > start and fh.readinto(view) != end - start:
+                raise CheckpointError(f"{path} is truncated inside tensor {name!r}")
+
+
 def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> Path:
     """Write a safetensors file via a hidden temporary sibling and ``os.replace``.
 

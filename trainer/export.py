@@ -23,7 +23,8 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from trainer.checkpoint import LazyTensor, atomic_save_safetensors, dedupe_tensors, validate_state_dict
+from trainer.checkpoint import (LazyTensor, atomic_save_safetensors, dedupe_tensors, read_safetensors_into,
+                                validate_state_dict)
 from trainer.config import ConfigError, EncoderConfig
 from trainer.exceptions import CheckpointError, EncoderFileError
 from trainer.models.multiview import MultiViewEncoder
@@ -40,33 +41,6 @@ def save_encoder(encoder: MultiViewEncoder, path: Path) -> Path:
     """Write the encoder's weights and config atomically to ``path``."""
     metadata = {"format": ENCODER_FORMAT, "encoder_config": json.dumps(encoder.config.to_dict())}
     return atomic_save_safetensors(encoder.state_dict(), path, metadata)
-
-
-def read_encoder_file(path: Path) -> tuple[EncoderConfig, dict[str, torch.Tensor]]:
-    """Config and weights of an encoder file, checked against its format.
-
-    Raises
-    ------
-    EncoderFileError
-        The file is missing, unreadable, or not a NeuroLens encoder.
-    """
-    if not path.is_file():
-        raise EncoderFileError(f"Encoder file {path} does not exist.")
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            meta = fh.metadata() or {}
-            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
-    except Exception as exc:
-        raise EncoderFileError(f"Cannot read encoder file {path}: {exc}") from exc
-    if meta.get("format") != ENCODER_FORMAT:
-        raise EncoderFileError(
-            f"{path} is not a NeuroLens encoder file: format {meta.get('format')!r}, expected {ENCODER_FORMAT!r}."
-        )
-    try:
-        config = EncoderConfig.from_dict(json.loads(meta["encoder_config"]))
-    except (KeyError, ValueError, TypeError, ConfigError) as exc:
-        raise EncoderFileError(f"{path} has no valid encoder_config: {exc}") from exc
-    return config, tensors
 
 
 def read_encoder_config(path: Path) -> EncoderConfig:
@@ -88,15 +62,33 @@ def read_encoder_config(path: Path) -> EncoderConfig:
         raise EncoderFileError(f"{path} has no valid encoder_config: {exc}") from exc
 
 
-def load_encoder(path: Path) -> MultiViewEncoder:
-    """Build a :class:`MultiViewEncoder` from an encoder file, validating keys and shapes."""
-    config, tensors = read_encoder_file(path)
-    encoder = MultiViewEncoder(config)
+def check_encoder_file(path: Path) -> EncoderConfig:
+    """The config of an encoder file whose tensor names and shapes (read from the header, no
+    data) match the encoder that config builds; raises :class:`EncoderFileError` otherwise."""
+    config = read_encoder_config(path)
+    with torch.device("meta"):
+        encoder = MultiViewEncoder(config)
+    with safe_open(str(path), framework="pt") as fh:
+        shapes = {name: fh.get_slice(name).get_shape() for name in fh.keys()}
     try:
-        validate_state_dict(encoder, tensors, f"Encoder file {path}")
+        validate_state_dict(encoder, shapes, f"Encoder file {path}")
     except CheckpointError as exc:
         raise EncoderFileError(str(exc)) from exc
-    encoder.load_state_dict(tensors)
+    return config
+
+
+def load_encoder(path: Path) -> MultiViewEncoder:
+    """Build a :class:`MultiViewEncoder` from an encoder file, validating keys and shapes.
+
+    The weights are copied into the module one tensor at a time, so loading costs the
+    encoder's size once, not twice (1 GB for the ``large`` preset).
+    """
+    config = check_encoder_file(path)
+    encoder = MultiViewEncoder(config)
+    try:
+        read_safetensors_into(path, encoder.state_dict(keep_vars=True))
+    except (OSError, ValueError, CheckpointError) as exc:
+        raise EncoderFileError(f"Cannot read encoder file {path}: {exc}") from exc
     return encoder
 
 

@@ -129,8 +129,7 @@ def run(spec: JobSpec, config: Stage2Config, reporter: Reporter) -> int:
     if not spec.encoder_path:
         raise TrainerError("Stage 2 needs an encoder: the job spec has no encoder_path.")
     encoder_path = Path(spec.encoder_path)
-    encoder_config = export.read_encoder_config(encoder_path)
-    export.load_encoder(encoder_path)  # validates keys and shapes now, before any data work
+    encoder_config = export.check_encoder_file(encoder_path)  # before any data work
 
     # -- data: sentences, splits, cached features ----------------------------------------------------
     recordings = load_dataset(spec.dataset, Path(spec.cache_dir or spec.job_dir), encoder_config)
