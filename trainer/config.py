@@ -385,7 +385,7 @@ def predict_peak_bytes(config: TrainConfigBase, encoder: EncoderConfig | None = 
 
 
 # Most bytes of encoder activations one batch may use while Stage 2 caches the encoder's outputs.
-EMBEDDING_BATCH_BYTES = 256 * 1024**2
+EMBEDDING_BATCH_BYTES = 128 * 1024**2
 
 
 def inference_bytes_per_window(enc: EncoderConfig) -> int:

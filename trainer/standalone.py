@@ -99,8 +99,13 @@ class EEGToTextModel(nn.Module):
         self.window_samples = int(round(encoder_config["window_s"] * encoder_config["sfreq"]))
 
     @torch.no_grad()
-    def generate(self, eeg, channel_mask=None, max_new_tokens: int = 32, num_beams: int = 1) -> list[str]:
-        """Free-running decoding of a batch of windows ``(B, C, T)``; one sentence per window."""
+    def generate(self, eeg, channel_mask=None, max_new_tokens: int | None = None, num_beams: int = 1) -> list[str]:
+        """Free-running decoding of a batch of windows ``(B, C, T)``; one sentence per window.
+
+        ``max_new_tokens`` defaults to (and is capped at) what BART's position table allows.
+        """
+        limit = self.bart.config.max_position_embeddings - 1  # the decoder start token takes one
+        max_new_tokens = limit if max_new_tokens is None else min(max_new_tokens, limit)
         x = torch.as_tensor(eeg, dtype=torch.float32)
         if x.ndim == 2:
             x = x[None]
