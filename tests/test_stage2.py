@@ -216,3 +216,25 @@ def test_the_standalone_encoder_computes_what_the_trainer_computes():
     mask[1, 2] = False
     with torch.no_grad():
         torch.testing.assert_close(copy(x, mask), encoder.patch_features(x, mask))
+
+
+def test_a_stage2_prediction_counts_the_encoder_it_will_start_from(tmp_path):
+    from server.jobs import _encoder_config_of
+    from server.models import Artifact, Job
+    from trainer import export
+    from trainer.config import EncoderConfig, Stage2Config, predict_peak_bytes
+    from trainer.models.multiview import MultiViewEncoder
+
+    after = Job(stage="stage1", dataset="synthetic", config={"preset": "large"})
+    large = _encoder_config_of(after, None, None)
+    assert large == EncoderConfig.from_name("large")
+    config = Stage2Config(preset="tiny")
+    # The large encoder's 1 GB of weights is held while its features are cached.
+    assert predict_peak_bytes(config, large) > predict_peak_bytes(config) + 0.9e9
+
+    export.save_encoder(MultiViewEncoder(EncoderConfig.from_name("tiny")), tmp_path / "1" / "encoder.safetensors")
+    artifact = Artifact(kind="encoder", filename="encoder.safetensors", size_bytes=0, sha256="0" * 64,
+                        storage_path="1/encoder.safetensors")
+    assert _encoder_config_of(None, artifact, lambda a: tmp_path / a.storage_path) == EncoderConfig.from_name("tiny")
+    (tmp_path / "1" / "encoder.safetensors").write_bytes(b"not safetensors")
+    assert _encoder_config_of(None, artifact, lambda a: tmp_path / a.storage_path) is None

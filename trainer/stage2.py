@@ -30,7 +30,7 @@ from trainer.data.recordings import Recording, cut, load_dataset
 from trainer.data.text import split_by_text
 from trainer.data.tokenizer import tokenizer_from_json, tokenizer_json, train_tokenizer
 from trainer.exceptions import CheckpointError, DatasetError, TrainerError
-from trainer.feature_cache import FeatureCache, cached_features, feature_statistics
+from trainer.feature_cache import cached_features, feature_statistics
 from trainer.memory import FusedOptimizer
 from trainer.models.bridge import EEGToText, bart_config
 from trainer.protocol import EXIT_OK, EXIT_STOPPED, ArtifactKind, JobSpec
