@@ -170,6 +170,11 @@ def test_phase2_trains_the_encoder_and_a_stop_in_phase2_resumes_with_its_weights
         checkpointed = fh.get_tensor("model.encoder.temporal.weight")
     assert not torch.equal(original, exported), "phase 2 must train the encoder"
     torch.testing.assert_close(exported, checkpointed)
+    # What an upload of either file would be checked with accepts them.
+    from trainer.validate import validate_checkpoint, validate_model
+
+    assert validate_checkpoint(tmp_path / "job" / "checkpoints" / "step-000016" / "checkpoint.safetensors")["step"] == 16
+    assert validate_model(tmp_path / "job" / "final" / "model.safetensors")["kind"] == "model"
 
 
 def test_a_pretrained_bart_directory_is_loaded_offline(tmp_path, encoder_path, cache_dir):
