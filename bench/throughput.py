@@ -88,15 +88,16 @@ def plain_stage2(encoder_preset: str, bart_preset: str, batch: int, device: str,
 
     encoder = EncoderConfig.from_name(encoder_preset)
     preset = BART_PRESETS[bart_preset]
-    tokens = encoder.n_patches  # BART's input: the encoder's states pooled to one per patch (MultiViewEncoder.embed)
+    tokens = encoder.n_patches  # BART's input: one vector per time patch (MultiViewEncoder.patch_features),
+    features = len(encoder.channels) * encoder.d_model  # every channel's state side by side
     bart = BartForConditionalGeneration(BartConfig(
         vocab_size=preset.vocab_size, d_model=preset.d_model, encoder_layers=preset.encoder_layers,
         decoder_layers=preset.decoder_layers, encoder_attention_heads=preset.attention_heads,
         decoder_attention_heads=preset.attention_heads, encoder_ffn_dim=preset.ffn_dim,
         decoder_ffn_dim=preset.ffn_dim, max_position_embeddings=128)).to(device)
-    project = torch.nn.Linear(encoder.d_model, preset.d_model).to(device)
+    project = torch.nn.Linear(features, preset.d_model).to(device)
     optimizer = torch.optim.AdamW([*bart.parameters(), *project.parameters()], lr=1e-4)
-    embeddings = torch.randn(batch, tokens, encoder.d_model, device=device)
+    embeddings = torch.randn(batch, tokens, features, device=device)
     labels = torch.randint(3, preset.vocab_size, (batch, 32), device=device)
 
     def step() -> None:

@@ -10,16 +10,15 @@ import hashlib
 import json
 import secrets
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from sqlalchemy import update
 from sqlmodel import Session, select
 
 from server.exceptions import Conflict, InvalidInput, NotFound
 from server.models import Artifact, Job, JobCreate, JobEvent, JobPublic, JobStatus, utcnow
-from server.storage import StorageError, resolve_inside
 from server.uploads import InvalidArtifactFile, read_safetensors_header
-from trainer.config import ConfigError, TrainConfigBase, parse_config, predict_peak_bytes
+from trainer.config import ConfigError, EncoderConfig, Stage1Config, TrainConfigBase, parse_config, predict_peak_bytes
 from trainer.protocol import ArtifactKind, TrainerEvent
 
 SYNTHETIC_DATASETS = ("synthetic", "synthetic:null")
@@ -70,7 +69,8 @@ def validate_dataset(dataset: str) -> str:
     return str(Path(dataset).expanduser().resolve())
 
 
-def check_resume_checkpoint(session: Session, body: JobCreate, config: TrainConfigBase, store_root: Path | None) -> None:
+def check_resume_checkpoint(session: Session, body: JobCreate, config: TrainConfigBase,
+                            artifact_path: Callable[[Artifact], Path] | None) -> None:
     """The ``checkpoint_artifact`` of a new job must be a checkpoint of the same model.
 
     Its safetensors header (parsed by the server, nothing unpickled) holds the configs it was
@@ -85,12 +85,12 @@ def check_resume_checkpoint(session: Session, body: JobCreate, config: TrainConf
     if body.stage != "stage1":
         raise InvalidInput("'checkpoint_artifact' applies to stage1 jobs only; a stage2 job resumes from its own "
                            "checkpoints.")
-    if store_root is None:
+    if artifact_path is None:
         return
     try:
-        metadata = read_safetensors_header(resolve_inside(store_root, artifact.storage_path))
+        metadata = read_safetensors_header(artifact_path(artifact))
         saved = json.loads(metadata.get("encoder_config", "null"))
-    except (InvalidArtifactFile, StorageError, OSError, ValueError) as exc:
+    except (InvalidArtifactFile, OSError, ValueError) as exc:
         raise InvalidInput(f"Artifact {artifact.id} cannot be read as a checkpoint: {exc}") from exc
     wanted = config.encoder.to_dict()
     if saved != wanted:
@@ -101,24 +101,38 @@ def check_resume_checkpoint(session: Session, body: JobCreate, config: TrainConf
             f"it was trained with.")
 
 
+def _encoder_config_of(after: Job | None, artifact: Artifact | None,
+                       artifact_path: Callable[[Artifact], Path] | None) -> EncoderConfig | None:
+    """The encoder a Stage 2 job will start from, as far as it is known before it runs: the
+    Stage 1 job's preset, or the encoder artifact's header; ``None`` if neither can be read."""
+    if after is not None:
+        try:
+            config = parse_config("stage1", after.config)
+        except ConfigError:
+            return None
+        return config.encoder if isinstance(config, Stage1Config) else None
+    if artifact is not None and artifact_path is not None:
+        try:
+            metadata = read_safetensors_header(artifact_path(artifact))
+            return EncoderConfig.from_dict(json.loads(metadata["encoder_config"]))
+        except (OSError, KeyError, ValueError, TypeError, InvalidArtifactFile, ConfigError):
+            return None
+    return None
+
+
 def create_job(session: Session, body: JobCreate, memory_limit_bytes: int | None = None,
-               store_root: Path | None = None) -> Job:
+               artifact_path: Callable[[Artifact], Path] | None = None) -> Job:
     """Validate a job request and queue it; nothing is written when any part is invalid.
 
     ``memory_limit_bytes`` is the most any one job may ever use here (the memory budget, or the
     machine's RAM): a job predicted to need more could only wait forever, so it is refused.
+    ``artifact_path`` locates an artifact's file, so that a Stage 2 job's prediction can read
+    the size of the encoder artifact it names.
     """
     try:
         config = parse_config(body.stage, body.config)
     except ConfigError as exc:
         raise InvalidInput(str(exc)) from exc
-    # Per trainer process; a data-parallel job runs `devices` of them, each with the whole model.
-    predicted = predict_peak_bytes(config) * config.devices
-    if memory_limit_bytes and predicted > memory_limit_bytes:
-        raise InvalidInput(
-            f"This {body.stage} job is predicted to need {predicted / 2**30:.2f} GB at its peak, more than the "
-            f"{memory_limit_bytes / 2**30:.2f} GB NeuroLens may use here; choose a smaller preset or micro_batch_size."
-        )
     dataset = validate_dataset(body.dataset)
 
     if body.stage == "stage1" and (body.after is not None or body.encoder_artifact is not None):
@@ -142,9 +156,21 @@ def create_job(session: Session, body: JobCreate, memory_limit_bytes: int | None
                 raise InvalidInput(
                     f"Artifact {artifact.id} is a {artifact.kind.value} artifact; 'encoder_artifact' needs an encoder."
                 )
+    encoder = None
+    if body.stage == "stage2":
+        encoder = _encoder_config_of(session.get(Job, body.after) if body.after is not None else None,
+                                     session.get(Artifact, body.encoder_artifact)
+                                     if body.encoder_artifact is not None else None, artifact_path)
+    # Per trainer process; a data-parallel job runs `devices` of them, each with the whole model.
+    predicted = predict_peak_bytes(config, encoder) * config.devices
+    if memory_limit_bytes and predicted > memory_limit_bytes:
+        raise InvalidInput(
+            f"This {body.stage} job is predicted to need {predicted / 2**30:.2f} GB at its peak, more than the "
+            f"{memory_limit_bytes / 2**30:.2f} GB NeuroLens may use here; choose a smaller preset or micro_batch_size."
+        )
 
     if body.checkpoint_artifact is not None:
-        check_resume_checkpoint(session, body, config, store_root)
+        check_resume_checkpoint(session, body, config, artifact_path)
 
     job = Job(
         stage=body.stage,

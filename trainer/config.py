@@ -299,7 +299,7 @@ class Stage1Config(TrainConfigBase):
 
 @dataclass
 class Stage2Config(TrainConfigBase):
-    """BART fine-tuning on the frozen Stage 1 encoder."""
+    """BART on the frozen Stage 1 encoder (phase 1), then optionally end to end (phase 2)."""
 
     lr: float = 5e-4
     max_target_tokens: int = 32
@@ -307,9 +307,21 @@ class Stage2Config(TrainConfigBase):
     pretrained_dir: str = ""
     """Local directory with a pretrained BART and tokenizer; empty means build from the preset."""
     unfreeze_steps: int = 0
-    """Steps of end-to-end fine-tuning with the encoder unfrozen, after the frozen phase."""
+    """The last this many of ``steps`` train the encoder too (phase 2, end to end); 0 keeps it
+    frozen throughout."""
     num_beams: int = 1
     """Beams for free-running generation during evaluation."""
+    fused_optimizer: bool = True
+    """Step each parameter from its gradient hook during backward, so no full set of gradients
+    is ever held (see :class:`trainer.memory.FusedOptimizer`); off means a plain loop with
+    global gradient-norm clipping."""
+    activation_checkpointing: bool = True
+    """Phase 2: recompute each encoder block during backward instead of keeping its activations."""
+    accumulate_dtype: str = "bfloat16"
+    """'bfloat16' or 'float32': dtype gradients are carried in across micro-batches when the
+    optimizer is fused."""
+    bootstrap_samples: int = 1000
+    """Replicates of the paired bootstrap interval for (EEG - noise) BLEU-1."""
 
     STAGE: ClassVar[str] = "stage2"
     PRESET_NAMES: ClassVar[tuple[str, ...]] = tuple(BART_PRESETS)
@@ -319,12 +331,17 @@ class Stage2Config(TrainConfigBase):
         _expect_positive("max_target_tokens", self.max_target_tokens)
         _expect_positive("unfreeze_steps", self.unfreeze_steps, allow_zero=True)
         _expect_positive("num_beams", self.num_beams)
+        _expect_positive("bootstrap_samples", self.bootstrap_samples)
         if self.unfreeze_steps > self.steps:
             raise ConfigError(
                 f"Invalid unfreeze_steps {self.unfreeze_steps}; it cannot exceed steps {self.steps}."
             )
         if not isinstance(self.pretrained_dir, str):
             raise ConfigError(f"Invalid pretrained_dir {self.pretrained_dir!r}; expected a path string.")
+        for name in ("fused_optimizer", "activation_checkpointing"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"Invalid {name} {getattr(self, name)!r}; expected true or false.")
+        _expect_choice("accumulate_dtype", self.accumulate_dtype, ("bfloat16", "float32"))
         if self.devices != 1:
             raise ConfigError(f"Invalid devices {self.devices} for stage2; Stage 2 trains in one process "
                               f"(data-parallel training is Stage 1's).")
@@ -332,6 +349,11 @@ class Stage2Config(TrainConfigBase):
     @property
     def bart(self) -> BartPreset:
         return BART_PRESETS[self.preset]
+
+    @property
+    def frozen_steps(self) -> int:
+        """Steps of phase 1 (encoder frozen, its outputs read from the cache)."""
+        return self.steps - self.unfreeze_steps
 
 
 STAGE_CONFIGS: dict[str, type[TrainConfigBase]] = {"stage1": Stage1Config, "stage2": Stage2Config}
@@ -365,8 +387,12 @@ RUNTIME_BASELINE_BYTES = 450 * 1024**2
 _STATE_BYTES_PER_PARAM = {"adamw": 8, "adafactor": 1}
 
 
-def predict_peak_bytes(config: TrainConfigBase) -> int:
-    """Predicted peak RSS of a trainer running ``config``, in bytes."""
+def predict_peak_bytes(config: TrainConfigBase, encoder: EncoderConfig | None = None) -> int:
+    """Predicted peak RSS of a trainer running ``config``, in bytes.
+
+    ``encoder`` is the encoder a Stage 2 job starts from (its size matters as much as BART's);
+    unknown, the ``tiny`` preset is assumed.
+    """
     if isinstance(config, Stage1Config):
         enc = config.encoder
         params = enc.approx_parameters()
@@ -384,11 +410,66 @@ def predict_peak_bytes(config: TrainConfigBase) -> int:
             grads = 0  # a parameter's gradient lives only until its hook has stepped it
     else:
         assert isinstance(config, Stage2Config)
-        params = config.bart.approx_parameters()
-        activations = config.micro_batch_size * 64 * (config.bart.d_model * 16 + config.bart.ffn_dim * 2) * 4 * 4
-        grads = 4
+        return _predict_stage2_peak_bytes(config, encoder or EncoderConfig.from_name("tiny"))
     per_param = 4 + grads + _STATE_BYTES_PER_PARAM[config.optimizer]
     return int(RUNTIME_BASELINE_BYTES + params * per_param + activations)
+
+
+# Most bytes of encoder activations one batch may use while Stage 2 caches the encoder's outputs.
+EMBEDDING_BATCH_BYTES = 128 * 1024**2
+
+
+def inference_bytes_per_window(enc: EncoderConfig) -> int:
+    """Activation bytes one window needs in an encoder forward without gradients (one block's
+    hidden states, feed-forward and attention scores live at a time)."""
+    tokens = 2 * len(enc.channels) * enc.n_patches
+    return tokens * (4 * enc.d_model + enc.d_ff) * 4 + enc.n_heads * tokens * tokens * 4
+
+
+def embedding_batch(enc: EncoderConfig) -> int:
+    """Windows per encoder forward when Stage 2 caches features: 64, fewer for large encoders."""
+    return max(1, min(64, EMBEDDING_BATCH_BYTES // inference_bytes_per_window(enc)))
+
+
+# Stage 2 imports transformers and tokenizers and runs BART's generate(): measured about 100 MB
+# above Stage 1's runtime with the tiny presets.
+STAGE2_RUNTIME_EXTRA_BYTES = 100 * 1024**2
+
+
+def _predict_stage2_peak_bytes(config: Stage2Config, enc: EncoderConfig) -> int:
+    """Stage 2's peak: the largest of its three parts, which never overlap in time.
+
+    - caching: the encoder's weights and one inference batch (64 windows) of its activations;
+    - phase 1: BART and the bridge with their gradients and optimizer state, and BART's
+      activations (the cached features are read a batch at a time and released);
+    - phase 2 (``unfreeze_steps`` > 0): phase 1 plus the encoder trained like Stage 1.
+    """
+    bart = config.bart
+    features = len(enc.channels) * enc.d_model           # one BART input per time patch
+    trainable = bart.approx_parameters() + features * bart.d_model + 2 * enc.n_patches * features
+    if not config.fused_optimizer:
+        grads = 4
+    elif config.accumulation_steps > 1:
+        grads = 2 if config.accumulate_dtype == "bfloat16" else 4
+    else:
+        grads = 0
+    per_param = 4 + grads + _STATE_BYTES_PER_PARAM[config.optimizer]
+    tokens = enc.n_patches + config.max_target_tokens
+    layers = bart.encoder_layers + bart.decoder_layers
+    bart_activations = config.micro_batch_size * tokens * layers * (bart.d_model * 16 + bart.ffn_dim * 2) * 4
+    logits = config.micro_batch_size * config.max_target_tokens * bart.vocab_size * 4 * 3
+    phase1 = trainable * per_param + bart_activations + logits
+    enc_params = enc.approx_parameters()
+    enc_tokens = 2 * len(enc.channels) * enc.n_patches
+    enc_layer = enc_tokens * (enc.d_model * 16 + enc.d_ff * 2) * 4
+    caching = enc_params * 4 + embedding_batch(enc) * inference_bytes_per_window(enc)
+    peak = max(caching, phase1)
+    if config.unfreeze_steps:
+        enc_activations = config.micro_batch_size * (
+            enc_tokens * enc.d_model * 4 * enc.n_layers + enc_layer if config.activation_checkpointing
+            else enc_layer * enc.n_layers)
+        peak = max(peak, phase1 + enc_params * per_param + enc_activations)
+    return int(RUNTIME_BASELINE_BYTES + STAGE2_RUNTIME_EXTRA_BYTES + peak)
 
 
 # CUDA context, cuBLAS/cuDNN workspaces and the caching allocator's slack on one GPU.
