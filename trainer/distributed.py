@@ -102,6 +102,11 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
 
 
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """Autocast forward passes to ``dtype`` on ``device``; a no-op for ``None`` (float32)."""
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
 def init(world: World, device: torch.device) -> None:
     """Join the process group (NCCL between GPUs, gloo between CPU processes)."""
     if not world.distributed:

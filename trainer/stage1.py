@@ -173,7 +173,7 @@ def run(spec: JobSpec, config: Stage1Config, reporter: Reporter, world: World = 
             # DDP averages gradients across processes in the last micro-batch's backward only.
             sync = contextlib.nullcontext() if last or not world.distributed else trained.no_sync()
             with sync:
-                with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                with distributed.autocast(device, amp_dtype):
                     loss = trained(x, channel_mask, token_mask, config.agreement_weight).float()
                 (loss / micro_batches).backward()
             step_loss += loss.item() / micro_batches

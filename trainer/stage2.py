@@ -29,6 +29,7 @@ from trainer.config import EncoderConfig, Stage2Config
 from trainer.data.recordings import Recording, cut, load_dataset
 from trainer.data.text import split_by_text
 from trainer.data.tokenizer import tokenizer_from_json, tokenizer_json, train_tokenizer
+from trainer.distributed import autocast, autocast_dtype
 from trainer.exceptions import CheckpointError, DatasetError, TrainerError
 from trainer.feature_cache import cached_features, feature_statistics
 from trainer.memory import FusedOptimizer
@@ -126,6 +127,7 @@ def run(spec: JobSpec, config: Stage2Config, reporter: Reporter) -> int:
     """Train the EEG-to-text model for ``spec``; returns the exit code (OK or STOPPED)."""
     job_dir = Path(spec.job_dir)
     device = pick_device(config.device)
+    amp_dtype = autocast_dtype(config.precision, device)  # bfloat16 on a GPU that has it, else float32
     if not spec.encoder_path:
         raise TrainerError("Stage 2 needs an encoder: the job spec has no encoder_path.")
     encoder_path = Path(spec.encoder_path)
@@ -204,7 +206,8 @@ def run(spec: JobSpec, config: Stage2Config, reporter: Reporter) -> int:
                 optimizer.start_micro_batch(last=micro == config.accumulation_steps - 1)
             rows = index["train"][order.next(config.micro_batch_size)]
             inputs, channel_mask = batch_inputs(rows)
-            loss = model(inputs, torch.from_numpy(labels[rows]).to(device), channel_mask)
+            with autocast(device, amp_dtype):
+                loss = model(inputs, torch.from_numpy(labels[rows]).to(device), channel_mask).float()
             (loss / config.accumulation_steps).backward()
             step_loss += loss.item() / config.accumulation_steps
         if not fused:
