@@ -143,6 +143,10 @@ def submit(
         "--set", help="Other config fields as key=value (repeatable), e.g. --set lr=3e-4.")] = None,
     after: Annotated[Optional[int], typer.Option(help="Stage 2: start from this Stage 1 job's encoder.")] = None,
     encoder_artifact: Annotated[Optional[int], typer.Option(help="Stage 2: start from this encoder artifact.")] = None,
+    checkpoint_artifact: Annotated[Optional[int], typer.Option(
+        help="Stage 1: resume from this checkpoint artifact (e.g. transferred from another machine).")] = None,
+    devices: Annotated[Optional[int], typer.Option(
+        help="Stage 1: train in this many data-parallel processes (one per GPU), launched by torchrun.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the new job id.")] = False,
 ) -> None:
     """Queue a training job."""
@@ -151,8 +155,11 @@ def submit(
         config["preset"] = preset
     if steps is not None:
         config["steps"] = steps
+    if devices is not None:
+        config["devices"] = devices
     with _connect(ctx) as client:
-        job = client.submit_job(stage, dataset, config, after=after, encoder_artifact=encoder_artifact)
+        job = client.submit_job(stage, dataset, config, after=after, encoder_artifact=encoder_artifact,
+                                checkpoint_artifact=checkpoint_artifact)
     if quiet:
         typer.echo(job["id"])
         return

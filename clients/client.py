@@ -150,7 +150,8 @@ class NeuroLensClient:
     # -- jobs -------------------------------------------------------------------------------
 
     def submit_job(self, stage: str, dataset: str = "synthetic", config: dict[str, Any] | None = None, *,
-                   after: int | None = None, encoder_artifact: int | None = None) -> dict[str, Any]:
+                   after: int | None = None, encoder_artifact: int | None = None,
+                   checkpoint_artifact: int | None = None) -> dict[str, Any]:
         """Queue a training job.
 
         Parameters
@@ -165,6 +166,9 @@ class NeuroLensClient:
             Stage 2 only: the Stage 1 job whose encoder to start from (it may still be running).
         encoder_artifact : int or None
             Stage 2 only: an encoder artifact id to start from instead.
+        checkpoint_artifact : int or None
+            Stage 1 only: resume from this checkpoint artifact (e.g. one transferred from a
+            smaller machine) and train on to ``config["steps"]``.
 
         Returns
         -------
@@ -182,6 +186,8 @@ class NeuroLensClient:
             body["after"] = after
         if encoder_artifact is not None:
             body["encoder_artifact"] = encoder_artifact
+        if checkpoint_artifact is not None:
+            body["checkpoint_artifact"] = checkpoint_artifact
         return self._json("POST", "/api/jobs", json=body)
 
     def get_job(self, job_id: int) -> dict[str, Any]:

@@ -101,6 +101,9 @@ def format_memory(memory: dict[str, Any] | None, available: int | None = None) -
     parts = [f"RSS {format_bytes(memory.get('rss_bytes'))}", f"peak {format_bytes(memory.get('peak_rss_bytes'))}"]
     if memory.get("predicted_peak_bytes"):
         parts.append(f"predicted {format_bytes(memory['predicted_peak_bytes'])}")
+    if memory.get("gpu_peak_reserved_bytes"):  # a GPU job: what the CUDA caching allocator held
+        parts.append(f"GPU {format_bytes(memory.get('gpu_reserved_bytes'))} reserved, "
+                     f"peak {format_bytes(memory['gpu_peak_reserved_bytes'])}")
     text = ", ".join(parts)
     if available:
         text += f" ({format_bytes(available)} available)"

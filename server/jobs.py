@@ -7,16 +7,18 @@ Every status change goes through :func:`set_status`, which applies the change's 
 from __future__ import annotations
 
 import hashlib
+import json
 import secrets
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from sqlalchemy import update
 from sqlmodel import Session, select
 
 from server.exceptions import Conflict, InvalidInput, NotFound
 from server.models import Artifact, Job, JobCreate, JobEvent, JobPublic, JobStatus, utcnow
-from trainer.config import ConfigError, parse_config, predict_peak_bytes
+from server.uploads import InvalidArtifactFile, read_safetensors_header
+from trainer.config import ConfigError, EncoderConfig, Stage1Config, TrainConfigBase, parse_config, predict_peak_bytes
 from trainer.protocol import ArtifactKind, TrainerEvent
 
 SYNTHETIC_DATASETS = ("synthetic", "synthetic:null")
@@ -67,22 +69,70 @@ def validate_dataset(dataset: str) -> str:
     return str(Path(dataset).expanduser().resolve())
 
 
-def create_job(session: Session, body: JobCreate, memory_limit_bytes: int | None = None) -> Job:
+def check_resume_checkpoint(session: Session, body: JobCreate, config: TrainConfigBase,
+                            artifact_path: Callable[[Artifact], Path] | None) -> None:
+    """The ``checkpoint_artifact`` of a new job must be a checkpoint of the same model.
+
+    Its safetensors header (parsed by the server, nothing unpickled) holds the configs it was
+    written with; a checkpoint of another preset could only fail later, in the trainer.
+    """
+    artifact = session.get(Artifact, body.checkpoint_artifact)
+    if artifact is None:
+        raise NotFound(f"Artifact {body.checkpoint_artifact} named in 'checkpoint_artifact' not found.")
+    if artifact.kind != ArtifactKind.checkpoint:
+        raise InvalidInput(
+            f"Artifact {artifact.id} is a {artifact.kind.value} artifact; 'checkpoint_artifact' needs a checkpoint.")
+    if body.stage != "stage1":
+        raise InvalidInput("'checkpoint_artifact' applies to stage1 jobs only; a stage2 job resumes from its own "
+                           "checkpoints.")
+    if artifact_path is None:
+        return
+    try:
+        metadata = read_safetensors_header(artifact_path(artifact))
+        saved = json.loads(metadata.get("encoder_config", "null"))
+    except (InvalidArtifactFile, OSError, ValueError) as exc:
+        raise InvalidInput(f"Artifact {artifact.id} cannot be read as a checkpoint: {exc}") from exc
+    wanted = config.encoder.to_dict()
+    if saved != wanted:
+        described = f"preset {saved.get('name')!r}" if isinstance(saved, dict) else "no encoder config"
+        raise InvalidInput(
+            f"Artifact {artifact.id} is a checkpoint of {described} with a different encoder config than this "
+            f"job's (preset {config.preset!r}, window {wanted['window_s']:g} s); use the preset and window_s "
+            f"it was trained with.")
+
+
+def _encoder_config_of(after: Job | None, artifact: Artifact | None,
+                       artifact_path: Callable[[Artifact], Path] | None) -> EncoderConfig | None:
+    """The encoder a Stage 2 job will start from, as far as it is known before it runs: the
+    Stage 1 job's preset, or the encoder artifact's header; ``None`` if neither can be read."""
+    if after is not None:
+        try:
+            config = parse_config("stage1", after.config)
+        except ConfigError:
+            return None
+        return config.encoder if isinstance(config, Stage1Config) else None
+    if artifact is not None and artifact_path is not None:
+        try:
+            metadata = read_safetensors_header(artifact_path(artifact))
+            return EncoderConfig.from_dict(json.loads(metadata["encoder_config"]))
+        except (OSError, KeyError, ValueError, TypeError, InvalidArtifactFile, ConfigError):
+            return None
+    return None
+
+
+def create_job(session: Session, body: JobCreate, memory_limit_bytes: int | None = None,
+               artifact_path: Callable[[Artifact], Path] | None = None) -> Job:
     """Validate a job request and queue it; nothing is written when any part is invalid.
 
     ``memory_limit_bytes`` is the most any one job may ever use here (the memory budget, or the
     machine's RAM): a job predicted to need more could only wait forever, so it is refused.
+    ``artifact_path`` locates an artifact's file, so that a Stage 2 job's prediction can read
+    the size of the encoder artifact it names.
     """
     try:
         config = parse_config(body.stage, body.config)
     except ConfigError as exc:
         raise InvalidInput(str(exc)) from exc
-    predicted = predict_peak_bytes(config)
-    if memory_limit_bytes and predicted > memory_limit_bytes:
-        raise InvalidInput(
-            f"This {body.stage} job is predicted to need {predicted / 2**30:.2f} GB at its peak, more than the "
-            f"{memory_limit_bytes / 2**30:.2f} GB NeuroLens may use here; choose a smaller preset or micro_batch_size."
-        )
     dataset = validate_dataset(body.dataset)
 
     if body.stage == "stage1" and (body.after is not None or body.encoder_artifact is not None):
@@ -106,6 +156,21 @@ def create_job(session: Session, body: JobCreate, memory_limit_bytes: int | None
                 raise InvalidInput(
                     f"Artifact {artifact.id} is a {artifact.kind.value} artifact; 'encoder_artifact' needs an encoder."
                 )
+    encoder = None
+    if body.stage == "stage2":
+        encoder = _encoder_config_of(session.get(Job, body.after) if body.after is not None else None,
+                                     session.get(Artifact, body.encoder_artifact)
+                                     if body.encoder_artifact is not None else None, artifact_path)
+    # Per trainer process; a data-parallel job runs `devices` of them, each with the whole model.
+    predicted = predict_peak_bytes(config, encoder) * config.devices
+    if memory_limit_bytes and predicted > memory_limit_bytes:
+        raise InvalidInput(
+            f"This {body.stage} job is predicted to need {predicted / 2**30:.2f} GB at its peak, more than the "
+            f"{memory_limit_bytes / 2**30:.2f} GB NeuroLens may use here; choose a smaller preset or micro_batch_size."
+        )
+
+    if body.checkpoint_artifact is not None:
+        check_resume_checkpoint(session, body, config, artifact_path)
 
     job = Job(
         stage=body.stage,
@@ -113,6 +178,7 @@ def create_job(session: Session, body: JobCreate, memory_limit_bytes: int | None
         config=config.to_dict(),
         after_job_id=body.after,
         encoder_artifact_id=body.encoder_artifact,
+        checkpoint_artifact_id=body.checkpoint_artifact,
         total=config.steps,
         predicted_peak_bytes=predicted,
     )
@@ -152,7 +218,7 @@ def set_status(session: Session, job: Job, status: JobStatus, *, reason: str | N
                       last_heartbeat_at=now, error=None)
     else:
         values.update(pid=None, token_sha256=None, stop_request=None, stop_requested_at=None, rss_bytes=None,
-                      eta_s=None)
+                      gpu_allocated_bytes=None, gpu_reserved_bytes=None, eta_s=None)
     if status.is_finished:
         values["finished_at"] = now
     values.update(fields)
@@ -220,12 +286,17 @@ def record_event(session: Session, job: Job, event: TrainerEvent) -> str | None:
     session.add(JobEvent(job_id=job.id, **event.model_dump()))
     job.last_heartbeat_at = now
     if event.kind == "started":
-        # The ETA counts from here: start-up (imports, data preparation) is not training speed.
         # A resumed attempt announces itself before it has loaded its checkpoint, so its step
         # is not news: the job keeps the step its checkpoint holds.
         job.attempt_started_at = now
         job.attempt_start_step = job.step
+        job.eta_from_step = job.eta_from_at = None
     elif event.step is not None:
+        if job.eta_from_step is None and event.step > job.attempt_start_step:
+            # The attempt's first reported step: the ETA's rate is measured from here on. Start-up
+            # (imports, data preparation, building the model) and the first step (warm-up,
+            # allocator growth) are not training speed; counting them made early ETAs far too long.
+            job.eta_from_step, job.eta_from_at = event.step, now
         job.step = event.step
     if event.total is not None:
         job.total = event.total
@@ -238,6 +309,12 @@ def record_event(session: Session, job: Job, event: TrainerEvent) -> str | None:
     job.metrics = metrics
     if event.peak_rss_bytes is not None:
         job.peak_rss_bytes = max(job.peak_rss_bytes or 0, event.peak_rss_bytes)
+    for key in ("gpu_allocated_bytes", "gpu_reserved_bytes"):
+        if getattr(event, key) is not None:
+            setattr(job, key, getattr(event, key))
+    for key in ("gpu_peak_allocated_bytes", "gpu_peak_reserved_bytes"):
+        if getattr(event, key) is not None:  # the peak over all attempts, like peak_rss_bytes
+            setattr(job, key, max(getattr(job, key) or 0, getattr(event, key)))
     if event.kind == "error" and event.message:
         job.error = event.message
     job.eta_s = _eta_seconds(job, now)
@@ -248,8 +325,9 @@ def record_event(session: Session, job: Job, event: TrainerEvent) -> str | None:
 
 
 def _eta_seconds(job: Job, now) -> float | None:
-    if job.attempt_started_at is None or job.step <= job.attempt_start_step:
+    """Remaining steps at the average rate since the attempt's first reported step."""
+    if job.eta_from_at is None or job.eta_from_step is None or job.step <= job.eta_from_step:
         return None
-    elapsed = (now - job.attempt_started_at).total_seconds()
-    rate = (job.step - job.attempt_start_step) / max(elapsed, 1e-6)
+    elapsed = (now - job.eta_from_at).total_seconds()
+    rate = (job.step - job.eta_from_step) / max(elapsed, 1e-6)
     return round(max(job.total - job.step, 0) / rate, 1)

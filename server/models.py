@@ -55,6 +55,10 @@ class JobCreate(SQLModel):
     config: dict[str, Any] = Field(default_factory=dict, description="Stage config: preset, steps, ...")
     after: int | None = Field(None, ge=1, le=DB_INT_MAX, description="Stage 2: the Stage 1 job whose encoder to start from.")
     encoder_artifact: int | None = Field(None, ge=1, le=DB_INT_MAX, description="Stage 2: an encoder artifact to start from.")
+    checkpoint_artifact: int | None = Field(
+        None, ge=1, le=DB_INT_MAX,
+        description="Stage 1: resume from this checkpoint artifact (written by a job of the same preset, on any "
+                    "machine, device or number of processes) and train on to this job's steps.")
 
 
 class Job(SQLModel, table=True):
@@ -64,6 +68,7 @@ class Job(SQLModel, table=True):
     config: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     after_job_id: int | None = Field(default=None, foreign_key="job.id")
     encoder_artifact_id: int | None = Field(default=None, foreign_key="artifact.id")
+    checkpoint_artifact_id: int | None = Field(default=None, foreign_key="artifact.id")
     status: JobStatus = Field(default=JobStatus.queued, index=True)
     reason: str | None = None
     step: int = 0
@@ -73,6 +78,11 @@ class Job(SQLModel, table=True):
     rss_bytes: int | None = None
     peak_rss_bytes: int | None = None
     predicted_peak_bytes: int | None = None
+    # CUDA memory of a GPU job, as its trainer (rank 0) reports it.
+    gpu_allocated_bytes: int | None = None
+    gpu_reserved_bytes: int | None = None
+    gpu_peak_allocated_bytes: int | None = None
+    gpu_peak_reserved_bytes: int | None = None
     attempts: int = 0
     error: str | None = None
     # A pause or cancel asked for by a user, delivered to the trainer in its next event reply.
@@ -85,6 +95,9 @@ class Job(SQLModel, table=True):
     # Step and time at which the current attempt began, for the ETA.
     attempt_start_step: int = 0
     attempt_started_at: datetime | None = None
+    # The attempt's first reported step and when it came: the ETA's rate is measured from there.
+    eta_from_step: int | None = None
+    eta_from_at: datetime | None = None
     # Bumped on every change; the job's ETag.
     version: int = 1
     created_at: datetime = Field(default_factory=utcnow)
@@ -102,6 +115,10 @@ class Memory(SQLModel):
     rss_bytes: int | None
     peak_rss_bytes: int | None
     predicted_peak_bytes: int | None
+    gpu_allocated_bytes: int | None = None
+    gpu_reserved_bytes: int | None = None
+    gpu_peak_allocated_bytes: int | None = None
+    gpu_peak_reserved_bytes: int | None = None
 
 
 # --- Artifacts ----------------------------------------------------------------------------
@@ -143,6 +160,7 @@ class JobPublic(SQLModel):
     config: dict[str, Any]
     after: int | None
     encoder_artifact: int | None
+    checkpoint_artifact: int | None = None
     progress: Progress
     metrics: dict[str, Any]
     memory: Memory
@@ -164,12 +182,17 @@ class JobPublic(SQLModel):
             config=job.config,
             after=job.after_job_id,
             encoder_artifact=job.encoder_artifact_id,
+            checkpoint_artifact=job.checkpoint_artifact_id,
             progress=Progress(step=job.step, total=job.total, eta_s=job.eta_s),
             metrics=job.metrics,
             memory=Memory(
                 rss_bytes=job.rss_bytes,
                 peak_rss_bytes=job.peak_rss_bytes,
                 predicted_peak_bytes=job.predicted_peak_bytes,
+                gpu_allocated_bytes=job.gpu_allocated_bytes,
+                gpu_reserved_bytes=job.gpu_reserved_bytes,
+                gpu_peak_allocated_bytes=job.gpu_peak_allocated_bytes,
+                gpu_peak_reserved_bytes=job.gpu_peak_reserved_bytes,
             ),
             attempts=job.attempts,
             error=job.error,
@@ -199,6 +222,10 @@ class JobEvent(SQLModel, table=True):
     samples_per_s: float | None = None
     rss_bytes: int | None = None
     peak_rss_bytes: int | None = None
+    gpu_allocated_bytes: int | None = None
+    gpu_reserved_bytes: int | None = None
+    gpu_peak_allocated_bytes: int | None = None
+    gpu_peak_reserved_bytes: int | None = None
     metrics: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     message: str | None = None
     created_at: datetime = Field(default_factory=utcnow)
@@ -215,6 +242,10 @@ class JobEventPublic(SQLModel):
     samples_per_s: float | None
     rss_bytes: int | None
     peak_rss_bytes: int | None
+    gpu_allocated_bytes: int | None = None
+    gpu_reserved_bytes: int | None = None
+    gpu_peak_allocated_bytes: int | None = None
+    gpu_peak_reserved_bytes: int | None = None
     metrics: dict[str, Any]
     message: str | None
     created_at: datetime

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
 import threading
 import time
@@ -28,11 +29,13 @@ from sqlalchemy import func, update
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
+from server.gpus import Gpu, list_gpus
 from server.jobs import StaleJob, encoder_of, hash_token, new_token, set_status
 from server.models import Artifact, Job, JobEvent, JobStatus, WaitReason, utcnow
 from server.processes import TrainerProcess, describe_exit
 from server.settings import Settings
 from server.storage import ArtifactStore
+from trainer.config import parse_config, predict_gpu_bytes
 from trainer.protocol import EXIT_FAILED, EXIT_OK, EXIT_STOPPED, LOG_FILENAME, SPEC_FILENAME, JobSpec
 
 log = logging.getLogger("neurolens.scheduler")
@@ -44,12 +47,39 @@ SHUTDOWN_GRACE_S = 15.0
 
 
 def halved_micro_batch(config: dict) -> int | None:
-    """The next smaller micro-batch that still divides the batch, or None at 1."""
-    batch, micro = config["batch_size"], config["micro_batch_size"]
+    """The next smaller micro-batch that still divides each process's batch, or None at 1."""
+    batch, micro = config["batch_size"] // config.get("devices", 1), config["micro_batch_size"]
     for candidate in range(micro // 2, 0, -1):
         if batch % candidate == 0:
             return candidate
     return None
+
+
+_ROOT_CAUSE_EXIT = re.compile(r"Root Cause.*?exitcode\s*:\s*(-?\d+)", re.S)
+
+
+def torchrun_root_cause(log_path: Path, max_bytes: int = 16384) -> int | None:
+    """The exit code of the worker whose failure ended a torchrun, from torchrun's report.
+
+    torchrun exits 1 whatever happened to its workers, and prints a "Root Cause (first observed
+    failure)" block with that worker's ``exitcode`` (negative: the signal). Reading it tells an
+    out-of-memory SIGKILL of one worker from a crash, so that the memory back-off applies to
+    data-parallel jobs too.
+    """
+    try:
+        with open(log_path, "rb") as fh:
+            fh.seek(max(fh.seek(0, 2) - max_bytes, 0))
+            text = fh.read().decode("utf-8", errors="replace")
+    except OSError:
+        return None
+    found = _ROOT_CAUSE_EXIT.findall(text)
+    return int(found[-1]) if found else None
+
+
+def uses_gpu(config: dict, gpus: list[Gpu]) -> bool:
+    """Whether a job with this config will train on CUDA here ('auto' does when a GPU is seen)."""
+    device = config.get("device", "auto")
+    return device == "cuda" or (device == "auto" and bool(gpus))
 
 
 def last_log_line(path: Path, max_bytes: int = 4096) -> str:
@@ -181,14 +211,20 @@ class Scheduler:
             last_line = last_log_line(self.job_dir(job.id) / LOG_FILENAME)
             if last_line:
                 reason = f"{reason}: {last_line}"
-            killed_by_os = code == -getattr(signal, "SIGKILL", 9) and job.id not in self._killed_by_us
+            sigkill = -getattr(signal, "SIGKILL", 9)
+            if code == 1 and job.config.get("devices", 1) > 1:  # torchrun: how did its first worker end?
+                worker = torchrun_root_cause(self.job_dir(job.id) / LOG_FILENAME)
+                if worker is not None:
+                    code = worker
+                    reason = f"a torchrun worker: {describe_exit(worker)}"
+            killed_by_os = code == sigkill and job.id not in self._killed_by_us
             self._killed_by_us.discard(job.id)
             if job.attempts < self.settings.max_attempts:
                 changes: dict = {}
                 retry = "retrying from the newest checkpoint"
                 if killed_by_os and (smaller := halved_micro_batch(job.config)) is not None:
                     changes["config"] = {**job.config, "micro_batch_size": smaller}
-                    accumulation = job.config["batch_size"] // smaller
+                    accumulation = job.config["batch_size"] // job.config.get("devices", 1) // smaller
                     retry = (f"likely out of memory; {retry} with micro_batch_size {smaller} and {accumulation} "
                              f"accumulation steps (effective batch {job.config['batch_size']} kept)")
                 log.warning("job %s: %s; %s (attempt %s of %s)", job.id, reason, retry, job.attempts + 1,
@@ -292,14 +328,33 @@ class Scheduler:
             self._spawn(session, job, encoder_path)
 
     def _fits_in_memory(self, session: Session, job: Job) -> bool:
-        """Whether the job's predicted peak fits in free memory and in the budget left."""
+        """Whether the job's predicted peak fits in free memory and in the budget left, and, for a
+        job that will run on GPUs, whether each of its GPUs has room for its share."""
         needed = job.predicted_peak_bytes or 0
         if needed > psutil.virtual_memory().available - self.settings.memory_margin_bytes:
             return False
         if self.settings.memory_budget_bytes:
             committed = session.exec(select(func.coalesce(func.sum(Job.predicted_peak_bytes), 0))
                                      .where(Job.status == JobStatus.running)).one()
-            return committed + needed <= self.settings.memory_budget_bytes
+            if committed + needed > self.settings.memory_budget_bytes:
+                return False
+        return self._fits_on_gpus(session, job)
+
+    def _fits_on_gpus(self, session: Session, job: Job) -> bool:
+        """A GPU job's process ``i`` runs on GPU ``i`` (torchrun's local rank), so GPU ``i`` must
+        hold its prediction beside what the driver already reports used and what running GPU
+        jobs were predicted to take there (a job that just started has not allocated yet)."""
+        gpus = list_gpus()
+        if not gpus or not uses_gpu(job.config, gpus):
+            return True  # without nvidia-smi there is nothing to count; the trainer finds out itself
+        needed = predict_gpu_bytes(parse_config(job.stage, job.config))
+        running = [other for other in session.exec(select(Job).where(Job.status == JobStatus.running)).all()
+                   if uses_gpu(other.config, gpus)]
+        for gpu in gpus[:job.config.get("devices", 1)]:
+            committed = sum(predict_gpu_bytes(parse_config(other.stage, other.config)) for other in running
+                            if other.config.get("devices", 1) > gpu.index)
+            if needed > min(gpu.free_bytes, gpu.total_bytes - committed):
+                return False
         return True
 
     def _wait(self, session: Session, job: Job, reason: str | None) -> None:
@@ -327,6 +382,13 @@ class Scheduler:
             return False, None
         return True, self.store.path_of(artifact.storage_path)
 
+    def _resume_path(self, session: Session, job: Job) -> str | None:
+        """The stored file of the job's ``checkpoint_artifact``, if it names one that still exists."""
+        if job.checkpoint_artifact_id is None:
+            return None
+        artifact = session.get(Artifact, job.checkpoint_artifact_id)
+        return str(self.store.path_of(artifact.storage_path)) if artifact is not None else None
+
     def job_dir(self, job_id: int) -> Path:
         return (self.settings.jobs_dir / str(job_id)).resolve()
 
@@ -339,6 +401,7 @@ class Scheduler:
             job_dir=str(job_dir), api_url=self.settings.public_url, token=token,
             encoder_path=str(encoder_path) if encoder_path else None,
             cache_dir=str(self.settings.cache_dir.resolve()), attempt=job.attempts + 1,
+            resume_from=self._resume_path(session, job),
         )
         spec_path = job_dir / SPEC_FILENAME
         partial = job_dir / f".{SPEC_FILENAME}.partial"
@@ -354,7 +417,7 @@ class Scheduler:
         except StaleJob:
             return
         try:
-            trainer = TrainerProcess.spawn(spec_path, job_dir / LOG_FILENAME)
+            trainer = TrainerProcess.spawn(spec_path, job_dir / LOG_FILENAME, processes=job.config.get("devices", 1))
         except OSError as exc:
             set_status(session, job, JobStatus.failed, error=f"could not start the trainer: {exc}")
             return

@@ -79,6 +79,13 @@ def test_submit_with_bad_preset_prints_one_line(server: RunningServer) -> None:
     assert "preset" in line and "'huge'" in line and "tiny" in line
 
 
+def test_submit_passes_devices_and_checkpoint_artifact_to_the_server(server: RunningServer) -> None:
+    result = cli(server.url, "submit", "stage1", "--devices", "3")
+    assert result.exit_code == 1 and "Invalid devices 3; it must divide batch_size 8" in one_error_line(result)
+    result = cli(server.url, "submit", "stage1", "--checkpoint-artifact", "4242")
+    assert result.exit_code == 1 and "Artifact 4242 named in 'checkpoint_artifact' not found" in one_error_line(result)
+
+
 def test_bad_set_syntax_is_a_usage_error(server: RunningServer) -> None:
     result = cli(server.url, "submit", "stage1", "--set", "no-equals-sign")
     assert result.exit_code == 2

@@ -23,6 +23,8 @@ def test_format_progress_and_memory() -> None:
     assert format_progress({"step": 200, "total": 200, "eta_s": 0}) == "200/200 (100%)"
     memory = {"rss_bytes": 1024**2, "peak_rss_bytes": 2 * 1024**2, "predicted_peak_bytes": None}
     assert format_memory(memory, 1024**3) == "RSS 1.0 MiB, peak 2.0 MiB (1.0 GiB available)"
+    gpu = {**memory, "gpu_reserved_bytes": 3 * 1024**3, "gpu_peak_reserved_bytes": 4 * 1024**3}
+    assert format_memory(gpu) == "RSS 1.0 MiB, peak 2.0 MiB, GPU 3.0 GiB reserved, peak 4.0 GiB"
 
 
 def test_status_label_names_the_waiting_reason() -> None:

@@ -147,3 +147,29 @@ def test_pause_checkpoints_releases_memory_and_resume_continues(server):
         # Resuming something that is not paused is refused.
         response = client.post(f"/api/jobs/{job['id']}/resume")
         assert response.status_code == 409 and "only a paused job can be resumed" in response.json()["detail"]
+
+
+def test_killed_stage2_trainer_is_restarted_from_its_newest_checkpoint(tmp_path):
+    # One thread per trainer: a tiny Stage 2 in two threads crawls on a loaded 2-core machine.
+    server = start_server(tmp_path / "data", env={"OMP_NUM_THREADS": "1"})
+    every = 100
+    try:
+        with server.client() as client:
+            stage1 = client.post("/api/jobs", json={**JOB, "config": {**JOB["config"], "steps": 20}}).json()
+            job = client.post("/api/jobs", json={
+                "stage": "stage2", "after": stage1["id"],
+                "config": {"preset": "tiny", "steps": 1200, "batch_size": 16, "lr": 3e-3, "checkpoint_every": every,
+                           "log_every_s": 0.3, "max_target_tokens": 16, "bootstrap_samples": 100}}).json()
+            reached = wait_for_step(server, job["id"], 2 * every + 10, timeout=300)["progress"]["step"]
+            (trainer,) = trainer_processes(server, job["id"])
+            trainer.send_signal(signal.SIGKILL)
+
+            job = server.wait_for_job(job["id"], {"succeeded"}, timeout=300)
+            assert job["attempts"] == 2
+            assert job["progress"]["step"] == job["progress"]["total"] == 1200
+            (resumed_at,) = resumed_steps(server, job["id"])
+            assert reached - every <= resumed_at <= reached + every and resumed_at >= 2 * every
+            assert {"model", "report", "checkpoint"} <= {a["kind"] for a in job["artifacts"]}
+            assert job["metrics"]["test_bleu1_eeg_minus_noise_ci_low"] <= job["metrics"]["test_bleu1_eeg_minus_noise"]
+    finally:
+        server.stop()

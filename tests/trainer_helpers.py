@@ -46,9 +46,10 @@ class TrainerRun:
         return [json.loads(line) for line in self.stdout.splitlines() if line.startswith("{")]
 
 
-def run_trainer(spec_path: Path, timeout: float = 300.0) -> TrainerRun:
-    """``python -m trainer run spec.json`` in a real subprocess."""
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+def run_trainer(spec_path: Path, timeout: float = 300.0, env: dict[str, str] | None = None) -> TrainerRun:
+    """``python -m trainer run spec.json`` in a real subprocess (``env``: extra variables)."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+               **(env or {}))
     proc = subprocess.run([sys.executable, "-m", "trainer", "run", str(spec_path)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout)
     return TrainerRun(proc.returncode, proc.stdout, proc.stderr)

@@ -13,6 +13,7 @@ import argparse
 import errno
 import json
 import logging
+import os
 import signal
 import sys
 import traceback
@@ -20,9 +21,11 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from trainer.checkpoint import atomic_write_text
 from trainer.config import ConfigError, Stage1Config, Stage2Config, parse_config
+from trainer.distributed import World, shutdown, world_from_env
 from trainer.exceptions import TrainerError
-from trainer.protocol import EXIT_FAILED, EXIT_STOPPED, JobSpec
+from trainer.protocol import EXIT_FAILED, EXIT_OK, EXIT_STOPPED, OUTCOME_FILENAME, JobSpec
 from trainer.reporter import Reporter
 
 log = logging.getLogger("trainer")
@@ -38,14 +41,30 @@ def read_spec(path: Path) -> JobSpec:
 
 
 def run(spec_path: Path) -> int:
-    """Run the job described by ``spec_path``; returns the process exit code."""
+    """Run the job described by ``spec_path``; returns the process exit code.
+
+    Under torchrun (a data-parallel job) a clean end (ok, stopped, failed) exits 0 on every rank
+    and rank 0 writes the real code to :data:`~trainer.protocol.OUTCOME_FILENAME`; a crash still
+    exits non-zero, which makes torchrun stop the other ranks.
+    """
     try:
         spec = read_spec(spec_path)
+        world = world_from_env()
     except TrainerError as exc:  # no spec, so no server to tell: stderr is all there is
         log.error("%s", exc)
         return EXIT_FAILED
+    code = run_job(spec, world)
+    if not world.distributed or code not in (EXIT_OK, EXIT_FAILED, EXIT_STOPPED):
+        return code
+    if world.is_main:
+        atomic_write_text(Path(spec.job_dir) / OUTCOME_FILENAME, json.dumps({"exit_code": code}))
+    return EXIT_OK
 
-    reporter = Reporter(spec, log_every_s=float(spec.config.get("log_every_s", 2.0) or 2.0))
+
+def run_job(spec: JobSpec, world: World) -> int:
+    """Run one attempt of ``spec`` as this rank; returns the trainer's own exit code."""
+    reporter = Reporter(spec, log_every_s=float(spec.config.get("log_every_s", 2.0) or 2.0),
+                        silent=not world.is_main)
 
     # SIGTERM (and Ctrl-C) become a stop request: checkpoint, then exit like a pause.
     def on_signal(signum: int, _frame: object) -> None:
@@ -61,13 +80,14 @@ def run(spec_path: Path) -> int:
             reporter.log_every_s = config.log_every_s
             # No step yet: a resumed run learns its step from its checkpoint, and must not report 0.
             reporter.update(total=config.steps)
-            reporter.event("started", message=f"{spec.stage} attempt {spec.attempt} on {spec.dataset}")
+            processes = f" in {world.size} processes" if world.distributed else ""
+            reporter.event("started", message=f"{spec.stage} attempt {spec.attempt} on {spec.dataset}{processes}")
             # Heartbeats from here on, so that loading a large dataset does not look like a hang.
             reporter.start_heartbeats()
             if isinstance(config, Stage1Config):
                 from trainer import stage1
 
-                return stage1.run(spec, config, reporter)
+                return stage1.run(spec, config, reporter, world)
             assert isinstance(config, Stage2Config)
             from trainer import stage2
 
@@ -77,7 +97,7 @@ def run(spec_path: Path) -> int:
             reporter.event("error", message=str(exc))
             return EXIT_FAILED
         except Exception as exc:
-            if is_disk_full(exc):
+            if is_disk_full(exc) and world.is_main:
                 # Checkpoints are written to a temporary directory and renamed into place, so the
                 # newest complete one is intact: pause, and let the user free space and resume.
                 message = (f"Disk full while the trainer was writing ({exc}); the newest complete "
@@ -89,6 +109,8 @@ def run(spec_path: Path) -> int:
             log.error("trainer crashed:\n%s", traceback.format_exc())
             reporter.event("error", message=f"Trainer crashed: {type(exc).__name__}: {exc}")
             return EXIT_CRASHED
+        finally:
+            shutdown(world)
 
 
 def is_disk_full(exc: BaseException) -> bool:
@@ -109,8 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     from trainer.memory import release_freed_memory_promptly
 
     release_freed_memory_promptly()
+    rank = os.environ.get("RANK")
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+                        format="%(asctime)s %(levelname)s " + (f"[rank {rank}] " if rank else "") + "%(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per heartbeat is noise
     return run(args.spec)
 

@@ -66,6 +66,24 @@ _SAFETENSORS_DTYPES = {
 }
 
 
+class LazyTensor:
+    """A tensor read only when it is written: ``dtype`` and ``shape`` now, data from ``load()``.
+
+    :func:`write_safetensors` needs every tensor's size for the header before any data, so a
+    file can be copied into another (the encoder into the Stage 2 model file) without holding
+    all of it in memory.
+    """
+
+    def __init__(self, dtype: torch.dtype, shape: tuple[int, ...], load) -> None:
+        self.dtype, self.shape, self.load = dtype, tuple(shape), load
+
+    def numel(self) -> int:
+        return int(torch.Size(self.shape).numel())
+
+    def element_size(self) -> int:
+        return torch.empty((), dtype=self.dtype).element_size()
+
+
 def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
     """Write a safetensors file one tensor at a time, without building it in memory.
 
@@ -78,7 +96,7 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: di
 
     Parameters
     ----------
-    tensors : dict of str to Tensor
+    tensors : dict of str to Tensor or LazyTensor
         Tensors on any device (each is moved to the CPU on its own while it is written).
     path : Path
         File to write (overwritten).
@@ -86,7 +104,8 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: di
         The header's ``__metadata__``.
     """
     if sys.byteorder != "little":  # the format is little-endian; a raw copy would be wrong
-        save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
+        save_file({k: (v.load() if isinstance(v, LazyTensor) else v).detach().to("cpu").contiguous()
+                   for k, v in tensors.items()}, str(path), metadata=metadata)
         return
     header: dict[str, Any] = {"__metadata__": metadata}
     offset = 0
@@ -103,10 +122,45 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: di
         fh.write(struct.pack("<Q", len(blob)))
         fh.write(blob)
         for tensor in tensors.values():
+            if isinstance(tensor, LazyTensor):
+                tensor = tensor.load()
             flat = tensor.detach().to("cpu").contiguous().reshape(-1)
             if flat.numel():
                 fh.write(memoryview(flat.view(torch.uint8).numpy()))
         fh.flush()
+
+
+def read_safetensors_into(path: Path, targets: dict[str, torch.Tensor]) -> None:
+    """Fill each CPU tensor of ``targets`` in place with the file's tensor of the same name.
+
+    Read with plain file reads straight into the tensors' memory, not through
+    ``safetensors.safe_open``: that maps the file, and the mapped pages it touches count in the
+    process's resident set until it is closed, so loading a 1 GB encoder that way peaks at
+    2 GB (the module plus the mapping). Names, dtypes and shapes are checked against the header.
+    """
+    if sys.byteorder != "little":  # the format is little-endian; a raw read would be wrong
+        with safe_open(str(path), framework="pt") as fh, torch.no_grad():
+            for name, tensor in targets.items():
+                tensor.copy_(fh.get_tensor(name))
+        return
+    with open(path, "rb") as fh:
+        (length,) = struct.unpack("<Q", fh.read(8))
+        header = json.loads(fh.read(length))
+        base = 8 + length
+        for name, tensor in targets.items():
+            info = header.get(name)
+            if info is None:
+                raise CheckpointError(f"{path} has no tensor {name!r}")
+            if info["dtype"] != _SAFETENSORS_DTYPES.get(tensor.dtype) or list(info["shape"]) != list(tensor.shape):
+                raise CheckpointError(f"{path}: tensor {name!r} is {info['dtype']} {info['shape']}, "
+                                      f"expected {_SAFETENSORS_DTYPES.get(tensor.dtype)} {list(tensor.shape)}")
+            start, end = info["data_offsets"]
+            if not tensor.is_contiguous() or tensor.device.type != "cpu":
+                raise ValueError(f"read_safetensors_into needs contiguous CPU tensors ({name!r} is not)")
+            fh.seek(base + start)
+            view = memoryview(tensor.detach().reshape(-1).view(torch.uint8).numpy())
+            if end > start and fh.readinto(view) != end - start:
+                raise CheckpointError(f"{path} is truncated inside tensor {name!r}")
 
 
 def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> Path:

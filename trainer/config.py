@@ -55,6 +55,10 @@ def _expect_positive(name: str, value: Any, *, integer: bool = True, allow_zero:
         raise ConfigError(f"Invalid {name} {value!r}; it must be at most {MAX_COUNT}.")
 
 
+MAX_DEVICES = 64
+"""Most data-parallel processes a job may ask for (a sanity bound, not a tested scale)."""
+
+
 @dataclass(frozen=True)
 class EncoderConfig:
     """Shape of the MultiView Transformer EEG encoder; saved beside every checkpoint."""
@@ -171,7 +175,8 @@ class TrainConfigBase:
     batch_size: int = 8
     """Effective batch size: samples per optimizer step."""
     micro_batch_size: int = 0
-    """Samples per forward/backward pass; 0 means equal to batch_size. Gradients accumulate."""
+    """Samples per forward/backward pass in each process; 0 means batch_size / devices (no
+    accumulation). Gradients accumulate over batch_size / (devices * micro_batch_size) passes."""
     lr: float = 1e-3
     """Peak learning rate (linear warm-up, cosine decay)."""
     warmup_steps: int = 10
@@ -184,8 +189,16 @@ class TrainConfigBase:
     """Seconds between progress events sent to the server."""
     seed: int = 0
     """Seed for model init, data order and masking; a resumed run restores the RNG state."""
-    device: str = "cpu"
-    """'auto', 'cpu' or 'cuda'."""
+    device: str = "auto"
+    """'auto' (CUDA when present, else CPU), 'cpu' or 'cuda'."""
+    precision: str = "auto"
+    """'auto', 'float32' or 'bfloat16': the autocast dtype of forward passes. 'auto' is bfloat16
+    on a CUDA device that supports it and float32 on the CPU, where bench/throughput.py shows
+    bfloat16 autocast is slower. Weights and optimizer state stay float32 either way."""
+    devices: int = 1
+    """Processes training in data parallel (one per GPU on CUDA; CPU processes with gloo
+    otherwise). More than 1 launches the trainer through ``torchrun``; the effective batch is
+    still ``batch_size``, split evenly across the processes."""
 
     STAGE: ClassVar[str] = ""
     PRESET_NAMES: ClassVar[tuple[str, ...]] = ()
@@ -195,12 +208,20 @@ class TrainConfigBase:
         _expect_positive("steps", self.steps)
         _expect_positive("batch_size", self.batch_size)
         _expect_positive("micro_batch_size", self.micro_batch_size, allow_zero=True)
-        if self.micro_batch_size == 0:
-            self.micro_batch_size = self.batch_size
-        if self.batch_size % self.micro_batch_size:
+        _expect_positive("devices", self.devices)
+        if self.devices > MAX_DEVICES:
+            raise ConfigError(f"Invalid devices {self.devices}; at most {MAX_DEVICES} processes are supported.")
+        if self.batch_size % self.devices:
             raise ConfigError(
-                f"Invalid micro_batch_size {self.micro_batch_size}; it must divide batch_size {self.batch_size}."
+                f"Invalid devices {self.devices}; it must divide batch_size {self.batch_size} "
+                f"(each process takes an equal share of every batch)."
             )
+        if self.micro_batch_size == 0:
+            self.micro_batch_size = self.batch_size // self.devices
+        if self.per_process_batch % self.micro_batch_size:
+            where = (f"batch_size {self.batch_size}" if self.devices == 1 else
+                     f"the per-process batch {self.per_process_batch} (batch_size {self.batch_size} / devices {self.devices})")
+            raise ConfigError(f"Invalid micro_batch_size {self.micro_batch_size}; it must divide {where}.")
         _expect_positive("lr", self.lr, integer=False)
         _expect_positive("warmup_steps", self.warmup_steps, allow_zero=True)
         _expect_choice("optimizer", self.optimizer, ("adamw", "adafactor"))
@@ -208,10 +229,17 @@ class TrainConfigBase:
         _expect_positive("log_every_s", self.log_every_s, integer=False)
         _expect_positive("seed", self.seed, allow_zero=True)
         _expect_choice("device", self.device, ("auto", "cpu", "cuda"))
+        _expect_choice("precision", self.precision, ("auto", "float32", "bfloat16"))
+
+    @property
+    def per_process_batch(self) -> int:
+        """Samples each of the ``devices`` processes contributes to one optimizer step."""
+        return self.batch_size // self.devices
 
     @property
     def accumulation_steps(self) -> int:
-        return self.batch_size // self.micro_batch_size
+        """Micro-batches each process runs per optimizer step."""
+        return self.per_process_batch // self.micro_batch_size
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -275,7 +303,7 @@ class Stage1Config(TrainConfigBase):
 
 @dataclass
 class Stage2Config(TrainConfigBase):
-    """BART fine-tuning on the frozen Stage 1 encoder."""
+    """BART on the frozen Stage 1 encoder (phase 1), then optionally end to end (phase 2)."""
 
     lr: float = 5e-4
     max_target_tokens: int = 32
@@ -283,9 +311,21 @@ class Stage2Config(TrainConfigBase):
     pretrained_dir: str = ""
     """Local directory with a pretrained BART and tokenizer; empty means build from the preset."""
     unfreeze_steps: int = 0
-    """Steps of end-to-end fine-tuning with the encoder unfrozen, after the frozen phase."""
+    """The last this many of ``steps`` train the encoder too (phase 2, end to end); 0 keeps it
+    frozen throughout."""
     num_beams: int = 1
     """Beams for free-running generation during evaluation."""
+    fused_optimizer: bool = True
+    """Step each parameter from its gradient hook during backward, so no full set of gradients
+    is ever held (see :class:`trainer.memory.FusedOptimizer`); off means a plain loop with
+    global gradient-norm clipping."""
+    activation_checkpointing: bool = True
+    """Phase 2: recompute each encoder block during backward instead of keeping its activations."""
+    accumulate_dtype: str = "bfloat16"
+    """'bfloat16' or 'float32': dtype gradients are carried in across micro-batches when the
+    optimizer is fused."""
+    bootstrap_samples: int = 1000
+    """Replicates of the paired bootstrap interval for (EEG - noise) BLEU-1."""
 
     STAGE: ClassVar[str] = "stage2"
     PRESET_NAMES: ClassVar[tuple[str, ...]] = tuple(BART_PRESETS)
@@ -295,16 +335,29 @@ class Stage2Config(TrainConfigBase):
         _expect_positive("max_target_tokens", self.max_target_tokens)
         _expect_positive("unfreeze_steps", self.unfreeze_steps, allow_zero=True)
         _expect_positive("num_beams", self.num_beams)
+        _expect_positive("bootstrap_samples", self.bootstrap_samples)
         if self.unfreeze_steps > self.steps:
             raise ConfigError(
                 f"Invalid unfreeze_steps {self.unfreeze_steps}; it cannot exceed steps {self.steps}."
             )
         if not isinstance(self.pretrained_dir, str):
             raise ConfigError(f"Invalid pretrained_dir {self.pretrained_dir!r}; expected a path string.")
+        for name in ("fused_optimizer", "activation_checkpointing"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"Invalid {name} {getattr(self, name)!r}; expected true or false.")
+        _expect_choice("accumulate_dtype", self.accumulate_dtype, ("bfloat16", "float32"))
+        if self.devices != 1:
+            raise ConfigError(f"Invalid devices {self.devices} for stage2; Stage 2 trains in one process "
+                              f"(data-parallel training is Stage 1's).")
 
     @property
     def bart(self) -> BartPreset:
         return BART_PRESETS[self.preset]
+
+    @property
+    def frozen_steps(self) -> int:
+        """Steps of phase 1 (encoder frozen, its outputs read from the cache)."""
+        return self.steps - self.unfreeze_steps
 
 
 STAGE_CONFIGS: dict[str, type[TrainConfigBase]] = {"stage1": Stage1Config, "stage2": Stage2Config}
@@ -369,8 +422,8 @@ def _predict_stage1_peak_bytes(config: "Stage1Config") -> int:
     kept_inputs = tokens * enc.d_model * 4 * enc.n_layers
     per_window = kept_inputs + block if config.activation_checkpointing else block * enc.n_layers
     activations = config.micro_batch_size * per_window
-    if not config.fused_optimizer:
-        grads = 4.0
+    if not config.fused_optimizer or config.devices > 1:
+        grads = 4.0  # all gradients at once (data-parallel: averaged across processes first)
     elif config.accumulation_steps > 1:
         grads = 2.0 if config.accumulate_dtype == "bfloat16" else 4.0
     else:
@@ -396,17 +449,90 @@ RUNTIME_BASELINE_BYTES = 450 * 1024**2
 _STATE_BYTES_PER_PARAM = {"adamw": 8, "adafactor": 1}
 
 
-def predict_peak_bytes(config: TrainConfigBase) -> int:
-    """Predicted peak RSS of a trainer running ``config``, in bytes."""
+def predict_peak_bytes(config: TrainConfigBase, encoder: EncoderConfig | None = None) -> int:
+    """Predicted peak RSS of a trainer running ``config``, in bytes.
+
+    ``encoder`` is the encoder a Stage 2 job starts from (its size matters as much as BART's);
+    unknown, the ``tiny`` preset is assumed.
+    """
     if isinstance(config, Stage1Config):
         return _predict_stage1_peak_bytes(config)
     else:
         assert isinstance(config, Stage2Config)
-        params = config.bart.approx_parameters()
-        activations = config.micro_batch_size * 64 * (config.bart.d_model * 16 + config.bart.ffn_dim * 2) * 4 * 4
-        grads = 4
+        return _predict_stage2_peak_bytes(config, encoder or EncoderConfig.from_name("tiny"))
     per_param = 4 + grads + _STATE_BYTES_PER_PARAM[config.optimizer]
     return int(RUNTIME_BASELINE_BYTES + params * per_param + activations)
+
+
+# Most bytes of encoder activations one batch may use while Stage 2 caches the encoder's outputs.
+EMBEDDING_BATCH_BYTES = 128 * 1024**2
+
+
+def inference_bytes_per_window(enc: EncoderConfig) -> int:
+    """Activation bytes one window needs in an encoder forward without gradients (one block's
+    hidden states, feed-forward and attention scores live at a time)."""
+    tokens = 2 * len(enc.channels) * enc.n_patches
+    return tokens * (4 * enc.d_model + enc.d_ff) * 4 + enc.n_heads * tokens * tokens * 4
+
+
+def embedding_batch(enc: EncoderConfig) -> int:
+    """Windows per encoder forward when Stage 2 caches features: 64, fewer for large encoders."""
+    return max(1, min(64, EMBEDDING_BATCH_BYTES // inference_bytes_per_window(enc)))
+
+
+# Stage 2 imports transformers and tokenizers and runs BART's generate(): measured about 100 MB
+# above Stage 1's runtime with the tiny presets.
+STAGE2_RUNTIME_EXTRA_BYTES = 100 * 1024**2
+
+
+def _predict_stage2_peak_bytes(config: Stage2Config, enc: EncoderConfig) -> int:
+    """Stage 2's peak: the largest of its three parts, which never overlap in time.
+
+    - caching: the encoder's weights and one inference batch (64 windows) of its activations;
+    - phase 1: BART and the bridge with their gradients and optimizer state, and BART's
+      activations (the cached features are read a batch at a time and released);
+    - phase 2 (``unfreeze_steps`` > 0): phase 1 plus the encoder trained like Stage 1.
+    """
+    bart = config.bart
+    features = len(enc.channels) * enc.d_model           # one BART input per time patch
+    trainable = bart.approx_parameters() + features * bart.d_model + 2 * enc.n_patches * features
+    if not config.fused_optimizer:
+        grads = 4
+    elif config.accumulation_steps > 1:
+        grads = 2 if config.accumulate_dtype == "bfloat16" else 4
+    else:
+        grads = 0
+    per_param = 4 + grads + _STATE_BYTES_PER_PARAM[config.optimizer]
+    tokens = enc.n_patches + config.max_target_tokens
+    layers = bart.encoder_layers + bart.decoder_layers
+    bart_activations = config.micro_batch_size * tokens * layers * (bart.d_model * 16 + bart.ffn_dim * 2) * 4
+    logits = config.micro_batch_size * config.max_target_tokens * bart.vocab_size * 4 * 3
+    phase1 = trainable * per_param + bart_activations + logits
+    enc_params = enc.approx_parameters()
+    enc_tokens = 2 * len(enc.channels) * enc.n_patches
+    enc_layer = enc_tokens * (enc.d_model * 16 + enc.d_ff * 2) * 4
+    caching = enc_params * 4 + embedding_batch(enc) * inference_bytes_per_window(enc)
+    peak = max(caching, phase1)
+    if config.unfreeze_steps:
+        enc_activations = config.micro_batch_size * (
+            enc_tokens * enc.d_model * 4 * enc.n_layers + enc_layer if config.activation_checkpointing
+            else enc_layer * enc.n_layers)
+        peak = max(peak, phase1 + enc_params * per_param + enc_activations)
+    return int(RUNTIME_BASELINE_BYTES + STAGE2_RUNTIME_EXTRA_BYTES + peak)
+
+
+# CUDA context, cuBLAS/cuDNN workspaces and the caching allocator's slack on one GPU.
+CUDA_OVERHEAD_BYTES = 600 * 1024**2
+
+
+def predict_gpu_bytes(config: TrainConfigBase) -> int:
+    """Predicted peak GPU memory of each process of a CUDA job, in bytes.
+
+    The same weights, gradients, optimizer state and activations as :func:`predict_peak_bytes`
+    (bf16 autocast only shrinks the activations, so this errs high), on the GPU instead of in
+    the process's RAM, plus the CUDA runtime's own overhead in place of Python's.
+    """
+    return predict_peak_bytes(config) - RUNTIME_BASELINE_BYTES + CUDA_OVERHEAD_BYTES
 
 
 def config_fields(stage: str) -> list[dict[str, Any]]:
@@ -421,5 +547,6 @@ def config_fields(stage: str) -> list[dict[str, Any]]:
 
 __all__ = [
     "BART_PRESETS", "CHANNELS_32", "CHANNELS_8", "ConfigError", "EncoderConfig", "Stage1Config",
-    "Stage2Config", "STAGES", "TrainConfigBase", "config_fields", "parse_config", "predict_peak_bytes",
+    "Stage2Config", "STAGES", "TrainConfigBase", "config_fields", "parse_config", "predict_gpu_bytes",
+    "predict_peak_bytes",
 ]

@@ -1,4 +1,4 @@
-"""Metrics and baselines: linear word probe for Stage 1, BLEU-1 and WER for Stage 2."""
+"""Stage 1's evaluation: the linear word probe and its baselines (Stage 2's is :mod:`trainer.text_eval`)."""
 
 from __future__ import annotations
 
@@ -259,33 +259,3 @@ def word_probe(encoder: MultiViewEncoder, recordings: list[Recording], device: t
     """
     run = word_probe_start(encoder, recordings, device, max_words)
     return None if run is None else word_probe_finish(run, device)
-
-
-# -- text metrics ------------------------------------------------------------------------------------
-def bleu1(hypotheses: list[str], references: list[str]) -> float:
-    """Corpus BLEU-1: clipped unigram precision times the brevity penalty (whitespace tokens)."""
-    matched = hyp_len = ref_len = 0
-    for hyp, ref in zip(hypotheses, references):
-        h, r = hyp.split(), ref.split()
-        matched += sum((Counter(h) & Counter(r)).values())
-        hyp_len += len(h)
-        ref_len += len(r)
-    if hyp_len == 0:
-        return 0.0
-    brevity = 1.0 if hyp_len > ref_len else math.exp(1 - ref_len / hyp_len)
-    return brevity * matched / hyp_len
-
-
-def _edit_distance(a: list[str], b: list[str]) -> int:
-    row = list(range(len(b) + 1))
-    for i, x in enumerate(a, start=1):
-        prev, row[0] = row[0], i
-        for j, y in enumerate(b, start=1):
-            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (x != y))
-    return row[-1]
-
-
-def wer(hypotheses: list[str], references: list[str]) -> float:
-    """Corpus word error rate: word edit distance over reference words."""
-    errors = sum(_edit_distance(h.split(), r.split()) for h, r in zip(hypotheses, references))
-    return errors / max(1, sum(len(r.split()) for r in references))

@@ -5,10 +5,13 @@ Both are plain safetensors files whose header metadata carries JSON strings, so 
 
 - encoder: the encoder's weights (no SSL head), metadata ``format = "neurolens.encoder/1"`` and
   ``encoder_config`` (:meth:`EncoderConfig.to_dict`);
-- model: tensors prefixed ``encoder.``, ``bridge.`` and ``bart.``, metadata
+- model: tensors prefixed ``encoder.`` (plus ``encoder.electrode_pos``, the electrode positions
+  the encoder's spatial view uses), ``bridge.`` and ``bart.`` (Hugging Face's names), metadata
   ``format = "neurolens.model/1"``, ``encoder_config``, ``bart_config``
-  (``BartConfig.to_json_string()``), ``tokenizer`` (the tokenizer's JSON) and ``aliases``
-  (tied tensors stored once: ``{alias: stored name}``).
+  (``BartConfig.to_json_string()``), ``tokenizer`` (the tokenizer's JSON), ``aliases`` (tied
+  tensors stored once: ``{alias: stored name}``) and ``loader``: the source of
+  :mod:`trainer.standalone`, a one-file loader that needs only torch, safetensors and
+  transformers. The README shows the few lines that load a model with it.
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from trainer.checkpoint import atomic_save_safetensors, dedupe_tensors, validate_state_dict
+from trainer.checkpoint import (LazyTensor, atomic_save_safetensors, dedupe_tensors, read_safetensors_into,
+                                validate_state_dict)
 from trainer.config import ConfigError, EncoderConfig
 from trainer.exceptions import CheckpointError, EncoderFileError
 from trainer.models.multiview import MultiViewEncoder
@@ -39,20 +43,13 @@ def save_encoder(encoder: MultiViewEncoder, path: Path) -> Path:
     return atomic_save_safetensors(encoder.state_dict(), path, metadata)
 
 
-def read_encoder_file(path: Path) -> tuple[EncoderConfig, dict[str, torch.Tensor]]:
-    """Config and weights of an encoder file, checked against its format.
-
-    Raises
-    ------
-    EncoderFileError
-        The file is missing, unreadable, or not a NeuroLens encoder.
-    """
+def read_encoder_config(path: Path) -> EncoderConfig:
+    """The config of an encoder file, from its header alone (no tensor data is read)."""
     if not path.is_file():
         raise EncoderFileError(f"Encoder file {path} does not exist.")
     try:
         with safe_open(str(path), framework="pt") as fh:
             meta = fh.metadata() or {}
-            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
     except Exception as exc:
         raise EncoderFileError(f"Cannot read encoder file {path}: {exc}") from exc
     if meta.get("format") != ENCODER_FORMAT:
@@ -60,36 +57,97 @@ def read_encoder_file(path: Path) -> tuple[EncoderConfig, dict[str, torch.Tensor
             f"{path} is not a NeuroLens encoder file: format {meta.get('format')!r}, expected {ENCODER_FORMAT!r}."
         )
     try:
-        config = EncoderConfig.from_dict(json.loads(meta["encoder_config"]))
+        return EncoderConfig.from_dict(json.loads(meta["encoder_config"]))
     except (KeyError, ValueError, TypeError, ConfigError) as exc:
         raise EncoderFileError(f"{path} has no valid encoder_config: {exc}") from exc
-    return config, tensors
+
+
+def check_encoder_file(path: Path) -> EncoderConfig:
+    """The config of an encoder file whose tensor names and shapes (read from the header, no
+    data) match the encoder that config builds; raises :class:`EncoderFileError` otherwise."""
+    config = read_encoder_config(path)
+    with torch.device("meta"):
+        encoder = MultiViewEncoder(config)
+    with safe_open(str(path), framework="pt") as fh:
+        shapes = {name: fh.get_slice(name).get_shape() for name in fh.keys()}
+    try:
+        validate_state_dict(encoder, shapes, f"Encoder file {path}")
+    except CheckpointError as exc:
+        raise EncoderFileError(str(exc)) from exc
+    return config
 
 
 def load_encoder(path: Path) -> MultiViewEncoder:
-    """Build a :class:`MultiViewEncoder` from an encoder file, validating keys and shapes."""
-    config, tensors = read_encoder_file(path)
+    """Build a :class:`MultiViewEncoder` from an encoder file, validating keys and shapes.
+
+    The weights are copied into the module one tensor at a time, so loading costs the
+    encoder's size once, not twice (1 GB for the ``large`` preset).
+    """
+    config = check_encoder_file(path)
     encoder = MultiViewEncoder(config)
     try:
-        validate_state_dict(encoder, tensors, f"Encoder file {path}")
-    except CheckpointError as exc:
-        raise EncoderFileError(str(exc)) from exc
-    encoder.load_state_dict(tensors)
+        read_safetensors_into(path, encoder.state_dict(keep_vars=True))
+    except (OSError, ValueError, CheckpointError) as exc:
+        raise EncoderFileError(f"Cannot read encoder file {path}: {exc}") from exc
     return encoder
 
 
-def save_model(path: Path, encoder_tensors: dict[str, torch.Tensor], encoder_config: EncoderConfig,
-               bridge: torch.nn.Module, bart: Any, tokenizer_json: str) -> Path:
-    """Write the Stage 2 inference bundle atomically (see the module docstring)."""
-    tensors = {f"encoder.{k}": v for k, v in encoder_tensors.items()}
-    tensors.update({f"bridge.{k}": v for k, v in bridge.state_dict().items()})
-    tensors.update({f"bart.{k}": v for k, v in bart.state_dict().items()})
-    kept, aliases = dedupe_tensors(tensors)
+def _lazy_file_tensors(path: Path) -> dict[str, LazyTensor]:
+    """Every tensor of a safetensors file, each read only when written."""
+    dtypes = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+              "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8, "BOOL": torch.bool}
+    out = {}
+    with safe_open(str(path), framework="pt") as fh:
+        for name in fh.keys():
+            piece = fh.get_slice(name)
+
+            def load(name: str = name) -> torch.Tensor:
+                with safe_open(str(path), framework="pt") as reader:
+                    return reader.get_tensor(name)
+
+            out[name] = LazyTensor(dtypes[piece.get_dtype()], tuple(piece.get_shape()), load)
+    return out
+
+
+def save_model(path: Path, encoder_path: Path, encoder_config: EncoderConfig, model: Any,
+               tokenizer_json: str) -> Path:
+    """Write the Stage 2 inference bundle atomically (see the module docstring).
+
+    Parameters
+    ----------
+    path : Path
+        Target file.
+    encoder_path : Path
+        The encoder file the job started from; its tensors are copied one at a time (phase 1
+        never changes them, and reading them all at once would cost their size in memory).
+    encoder_config : EncoderConfig
+        Its config.
+    model : EEGToText
+        The trained bridge and BART, and the fine-tuned encoder if phase 2 ran (whose weights
+        are then written instead of the file's).
+    tokenizer_json : str
+        The tokenizer, as :func:`trainer.data.tokenizer.tokenizer_json` gives it.
+    """
+    from trainer import standalone
+
+    own = {f"bridge.{k}": v for k, v in model.bridge.state_dict().items()}
+    own.update({f"bart.{k}": v for k, v in model.bart.state_dict().items()})
+    if model.encoder is not None:
+        own.update({f"encoder.{k}": v for k, v in model.encoder.state_dict().items()})
+    kept, aliases = dedupe_tensors(own)
+    tensors: dict[str, Any] = {}
+    if model.encoder is None:
+        tensors.update({f"encoder.{k}": v for k, v in _lazy_file_tensors(encoder_path).items()})
+    tensors.update(kept)
+    from trainer.data.montage import channel_positions
+
+    tensors["encoder.electrode_pos"] = torch.from_numpy(channel_positions(tuple(encoder_config.channels)) * 10.0)
     metadata = {
         "format": MODEL_FORMAT,
         "encoder_config": json.dumps(encoder_config.to_dict()),
-        "bart_config": bart.config.to_json_string(),
+        "bart_config": model.bart.config.to_json_string(),
         "tokenizer": tokenizer_json,
         "aliases": json.dumps(aliases),
+        "loader": Path(standalone.__file__).read_text(encoding="utf-8"),
     }
-    return atomic_save_safetensors(kept, path, metadata)
+    return atomic_save_safetensors(tensors, path, metadata)

@@ -38,6 +38,22 @@ def peak_rss_bytes() -> int:
     return max(int(peak) * scale, rss_bytes())
 
 
+def gpu_memory() -> dict[str, int]:
+    """CUDA memory of this process's current device: allocated and reserved, now and peak.
+
+    Empty when CUDA has not been initialised (a CPU run), so that the heartbeat thread never
+    initialises CUDA itself.
+    """
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return {}
+    return {
+        "gpu_allocated_bytes": int(torch.cuda.memory_allocated()),
+        "gpu_reserved_bytes": int(torch.cuda.memory_reserved()),
+        "gpu_peak_allocated_bytes": int(torch.cuda.max_memory_allocated()),
+        "gpu_peak_reserved_bytes": int(torch.cuda.max_memory_reserved()),
+    }
+
+
 # -- the optimizer step fused into the backward pass -------------------------------------------------
 class FusedOptimizer:
     """One optimizer per parameter, stepped from the parameter's post-accumulate-grad hook.
@@ -69,17 +85,24 @@ class FusedOptimizer:
         Builds the optimizer of one parameter from ``[param]``.
     accumulate_dtype : torch.dtype
         Dtype of the buffers that carry gradients across micro-batches.
+    in_backward : bool
+        Step from the hooks (the memory saving). False steps every parameter in :meth:`step`
+        after backward instead, from gradients that DistributedDataParallel has averaged
+        across processes by then (a hook would see only this process's gradient). The state
+        layout is the same either way, so checkpoints move between one process and many.
     """
 
     def __init__(self, params: list[torch.nn.Parameter], make_one: Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer],
-                 accumulate_dtype: torch.dtype = torch.bfloat16) -> None:
+                 accumulate_dtype: torch.dtype = torch.bfloat16, in_backward: bool = True) -> None:
         self.params = [p for p in params if p.requires_grad]
         self.optimizers = [make_one([p]) for p in self.params]
         self.accumulate_dtype = accumulate_dtype
+        self.in_backward = in_backward
         self._index = {id(p): i for i, p in enumerate(self.params)}
         self._buffers: dict[int, torch.Tensor] = {}
         self._last_micro_batch = True
-        self._handles = [p.register_post_accumulate_grad_hook(self._on_grad) for p in self.params]
+        self._handles = ([p.register_post_accumulate_grad_hook(self._on_grad) for p in self.params]
+                         if in_backward else [])
 
     @property
     def param_groups(self) -> list[dict[str, Any]]:
@@ -106,7 +129,14 @@ class FusedOptimizer:
 
     def step(self) -> None:
         """End the optimizer step: update any parameter whose hook did not fire in the last
-        micro-batch but that received gradients earlier (its buffer is still pending)."""
+        micro-batch but that received gradients earlier (its buffer is still pending); without
+        hooks, update every parameter that has a gradient."""
+        if not self.in_backward:
+            for param, optimizer in zip(self.params, self.optimizers):
+                if param.grad is not None:
+                    optimizer.step()
+                    param.grad = None
+            return
         for i, pending in list(self._buffers.items()):
             param = self.params[i]
             param.grad = pending.to(param.dtype)

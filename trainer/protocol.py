@@ -29,6 +29,10 @@ EXIT_STOPPED = 3
 """A stop request (pause or cancel) was honoured after writing a checkpoint."""
 
 SPEC_FILENAME = "spec.json"
+OUTCOME_FILENAME = "outcome.json"
+"""Written by rank 0 of a data-parallel run: ``{"exit_code": N}``. torchrun reports any
+non-zero worker exit as a failure of its own (code 1), so the workers exit 0 after a clean end
+and the server reads how it ended from this file."""
 LOG_FILENAME = "trainer.log"
 
 
@@ -56,6 +60,8 @@ class JobSpec(BaseModel):
     token: str = Field(description="Bearer token that may report for this job only.")
     encoder_path: str | None = Field(None, description="Stage 2: the encoder safetensors file to start from.")
     cache_dir: str | None = Field(None, description="Directory shared by jobs for generated datasets and window caches.")
+    resume_from: str | None = Field(None, description="A checkpoint file (an artifact) to start from while the job "
+                                                      "directory has no checkpoint of its own.")
     attempt: int = 1
 
 
@@ -70,6 +76,10 @@ class TrainerEvent(BaseModel):
     samples_per_s: float | None = None
     rss_bytes: int | None = None
     peak_rss_bytes: int | None = None
+    gpu_allocated_bytes: int | None = Field(None, description="CUDA memory held by tensors now (rank 0's GPU).")
+    gpu_reserved_bytes: int | None = Field(None, description="CUDA memory held by the caching allocator now.")
+    gpu_peak_allocated_bytes: int | None = Field(None, description="Peak of gpu_allocated_bytes in this attempt.")
+    gpu_peak_reserved_bytes: int | None = Field(None, description="Peak of gpu_reserved_bytes in this attempt.")
     metrics: dict[str, Any] = Field(default_factory=dict)
     message: str | None = None
 

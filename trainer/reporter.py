@@ -8,7 +8,8 @@ checks it between optimizer steps.
 
 A server that is briefly unreachable must never end a run: failed sends are retried quietly
 and then dropped. With an empty ``api_url`` the reporter is offline: events are printed to
-stdout as JSON lines and artifact registration is skipped.
+stdout as JSON lines and artifact registration is skipped. In a data-parallel run only rank 0
+speaks: the other ranks' reporters are ``silent`` and send nothing at all.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any
 
 import httpx
 
-from trainer.memory import peak_rss_bytes, rss_bytes
+from trainer.memory import gpu_memory, peak_rss_bytes, rss_bytes
 from trainer.protocol import ArtifactKind, ArtifactRegistration, EventReply, JobSpec, TrainerEvent
 
 log = logging.getLogger(__name__)
@@ -45,13 +46,18 @@ class Reporter:
     retry_s : float
         How long an important event (started, checkpoint, finished, error) or an artifact
         registration is retried before it is given up with a warning.
+    silent : bool
+        Send nothing (a data-parallel rank other than 0); stop requests then come from signals
+        and from rank 0 through :func:`trainer.distributed.agree_on_stop`.
     """
 
-    def __init__(self, spec: JobSpec, log_every_s: float = 2.0, retry_s: float = 30.0) -> None:
+    def __init__(self, spec: JobSpec, log_every_s: float = 2.0, retry_s: float = 30.0,
+                 silent: bool = False) -> None:
         self.spec = spec
         self.log_every_s = log_every_s
         self.retry_s = retry_s
-        self.offline = not spec.api_url
+        self.silent = silent
+        self.offline = not spec.api_url or silent
         self.stop_requested: str | None = None
         self._latest: dict[str, Any] = {}
         self._lock = threading.Lock()
@@ -74,7 +80,7 @@ class Reporter:
 
     def start_heartbeats(self) -> None:
         """Start the background thread that sends ``progress`` events."""
-        if self._thread is None:
+        if self._thread is None and not self.silent:
             self._thread = threading.Thread(target=self._heartbeat_loop, name="reporter", daemon=True)
             self._thread.start()
 
@@ -121,6 +127,8 @@ class Reporter:
         Returns the artifact JSON, or ``None`` offline or when the server could not be reached.
         """
         body = ArtifactRegistration(kind=ArtifactKind(kind), path=path)
+        if self.silent:
+            return None
         if self.offline:
             log.info("offline: not registering %s artifact %s", body.kind.value, path)
             return None
@@ -131,8 +139,12 @@ class Reporter:
     # -- transport --------------------------------------------------------------------------------
     def send(self, event: TrainerEvent, *, retry: bool = True) -> None:
         """Send one event; on the reply's stop request, set :attr:`stop_requested`."""
+        if self.silent:
+            return
         event.rss_bytes = rss_bytes()
         event.peak_rss_bytes = peak_rss_bytes()
+        for key, value in gpu_memory().items():
+            setattr(event, key, value)
         payload = event.model_dump(mode="json", exclude_none=True)
         if self.offline:
             # stdout carries only these JSON lines; logging goes to stderr.

@@ -7,6 +7,7 @@ honoured between steps) -> evaluation -> export of ``final/encoder.safetensors``
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import time
@@ -15,10 +16,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
-from trainer import export
+from trainer import distributed, export
 from trainer.checkpoint import find_latest_checkpoint
-from trainer.config import Stage1Config
+from trainer.config import ConfigError, Stage1Config
+from trainer.distributed import World
 from trainer.data.recordings import load_dataset, windows
 from trainer.evaluate import word_probe_finish, word_probe_start
 from trainer.exceptions import CheckpointError
@@ -52,15 +55,44 @@ def validation_loss(encoder: MultiViewEncoder, head: SSLHead, x: np.ndarray, mas
     return total / count
 
 
-def run(spec: JobSpec, config: Stage1Config, reporter: Reporter) -> int:
-    """Train the encoder for ``spec``; returns the exit code (OK or STOPPED)."""
+class SSLObjective(nn.Module):
+    """Encoder and SSL head as one module whose forward is the training loss.
+
+    DistributedDataParallel wraps one module and hooks its forward; the state-dict keys
+    (``encoder.*``, ``head.*``) are what checkpoints have always held.
+    """
+
+    def __init__(self, encoder: MultiViewEncoder, head: SSLHead) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.head = head
+
+    def forward(self, x: torch.Tensor, channel_mask: torch.Tensor, token_mask: torch.Tensor,
+                agreement_weight: float, visible_weight: float = 0.0) -> torch.Tensor:
+        loss, _ = self.head(self.encoder, x, channel_mask, token_mask, agreement_weight, visible_weight)
+        return loss
+
+
+def run(spec: JobSpec, config: Stage1Config, reporter: Reporter, world: World = World()) -> int:
+    """Train the encoder for ``spec`` as rank ``world.rank``; returns the exit code (OK or STOPPED)."""
     job_dir = Path(spec.job_dir)
-    device = pick_device(config.device)
+    device = pick_device(config.device, world)
+    distributed.init(world, device)
+    amp_dtype = distributed.autocast_dtype(config.precision, device)
     enc_config = config.encoder
+    if world.size != config.devices:
+        log.warning("config.devices is %d but %d processes run; each takes batch_size / %d",
+                    config.devices, world.size, world.size)
+    if config.batch_size % (world.size * config.micro_batch_size):
+        raise ConfigError(f"Invalid micro_batch_size {config.micro_batch_size}: batch_size {config.batch_size} "
+                          f"is not a whole number of micro-batches for each of {world.size} processes.")
+    per_process = config.batch_size // world.size
+    micro_batches = per_process // config.micro_batch_size
 
     # -- data ------------------------------------------------------------------------------------
-    recordings = load_dataset(spec.dataset, Path(spec.cache_dir or spec.job_dir), enc_config)
-    (train_x, train_mask), (val_x, val_mask) = windows(recordings, enc_config)
+    with distributed.main_first(world):  # rank 0 fills the shared caches, the others then read them
+        recordings = load_dataset(spec.dataset, Path(spec.cache_dir or spec.job_dir), enc_config)
+        (train_x, train_mask), (val_x, val_mask) = windows(recordings, enc_config)
     reporter.event("log", message=f"{len(train_x)} training and {len(val_x)} validation windows "
                                   f"of {enc_config.window_s:g} s from {len(recordings)} recording(s)")
 
@@ -68,17 +100,24 @@ def run(spec: JobSpec, config: Stage1Config, reporter: Reporter) -> int:
     seed_everything(config.seed)
     encoder = MultiViewEncoder(enc_config, activation_checkpointing=config.activation_checkpointing)
     head = SSLHead(enc_config)
-    model = nn.ModuleDict({"encoder": encoder, "head": head}).to(device)
-    optimizer = make_optimizer(list(model.parameters()), config)
-    fused = isinstance(optimizer, FusedOptimizer)
-    mask_generator = torch.Generator().manual_seed(config.seed)
-    log.info("encoder %s: %d parameters (+%d in the SSL head)", enc_config.name,
-             count_parameters(encoder), count_parameters(head))
+    model = SSLObjective(encoder, head).to(device)
+    # Across processes the gradients must be averaged before any parameter steps, so the fused
+    # optimizer steps after backward there (same per-parameter state: checkpoints stay portable).
+    optimizer = make_optimizer(list(model.parameters()), config, in_backward=not world.distributed)
+    fused = isinstance(optimizer, FusedOptimizer) and optimizer.in_backward
+    mask_generator = torch.Generator().manual_seed(config.seed)  # on the CPU: same masks on any device
+    log.info("encoder %s: %d parameters (+%d in the SSL head) on %s%s", enc_config.name,
+             count_parameters(encoder), count_parameters(head), device,
+             f", autocast to {amp_dtype}" if amp_dtype else "")
 
     # -- resume ------------------------------------------------------------------------------------
     state = TrainState()
     metadata = {"stage_config": config.to_dict(), "encoder_config": enc_config.to_dict()}
-    latest = find_latest_checkpoint(job_dir)
+    latest = find_latest_checkpoint(job_dir) if world.is_main else None
+    own = latest is not None  # False when starting from another job's checkpoint (an artifact)
+    if latest is None and spec.resume_from:
+        latest = Path(spec.resume_from)
+    latest, own = distributed.broadcast((latest, own), world)  # every rank loads rank 0's choice
     if latest is not None:
         state, saved = load_training_checkpoint(latest, model, optimizer, {"mask": mask_generator})
         if saved.get("encoder_config") != enc_config.to_dict():
@@ -86,10 +125,14 @@ def run(spec: JobSpec, config: Stage1Config, reporter: Reporter) -> int:
                                   f"delete it or use the preset it was trained with.")
         log.info("resumed from %s at step %d", latest, state.step)
     order = DataOrder(len(train_x), config.seed, state)
-    last_saved = state.step if latest is not None else -1
-    checkpoint_path = latest
+    last_saved = state.step if own else -1
+    checkpoint_path = latest if own else None
+    trained = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) \
+        if world.distributed else model
 
-    def save() -> Path:
+    def save() -> Path | None:
+        if not world.is_main:  # every rank holds the same weights and state: rank 0 writes them
+            return None
         path = save_training_checkpoint(job_dir, model, optimizer, state, {"mask": mask_generator}, metadata)
         reporter.event("checkpoint", step=state.step, message=str(path.relative_to(job_dir)))
         return path
@@ -99,30 +142,46 @@ def run(spec: JobSpec, config: Stage1Config, reporter: Reporter) -> int:
     reporter.start_heartbeats()
     model.train()
     while state.step < config.steps:
-        if reporter.stop_requested:
+        stop = distributed.agree_on_stop(world, reporter.stop_requested, device)
+        if stop:
             if last_saved != state.step:
-                save()
-            log.info("stopping at step %d (%s requested)", state.step, reporter.stop_requested)
+                checkpoint_path = save()
+            if checkpoint_path is not None and stop == "pause":  # a paused run can be moved elsewhere
+                reporter.register(ArtifactKind.checkpoint, str(checkpoint_path.relative_to(job_dir)))
+            log.info("stopping at step %d (%s requested)", state.step, stop)
             return EXIT_STOPPED
         started = time.perf_counter()
         lr = lr_at(state.step, config)
         for group in optimizer.param_groups:
             group["lr"] = lr
         optimizer.zero_grad(set_to_none=True)
+        # Every rank draws the same global batch and masks, then trains on its own slice of them:
+        # N processes see exactly the samples one process would.
+        batch = order.next(config.batch_size)
+        masks = random_token_mask(config.batch_size, enc_config, config.mask_ratio, mask_generator)
         step_loss = 0.0
-        for micro in range(config.accumulation_steps):
+        for micro in range(micro_batches):
+            last = micro == micro_batches - 1
             if fused:  # the hooks step the parameters during the last micro-batch's backward
-                optimizer.start_micro_batch(last=micro == config.accumulation_steps - 1)
-            idx = order.next(config.micro_batch_size)
+                optimizer.start_micro_batch(last=last)
+            lo = world.rank * per_process + micro * config.micro_batch_size
+            part = slice(lo, lo + config.micro_batch_size)
+            idx = batch[part]
             x = torch.from_numpy(train_x[idx]).to(device)
             channel_mask = torch.from_numpy(train_mask[idx]).to(device)
-            token_mask = random_token_mask(len(idx), enc_config, config.mask_ratio, mask_generator).to(device)
-            loss, _ = head(encoder, x, channel_mask, token_mask, config.agreement_weight, config.visible_weight)
-            (loss / config.accumulation_steps).backward()
-            step_loss += loss.item() / config.accumulation_steps
-        if not fused:  # fused: no full gradient exists to take a norm of (see FusedOptimizer)
+            token_mask = masks[part].to(device)
+            # DDP averages gradients across processes in the last micro-batch's backward only.
+            sync = contextlib.nullcontext() if last or not world.distributed else trained.no_sync()
+            with sync:
+                with distributed.autocast(device, amp_dtype):
+                    loss = trained(x, channel_mask, token_mask, config.agreement_weight,
+                                   config.visible_weight).float()
+                (loss / micro_batches).backward()
+            step_loss += loss.item() / micro_batches
+        if not isinstance(optimizer, FusedOptimizer):  # fused: no global norm is taken (see FusedOptimizer)
             nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
+        step_loss = distributed.mean_over_ranks(step_loss, world, device)
         state.step += 1
         state.record(step_loss)
         reporter.update(step=state.step, loss=step_loss, lr=lr,
@@ -131,6 +190,9 @@ def run(spec: JobSpec, config: Stage1Config, reporter: Reporter) -> int:
             checkpoint_path = save()
             last_saved = state.step
 
+    if not world.is_main:  # evaluation, export and the probe are rank 0's
+        return EXIT_OK
+    del trained
     # -- evaluation and export ---------------------------------------------------------------------
     metrics: dict[str, float | int | None] = {
         "steps": state.step,

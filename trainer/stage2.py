@@ -1,22 +1,21 @@
-"""Stage 2: train BART to write the sentence read, from the frozen Stage 1 encoder's embeddings.
+"""Stage 2: train BART to write the sentence read, from the Stage 1 encoder's features.
 
-Read top to bottom: encoder file -> sentences and text-disjoint splits -> encoder embeddings of
-every sentence, computed once and cached as a ``.npy`` memmap (the encoder is then released, so
-it is not resident while BART trains) -> tokenizer trained on the training sentences -> bridge +
-BART -> teacher-forced training loop (same checkpoint / stop / report logic as Stage 1) ->
-free-running evaluation on the test split, EEG vs noise -> ``final/model.safetensors`` and
-``final/report.json``.
+Read top to bottom: encoder file -> sentences and text-disjoint splits -> encoder features of
+every sentence window, computed once and cached on disk (the encoder is then released, so it
+is not resident while BART trains) -> tokenizer and BART (preset or pretrained directory) ->
+teacher-forced training loop, phase 1 on cached features; phase 2 (the last ``unfreeze_steps``)
+with the encoder attached and trained end to end by the lean optimizer -> free-running
+evaluation on the test split against noise and shuffled EEG (:mod:`trainer.text_eval`) ->
+``final/model.safetensors`` (loadable without NeuroLens) and ``final/report.json``.
 """
 
 from __future__ import annotations
 
-import gc
-import hashlib
 import json
 import logging
-import os
 import time
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -30,16 +29,18 @@ from trainer.config import EncoderConfig, Stage2Config
 from trainer.data.recordings import Recording, cut, load_dataset
 from trainer.data.text import split_by_text
 from trainer.data.tokenizer import tokenizer_from_json, tokenizer_json, train_tokenizer
-from trainer.evaluate import bleu1, embed_windows, wer
+from trainer.distributed import autocast, autocast_dtype
 from trainer.exceptions import CheckpointError, DatasetError, TrainerError
+from trainer.feature_cache import cached_features, feature_statistics
+from trainer.memory import FusedOptimizer
 from trainer.models.bridge import EEGToText, bart_config
 from trainer.protocol import EXIT_OK, EXIT_STOPPED, ArtifactKind, JobSpec
 from trainer.reporter import Reporter
+from trainer.text_eval import DECODE_BATCH, evaluate
 from trainer.training import (DataOrder, TrainState, load_training_checkpoint, lr_at, make_optimizer,
                               pick_device, save_training_checkpoint, seed_everything)
 
 log = logging.getLogger(__name__)
-REPORT_EXAMPLES = 10
 
 
 def sentence_windows(recordings: list[Recording], config: EncoderConfig
@@ -57,42 +58,6 @@ def sentence_windows(recordings: list[Recording], config: EncoderConfig
     return np.stack(xs), np.stack(masks), texts
 
 
-def _file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def cached_embeddings(job_dir: Path, encoder_path: Path, x: np.ndarray, mask: np.ndarray,
-                      device: torch.device) -> np.ndarray:
-    """Encoder embeddings ``(n, P, D)`` of all sentence windows, cached in the job dir.
-
-    The cache is keyed by the encoder file's sha256 and the number of windows, written through a
-    temporary file and ``os.replace``, and opened as a read-only memmap, so a resumed attempt
-    skips the encoder entirely and large caches need not fit in memory.
-    """
-    cache = job_dir / "cache" / f"embeddings-{_file_digest(encoder_path)[:16]}-{len(x)}.npy"
-    if not cache.is_file():
-        encoder = export.load_encoder(encoder_path).to(device)
-        for p in encoder.parameters():
-            p.requires_grad_(False)
-        started = time.perf_counter()
-        embeddings = embed_windows(encoder, x, mask, device=device)
-        log.info("embedded %d sentences in %.1f s", len(x), time.perf_counter() - started)
-        del encoder
-        gc.collect()
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(f".tmp-{cache.name}-{os.getpid()}")
-        with open(tmp, "wb") as fh:
-            np.save(fh, embeddings)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, cache)
-    return np.load(cache, mmap_mode="r")
-
-
 def encode_targets(tokenizer, texts: list[str], max_tokens: int) -> np.ndarray:
     """Token ids ``(n, max_tokens)`` with ``-100`` where there is no token (ignored by the loss)."""
     ids = tokenizer(texts, truncation=True, max_length=max_tokens)["input_ids"]
@@ -102,7 +67,7 @@ def encode_targets(tokenizer, texts: list[str], max_tokens: int) -> np.ndarray:
     return labels
 
 
-def _checkpoint_metadata(path: Path) -> dict[str, str]:
+def _checkpoint_metadata(path: Path) -> dict:
     try:
         with safe_open(str(path), framework="pt") as fh:
             return {k: json.loads(v) for k, v in (fh.metadata() or {}).items() if k != "format"}
@@ -120,93 +85,99 @@ def build_model(config: Stage2Config, encoder_config: EncoderConfig, texts: list
             bart = BartForConditionalGeneration.from_pretrained(config.pretrained_dir, local_files_only=True)
         except (OSError, ValueError) as exc:
             raise TrainerError(f"Cannot load a pretrained BART from {config.pretrained_dir}: {exc}") from exc
+        if bart.config.max_position_embeddings < max(encoder_config.n_patches, config.max_target_tokens):
+            raise TrainerError(f"The BART in {config.pretrained_dir} has {bart.config.max_position_embeddings} "
+                               f"positions; Stage 2 needs {max(encoder_config.n_patches, config.max_target_tokens)}.")
+    elif saved is not None:  # a resumed run keeps the exact tokenizer and BART config it began with
+        tokenizer = tokenizer_from_json(saved["tokenizer"])
+        bart = BartForConditionalGeneration(BartConfig.from_dict(saved["bart_config"]))
     else:
-        if saved is not None:  # a resumed run keeps the exact tokenizer and BART config it began with
-            tokenizer = tokenizer_from_json(saved["tokenizer"])
-            bart = BartForConditionalGeneration(BartConfig.from_dict(saved["bart_config"]))
-        else:
-            tokenizer = train_tokenizer(texts, config.bart.vocab_size)
-            max_positions = max(encoder_config.n_patches, config.max_target_tokens) + 2
-            bart = BartForConditionalGeneration(bart_config(config.bart, len(tokenizer), max_positions))
-    return tokenizer, EEGToText(encoder_config.d_model, bart)
+        tokenizer = train_tokenizer(texts, config.bart.vocab_size)
+        max_positions = max(encoder_config.n_patches, config.max_target_tokens) + 2
+        bart = BartForConditionalGeneration(bart_config(config.bart, len(tokenizer), max_positions))
+    feature_dim = len(encoder_config.channels) * encoder_config.d_model
+    return tokenizer, EEGToText(encoder_config.n_patches, feature_dim, bart)
 
 
-@torch.no_grad()
-def teacher_forced_loss(model: EEGToText, embeddings: np.ndarray, labels: np.ndarray, batch: int,
-                        device: torch.device) -> float | None:
-    if len(labels) == 0:
-        return None
-    model.eval()
-    total = 0.0
-    for i in range(0, len(labels), batch):
-        e = torch.from_numpy(np.ascontiguousarray(embeddings[i:i + batch])).to(device)
-        y = torch.from_numpy(labels[i:i + batch]).to(device)
-        total += model(e, y).item() * len(y)
-    model.train()
-    return total / len(labels)
+def attach_encoder(model: EEGToText, encoder_path: Path, config: Stage2Config, device: torch.device) -> None:
+    """Phase 2: load the encoder (trainable, with activation checkpointing if configured)."""
+    encoder = export.load_encoder(encoder_path).to(device)
+    encoder.activation_checkpointing = config.activation_checkpointing
+    model.attach_encoder(encoder)
 
 
-@torch.no_grad()
-def decode(model: EEGToText, tokenizer, embeddings: np.ndarray, config: Stage2Config, device: torch.device) -> list[str]:
-    """Free-running generation for each embedding sequence."""
-    model.eval()
-    out: list[str] = []
-    for i in range(0, len(embeddings), 32):
-        e = torch.from_numpy(np.ascontiguousarray(embeddings[i:i + 32])).to(device)
-        ids = model.generate(e, config.max_target_tokens, config.num_beams)
-        out.extend(t.strip() for t in tokenizer.batch_decode(ids, skip_special_tokens=True))
-    return out
+def extend_optimizer(old, model: EEGToText, config: Stage2Config):
+    """A new optimizer over all of ``model`` (the encoder now included), carrying ``old``'s state.
+
+    The encoder's parameters come after the bridge's and BART's in ``model.parameters()``, so
+    the old optimizer's state, indexed by parameter position, applies unchanged to the first
+    ones; the encoder's start fresh. A fused optimizer's hooks are removed first, so no
+    parameter is stepped twice.
+    """
+    if isinstance(old, FusedOptimizer):
+        old.remove_hooks()
+    new = make_optimizer(list(model.parameters()), config)
+    state = new.state_dict()
+    state["state"].update(old.state_dict()["state"])
+    new.load_state_dict(state)
+    return new
 
 
 def run(spec: JobSpec, config: Stage2Config, reporter: Reporter) -> int:
     """Train the EEG-to-text model for ``spec``; returns the exit code (OK or STOPPED)."""
     job_dir = Path(spec.job_dir)
     device = pick_device(config.device)
-    if config.unfreeze_steps:
-        raise TrainerError("Invalid unfreeze_steps "
-                           f"{config.unfreeze_steps}: end-to-end fine-tuning is not implemented yet; use 0.")
+    amp_dtype = autocast_dtype(config.precision, device)  # bfloat16 on a GPU that has it, else float32
     if not spec.encoder_path:
         raise TrainerError("Stage 2 needs an encoder: the job spec has no encoder_path.")
     encoder_path = Path(spec.encoder_path)
-    encoder_config, encoder_tensors = export.read_encoder_file(encoder_path)
-    export.load_encoder(encoder_path)  # validates keys and shapes now, before any data work
+    encoder_config = export.check_encoder_file(encoder_path)  # before any data work
 
-    # -- data: sentences, splits, cached embeddings ---------------------------------------------------
+    # -- data: sentences, splits, cached features ----------------------------------------------------
     recordings = load_dataset(spec.dataset, Path(spec.cache_dir or spec.job_dir), encoder_config)
     x, mask, texts = sentence_windows(recordings, encoder_config)
     splits = np.asarray(split_by_text(texts))
     index = {name: np.flatnonzero(splits == name) for name in ("train", "val", "test")}
     if len(index["train"]) == 0:
         raise DatasetError(f"Only {len(set(texts))} distinct sentences: too few to keep a training split.")
-    embeddings = cached_embeddings(job_dir, encoder_path, x, mask, device)
-    del x
+    cache = cached_features(job_dir, encoder_path, x, mask, device)
     reporter.event("log", message=", ".join(f"{len(v)} {k}" for k, v in index.items()) + " sentences")
 
     # -- model, tokenizer, optimizer, resume ----------------------------------------------------------
     latest = find_latest_checkpoint(job_dir)
     saved = _checkpoint_metadata(latest) if latest is not None else None
     seed_everything(config.seed)
-    train_texts = [texts[i] for i in index["train"]]
-    tokenizer, model = build_model(config, encoder_config, train_texts, saved)
+    tokenizer, model = build_model(config, encoder_config, [texts[i] for i in index["train"]], saved)
+    if saved is None:  # a resumed run restores these buffers from its checkpoint
+        mean, std = feature_statistics(cache.batches(index["train"], 64))
+        model.bridge.set_statistics(torch.from_numpy(mean), torch.from_numpy(std))
+    if saved is not None and saved.get("phase") == 2:
+        attach_encoder(model, encoder_path, config, device)
     model.to(device)
     labels = encode_targets(tokenizer, texts, config.max_target_tokens)
     optimizer = make_optimizer(list(model.parameters()), config)
     metadata = {"stage_config": config.to_dict(), "encoder_config": encoder_config.to_dict(),
-                "bart_config": model.bart.config.to_dict(), "tokenizer": tokenizer_json(tokenizer)}
+                "bart_config": model.bart.config.to_dict(), "tokenizer": tokenizer_json(tokenizer),
+                "phase": 1 if model.encoder is None else 2}
     state = TrainState()
     if latest is not None:
         state, _ = load_training_checkpoint(latest, model, optimizer, {})
-        log.info("resumed from %s at step %d", latest, state.step)
+        log.info("resumed from %s at step %d (phase %d)", latest, state.step, metadata["phase"])
     order = DataOrder(len(index["train"]), config.seed, state)
     last_saved = state.step if latest is not None else -1
     checkpoint_path = latest
-    log.info("BART %s: %d parameters, vocabulary %d", config.preset,
-             sum(p.numel() for p in model.parameters()), len(tokenizer))
+    log.info("BART %s: %d parameters, vocabulary %d", config.pretrained_dir or config.preset,
+             sum(p.numel() for p in model.bart.parameters()), len(tokenizer))
 
     def save() -> Path:
         path = save_training_checkpoint(job_dir, model, optimizer, state, {}, metadata)
         reporter.event("checkpoint", step=state.step, message=str(path.relative_to(job_dir)))
         return path
+
+    def batch_inputs(rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if model.encoder is None:
+            return torch.from_numpy(cache.rows(rows)).to(device), None
+        return torch.from_numpy(x[rows]).to(device), torch.from_numpy(mask[rows]).to(device)
 
     # -- loop -----------------------------------------------------------------------------------------
     reporter.update(step=state.step, total=config.steps)
@@ -218,21 +189,29 @@ def run(spec: JobSpec, config: Stage2Config, reporter: Reporter) -> int:
                 save()
             log.info("stopping at step %d (%s requested)", state.step, reporter.stop_requested)
             return EXIT_STOPPED
+        if state.step >= config.frozen_steps and model.encoder is None:
+            attach_encoder(model, encoder_path, config, device)
+            optimizer = extend_optimizer(optimizer, model, config)
+            metadata["phase"] = 2
+            reporter.event("log", message=f"phase 2 from step {state.step}: encoder unfrozen")
+        fused = isinstance(optimizer, FusedOptimizer)
         started = time.perf_counter()
         lr = lr_at(state.step, config)
         for group in optimizer.param_groups:
             group["lr"] = lr
         optimizer.zero_grad(set_to_none=True)
         step_loss = 0.0
-        for _ in range(config.accumulation_steps):
+        for micro in range(config.accumulation_steps):
+            if fused:  # the hooks step the parameters during the last micro-batch's backward
+                optimizer.start_micro_batch(last=micro == config.accumulation_steps - 1)
             rows = index["train"][order.next(config.micro_batch_size)]
-            rows.sort()  # memmap reads in file order
-            e = torch.from_numpy(np.ascontiguousarray(embeddings[rows])).to(device)
-            y = torch.from_numpy(labels[rows]).to(device)
-            loss = model(e, y)
+            inputs, channel_mask = batch_inputs(rows)
+            with autocast(device, amp_dtype):
+                loss = model(inputs, torch.from_numpy(labels[rows]).to(device), channel_mask).float()
             (loss / config.accumulation_steps).backward()
             step_loss += loss.item() / config.accumulation_steps
-        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        if not fused:
+            nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         state.step += 1
         state.record(step_loss)
@@ -242,38 +221,43 @@ def run(spec: JobSpec, config: Stage2Config, reporter: Reporter) -> int:
             checkpoint_path = save()
             last_saved = state.step
 
-    # -- evaluation: free-running generation on the test split, EEG vs noise ------------------------------
-    test = index["test"]
-    train_emb = np.asarray(embeddings[index["train"]])
-    rng = np.random.default_rng(config.seed)
-    noise = (rng.standard_normal((len(test),) + embeddings.shape[1:]) * train_emb.std(axis=(0, 1))
-             + train_emb.mean(axis=(0, 1))).astype(np.float32)
-    references = [texts[i] for i in test]
-    from_eeg = decode(model, tokenizer, np.asarray(embeddings[test]), config, device)
-    from_noise = decode(model, tokenizer, noise, config, device)
-    metrics = {
-        "steps": state.step,
-        "train_loss": state.losses[-1] if state.losses else None,
-        "val_loss": teacher_forced_loss(model, np.asarray(embeddings[index["val"]]), labels[index["val"]],
-                                        config.micro_batch_size, device),
-        "test_bleu1_eeg": bleu1(from_eeg, references),
-        "test_bleu1_noise": bleu1(from_noise, references),
-        "test_wer_eeg": wer(from_eeg, references),
-        "test_wer_noise": wer(from_noise, references),
-        "sentences_train": int(len(index["train"])),
-        "sentences_val": int(len(index["val"])),
-        "sentences_test": int(len(test)),
-    }
+    # -- evaluation: free-running generation on the test split, EEG vs noise vs shuffled EEG ------------
+    if isinstance(optimizer, FusedOptimizer):
+        optimizer.remove_hooks()
+    del optimizer  # its state is in the checkpoint; evaluation and export do not need it
+
+    def features(rows: np.ndarray) -> Iterator[np.ndarray]:
+        """Phase 1: the cache; phase 2: the fine-tuned encoder, a batch at a time."""
+        if model.encoder is None:
+            yield from cache.batches(rows, DECODE_BATCH)
+            return
+        model.encoder.eval()
+        with torch.no_grad():
+            for i in range(0, len(rows), DECODE_BATCH):
+                r = rows[i:i + DECODE_BATCH]
+                yield model.encoder.patch_features(torch.from_numpy(x[r]).to(device),
+                                                   torch.from_numpy(mask[r]).to(device)).cpu().numpy()
+
+    if model.encoder is None:  # the bridge holds the training features' statistics
+        noise_mean, noise_std = model.bridge.mean.cpu().numpy(), model.bridge.std.cpu().numpy()
+    else:
+        noise_mean, noise_std = feature_statistics(features(index["train"]))
+    metrics, examples = evaluate(model, tokenizer, features, texts, index, labels, noise_mean, noise_std,
+                                 config, device)
+    metrics = {"steps": state.step, "train_loss": state.losses[-1] if state.losses else None,
+               "frozen_steps": config.frozen_steps, "unfrozen_steps": config.unfreeze_steps, **metrics,
+               "sentences_train": int(len(index["train"])), "sentences_val": int(len(index["val"])),
+               "sentences_test": int(len(index["test"]))}
     report = {
-        "dataset": spec.dataset, "encoder_path": str(encoder_path), "metrics": metrics,
-        "examples": [{"reference": r, "from_eeg": h, "from_noise": n}
-                     for r, h, n in list(zip(references, from_eeg, from_noise))[:REPORT_EXAMPLES]],
+        "dataset": spec.dataset, "encoder_path": str(encoder_path), "decoding": "free-running generate()",
+        "note": "val_loss_teacher_forced_diagnostic is teacher-forced and is not a decoding score.",
+        "metrics": metrics, "examples": examples,
     }
 
     # -- export ---------------------------------------------------------------------------------------
     final = job_dir / export.FINAL_DIRNAME
-    model_path = export.save_model(final / export.MODEL_FILENAME, encoder_tensors, encoder_config,
-                                   model.bridge, model.bart, tokenizer_json(tokenizer))
+    model_path = export.save_model(final / export.MODEL_FILENAME, encoder_path, encoder_config, model,
+                                   tokenizer_json(tokenizer))
     report_path = atomic_write_text(final / export.REPORT_FILENAME, json.dumps(report, indent=2))
     reporter.register(ArtifactKind.model, str(model_path.relative_to(job_dir)))
     reporter.register(ArtifactKind.report, str(report_path.relative_to(job_dir)))
@@ -283,4 +267,5 @@ def run(spec: JobSpec, config: Stage2Config, reporter: Reporter) -> int:
         reporter.register(ArtifactKind.checkpoint, str(checkpoint_path.relative_to(job_dir)))
     reporter.event("finished", step=state.step, loss=metrics["train_loss"], metrics=metrics)
     log.info("stage 2 finished: %s", metrics)
+    cache.close()
     return EXIT_OK

@@ -18,19 +18,11 @@ import torch
 
 from trainer import checkpoint as ckpt
 from trainer.config import TrainConfigBase
+from trainer.distributed import pick_device  # noqa: F401  (the loops import it from here)
 from trainer.exceptions import TrainerError
 from trainer.memory import FusedOptimizer
 
 LOSS_TAIL = 50  # losses kept in the checkpoint so a resumed run can report a smoothed loss
-
-
-def pick_device(name: str) -> torch.device:
-    """Resolve the config's ``device`` ('auto', 'cpu', 'cuda') to a torch device."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise TrainerError("Invalid device 'cuda': no CUDA device is available; use 'cpu' or 'auto'.")
-    return torch.device(name)
 
 
 def seed_everything(seed: int) -> None:
@@ -39,13 +31,15 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def make_optimizer(params: list[torch.nn.Parameter], config: TrainConfigBase) -> torch.optim.Optimizer | FusedOptimizer:
+def make_optimizer(params: list[torch.nn.Parameter], config: TrainConfigBase,
+                   in_backward: bool = True) -> torch.optim.Optimizer | FusedOptimizer:
     """AdamW or transformers' Adafactor, fused into the backward pass if the config asks.
 
     Adafactor keeps factored second moments (a row and a column vector per matrix) and no first
     moment, so its state is a few MB where AdamW's is twice the weights. A config with
     ``fused_optimizer`` (Stage 1) gets a :class:`~trainer.memory.FusedOptimizer`: one such
-    optimizer per parameter, stepped from the gradient hooks.
+    optimizer per parameter, stepped from the gradient hooks (or, with ``in_backward`` False,
+    as data-parallel training needs, after backward).
     """
     def build(group: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
         if config.optimizer == "adafactor":
@@ -59,7 +53,7 @@ def make_optimizer(params: list[torch.nn.Parameter], config: TrainConfigBase) ->
 
     if getattr(config, "fused_optimizer", False):
         dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[getattr(config, "accumulate_dtype", "float32")]
-        return FusedOptimizer(params, build, accumulate_dtype=dtype)
+        return FusedOptimizer(params, build, accumulate_dtype=dtype, in_backward=in_backward)
     return build(params)
 
 

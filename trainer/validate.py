@@ -150,10 +150,13 @@ def validate_model(path: Path) -> dict[str, Any]:
     _check_format(metadata, MODEL_FORMAT, "model")
     config = _encoder_config(_json_field(metadata, "encoder_config"))
     bart = _bart(_json_field(metadata, "bart_config"))
+    if not isinstance(metadata.get("loader"), str) or not metadata["loader"].strip():
+        raise InvalidArtifact("metadata has no 'loader' (the standalone loader's source)")
     with torch.device("meta"):
         encoder = MultiViewEncoder(config)
-        bridge = Bridge(config.d_model, bart.config.d_model)
+        bridge = Bridge(config.n_patches, len(config.channels) * config.d_model, bart.config.d_model)
     expected = expected_layout(encoder, "encoder.")
+    expected["encoder.electrode_pos"] = ((len(config.channels), 3), "F32")
     expected.update(expected_layout(bridge, "bridge."))
     expected.update(expected_layout(bart, "bart."))
     compare(found, expected, _aliases(metadata))
@@ -170,10 +173,12 @@ def validate_checkpoint(path: Path) -> dict[str, Any]:
     state = _json_field(metadata, "trainer_state")
     if not isinstance(state, dict) or not isinstance(state.get("step"), int):
         raise InvalidArtifact("metadata 'trainer_state' has no integer 'step'")
-    if "bart_config" in metadata:  # Stage 2 checkpoints hold the bridge and BART, not the encoder
+    if "bart_config" in metadata:  # Stage 2: the bridge and BART, and the encoder in phase 2
         bart = _bart(_json_field(metadata, "bart_config"))
         with torch.device("meta"):
-            model: torch.nn.Module = EEGToText(config.d_model, bart)
+            model: torch.nn.Module = EEGToText(config.n_patches, len(config.channels) * config.d_model, bart)
+            if metadata.get("phase") == "2":
+                model.attach_encoder(MultiViewEncoder(config))
         stage = "stage2"
     else:
         with torch.device("meta"):

@@ -178,8 +178,20 @@ function memoryText(job) {
   if (mem.rss_bytes == null && mem.peak_rss_bytes == null) {
     return mem.predicted_peak_bytes ? `predicted ${formatBytes(mem.predicted_peak_bytes)}${free}` : "–";
   }
-  if (job.status !== "running" || mem.rss_bytes == null) return `peak ${formatBytes(mem.peak_rss_bytes)}`;
-  return `${formatBytes(mem.rss_bytes)} now, peak ${formatBytes(mem.peak_rss_bytes)}${free}`;
+  if (job.status !== "running" || mem.rss_bytes == null) return `peak ${formatBytes(mem.peak_rss_bytes)}${gpuText(job)}`;
+  return `${formatBytes(mem.rss_bytes)} now, peak ${formatBytes(mem.peak_rss_bytes)}${free}${gpuText(job)}`;
+}
+
+// A GPU job's CUDA memory beside its RSS: what the tensors hold (allocated) and what the caching
+// allocator keeps from the driver (reserved), whose peak is what must fit on the card.
+function gpuText(job) {
+  const mem = job.memory || {};
+  if (mem.gpu_peak_reserved_bytes == null) return "";
+  if (job.status !== "running" || mem.gpu_reserved_bytes == null) {
+    return ` · GPU peak ${formatBytes(mem.gpu_peak_reserved_bytes)}`;
+  }
+  return ` · GPU ${formatBytes(mem.gpu_allocated_bytes)} allocated, ${formatBytes(mem.gpu_reserved_bytes)} ` +
+    `reserved, peak ${formatBytes(mem.gpu_peak_reserved_bytes)}`;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -189,8 +201,10 @@ function renderSystem() {
   const target = document.querySelector('[data-testid="system-summary"]');
   const s = state.system;
   if (!s) return;
+  const gpus = (s.gpus || []).map((g) => `${g.name} (${formatBytes(g.memory_total_bytes - g.memory_used_bytes)} free)`);
   target.textContent = `Server ${s.version} · ${formatBytes(s.memory_available_bytes)} free of ` +
-    `${formatBytes(s.memory_total_bytes)} RAM · ${s.cpu_count} CPUs · ${s.running_jobs} running, ${s.queued_jobs} queued`;
+    `${formatBytes(s.memory_total_bytes)} RAM · ${s.cpu_count} CPUs` + (gpus.length ? ` · ${gpus.join(", ")}` : "") +
+    ` · ${s.running_jobs} running, ${s.queued_jobs} queued`;
 }
 
 function setConnection(message) {
@@ -315,6 +329,12 @@ function renderPanel() {
     ["Peak memory", formatBytes(mem.peak_rss_bytes)],
     ["Predicted peak", formatBytes(mem.predicted_peak_bytes)],
     ["Machine free RAM", state.system ? formatBytes(state.system.memory_available_bytes) : "–"],
+    ...(mem.gpu_peak_reserved_bytes != null ? [
+      ["GPU allocated now", formatBytes(mem.gpu_allocated_bytes)],
+      ["GPU reserved now", formatBytes(mem.gpu_reserved_bytes)],
+      ["GPU peak allocated", formatBytes(mem.gpu_peak_allocated_bytes)],
+      ["GPU peak reserved", formatBytes(mem.gpu_peak_reserved_bytes)],
+    ] : []),
     ["Attempts", String(job.attempts ?? 0)],
     ["Created", formatTime(job.created_at)],
     ["Started", formatTime(job.started_at)],
@@ -356,6 +376,7 @@ function describeEvent(ev) {
   if (ev.loss != null) parts.push(`loss ${formatLoss(ev.loss)}`);
   if (ev.samples_per_s != null) parts.push(`${ev.samples_per_s.toFixed(1)} samples/s`);
   if (ev.rss_bytes != null) parts.push(`RSS ${formatBytes(ev.rss_bytes)}`);
+  if (ev.gpu_reserved_bytes != null) parts.push(`GPU ${formatBytes(ev.gpu_reserved_bytes)} reserved`);
   if (ev.message) parts.push(ev.message);
   return parts.join(" · ");
 }
@@ -473,8 +494,11 @@ function drawCharts() {
     { points: rss, color: "#1f5fbf" },
     { points: peak, color: "#b3261e", dash: [8, 4] },
   ];
+  // A GPU job's reserved CUDA memory on the same byte axis (purple), when the trainer reports it.
+  const gpu = timed.filter((ev) => ev.gpu_reserved_bytes != null).map((ev) => [at(ev), ev.gpu_reserved_bytes]);
+  if (gpu.length) series.push({ points: gpu, color: "#6a3d9a" });
   const free = state.system && state.system.memory_available_bytes;
-  const highest = Math.max(0, ...rss.map((p) => p[1]), ...peak.map((p) => p[1]));
+  const highest = Math.max(0, ...rss.map((p) => p[1]), ...peak.map((p) => p[1]), ...gpu.map((p) => p[1]));
   let note = "";
   if (free && rss.length) {
     // Free RAM is a flat reference line, drawn only when it is near enough to matter; far above,

@@ -30,9 +30,11 @@ def etag_of(job: Job) -> str:
 
 
 @router.post("", status_code=201, response_model=JobPublic)
-def create_job(body: JobCreate, session: SessionDep, scheduler: SchedulerDep, settings: SettingsDep) -> JobPublic:
+def create_job(body: JobCreate, session: SessionDep, scheduler: SchedulerDep, settings: SettingsDep,
+               store: StoreDep) -> JobPublic:
     limit = settings.memory_budget_bytes or psutil.virtual_memory().total
-    job = job_rules.create_job(session, body, memory_limit_bytes=limit)
+    job = job_rules.create_job(session, body, memory_limit_bytes=limit,
+                               artifact_path=lambda artifact: store.path_of(artifact.storage_path))
     scheduler.wake()
     return job_rules.to_public(session, job)
 

@@ -10,6 +10,7 @@ from sqlmodel import func, select
 
 from server import __version__
 from server.db import SessionDep
+from server.gpus import list_gpus
 from server.models import Job, JobStatus
 from trainer.config import BART_PRESETS, EncoderConfig, config_fields
 
@@ -32,6 +33,8 @@ def system(session: SessionDep) -> dict:
         "memory_total_bytes": memory.total,
         "memory_available_bytes": memory.available,
         "cpu_count": os.cpu_count(),
+        "gpus": [{"index": g.index, "name": g.name, "memory_total_bytes": g.total_bytes,
+                  "memory_used_bytes": g.used_bytes} for g in list_gpus()],
         "running_jobs": count(JobStatus.running),
         "queued_jobs": count(JobStatus.queued),
         "version": __version__,

@@ -130,7 +130,7 @@ def map_channels(names: list[str], encoder_channels: tuple[str, ...]) -> tuple[l
 # Preprocessing runs in chunks of the recording so that a recording larger than RAM can be
 # cached: only a chunk (plus its padding) and a bounded sample for the scaling statistics are
 # ever in memory; the output goes straight into its (memory-mapped) destination.
-CHUNK_BYTES = 32 * 2**20
+CHUNK_BYTES = 8 * 2**20
 """Float64 bytes of input signal read per chunk (all EEG channels), before padding."""
 PAD_S = 10.0
 """Seconds of real signal read on each side of a chunk and discarded after filtering. The notch

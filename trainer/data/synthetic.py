@@ -8,12 +8,17 @@ tested end to end without any download:
 - per word, a fixed spatio-temporal response template (half a second of a few damped
   oscillations, each with a smooth scalp topography around a random electrode);
 - EEG = spatially smoothed 1/f (pink) background noise + the template of each word added at its
-  onset, ~0.3 s per word, sentences separated by pauses;
+  onset, ~0.3 s per word, sentences separated by pauses; the responses are strong (30-60 uV
+  per component against 10 uV of background) so that single sentences can be decoded, which is
+  what Stage 2's evaluation needs to tell a working decoder from one that only learned the
+  language;
 - annotations ``sentence:<text>`` (onset, duration of the sentence) and ``word:<text>``.
 
-In the ``null`` variant each response is the template of a random word unrelated to the
-annotated one, so the EEG looks the same but carries no information about the text: a model
-that decodes it better than noise has learned the language, not the brain.
+In the ``null`` variant each annotated sentence is "read" as an independent random decoy
+sentence: the responses are those of the decoy's words, at the decoy's word onsets (so even the
+number of responses says nothing about the annotated sentence's length). The EEG looks the same
+but carries no information about the text: a model that decodes it better than noise has
+learned the language, not the brain.
 
 The recording is written as a real file in any of the formats MNE reads (:data:`WRITERS`: FIF,
 EDF, BDF, BrainVision, EEGLAB, or a BIDS folder holding an EDF), in volts, with the 10-20 montage
@@ -41,7 +46,11 @@ log = logging.getLogger(__name__)
 SFREQ = 256.0
 WORD_S = 0.3
 RESPONSE_S = 0.5
-N_SENTENCES = 120
+N_SENTENCES = 600
+# Per-component peak amplitude range of the word responses, in microvolts.
+RESPONSE_UV = (30.0, 60.0)
+# Part of the cached dataset's name: bump when the generator's output changes.
+GENERATOR_VERSION = 2
 RECORDING_STEM = "sub-01_task-reading"
 
 DETERMINERS = ("the", "a")
@@ -79,7 +88,7 @@ def _word_templates(rng: np.random.Generator, channels: tuple[str, ...], sfreq: 
             wave = np.exp(-0.5 * ((t - latency) / width) ** 2) * np.cos(2 * np.pi * freq * (t - latency) + phase)
             centre = pos[rng.integers(len(channels))]
             topo = np.exp(-np.sum((pos - centre) ** 2, axis=1) / (2 * 0.08**2)) * rng.choice([-1.0, 1.0])
-            templates[w] += rng.uniform(8.0, 16.0) * topo[:, None] * wave[None, :]
+            templates[w] += rng.uniform(*RESPONSE_UV) * topo[:, None] * wave[None, :]
     return templates
 
 
@@ -135,10 +144,13 @@ def generate_raw(channels: tuple[str, ...], seed: int, null: bool = False,
     index = {w: i for i, w in enumerate(VOCABULARY)}
     ann_onset, ann_duration, ann_text = [], [], []
     for words, word_onsets in zip(sentences, onsets):
-        for word, onset in zip(words, word_onsets):
-            source = int(null_rng.integers(len(VOCABULARY))) if null else index[word]
+        # The null variant reads a decoy instead: its words, its length, evenly paced.
+        read = make_sentence(null_rng) if null else words
+        read_onsets = [word_onsets[0] + i * WORD_S for i in range(len(read))] if null else word_onsets
+        for word, onset in zip(read, read_onsets):
             start = int(round(onset * sfreq))
-            data[:, start:start + templates.shape[2]] += templates[source]
+            data[:, start:start + templates.shape[2]] += templates[index[word]]
+        for word, onset in zip(words, word_onsets):
             ann_onset.append(onset), ann_duration.append(WORD_S), ann_text.append(f"word:{word}")
         ann_onset.append(word_onsets[0])
         ann_duration.append(word_onsets[-1] + WORD_S - word_onsets[0])
@@ -217,7 +229,7 @@ def ensure_synthetic_dataset(root: Path, variant: str, seed: int, channels: tupl
                              fmt: str = "fif", n_sentences: int = N_SENTENCES) -> Path:
     """Return the folder holding the synthetic dataset, generating it on first use.
 
-    The folder is ``<root>/datasets/<variant>-<seed>-<nchannels>[-<n_sentences>][-<fmt>]/`` (the
+    The folder is ``<root>/datasets/<variant>-v<version>-<seed>-<nchannels>[-<n_sentences>][-<fmt>]/`` (the
     optional parts only where they differ from the defaults, so existing caches stay valid). It is built in a temporary
     sibling and moved into place with ``os.replace``; when two trainers race, the loser drops
     its copy and uses the winner's, so nobody ever reads a half-written dataset.
@@ -244,7 +256,7 @@ def ensure_synthetic_dataset(root: Path, variant: str, seed: int, channels: tupl
     """
     if fmt not in WRITERS:
         raise ValueError(f"Invalid synthetic format {fmt!r}; expected one of {sorted(WRITERS)}.")
-    name = f"{variant}-{seed}-{len(channels)}"
+    name = f"{variant}-v{GENERATOR_VERSION}-{seed}-{len(channels)}"
     if n_sentences != N_SENTENCES:
         name += f"-{n_sentences}"
     if fmt != "fif":

@@ -1,4 +1,10 @@
-"""EEG-to-text model: frozen encoder embeddings -> Linear bridge -> BART via ``inputs_embeds``."""
+"""EEG-to-text model: encoder features -> normalising Linear bridge -> BART via ``inputs_embeds``.
+
+Phase 1 of Stage 2 trains :class:`EEGToText` on cached encoder features
+(:meth:`MultiViewEncoder.patch_features`); phase 2 attaches the encoder
+(:meth:`EEGToText.attach_encoder`) and trains from raw windows end to end. The parameter names
+are those of the exported model file, whose standalone loader rebuilds the same computation.
+"""
 
 from __future__ import annotations
 
@@ -10,19 +16,29 @@ from trainer.config import BartPreset
 
 
 class Bridge(nn.Module):
-    """Projects encoder states (``d_model`` of the encoder) to BART's width.
+    """Standardises encoder features, projects them to BART's width and layer-normalises them.
 
-    The LayerNorm puts the projected embeddings on the scale BART's own token embeddings have,
-    whatever the encoder's output scale.
+    The per-(patch, feature) mean and standard deviation are fixed buffers taken from the
+    training sentences' cached features: they remove each token's constant offset (its channel,
+    patch and view embeddings), which would otherwise dominate the projection, and they stay
+    fixed in phase 2 so the encoder's updates are seen on the same scale. The LayerNorm puts
+    the result on the scale BART's own token embeddings have.
     """
 
-    def __init__(self, encoder_dim: int, bart_dim: int) -> None:
+    def __init__(self, n_patches: int, feature_dim: int, bart_dim: int) -> None:
         super().__init__()
-        self.proj = nn.Linear(encoder_dim, bart_dim)
+        self.register_buffer("mean", torch.zeros(n_patches, feature_dim))
+        self.register_buffer("std", torch.ones(n_patches, feature_dim))
+        self.proj = nn.Linear(feature_dim, bart_dim)
         self.norm = nn.LayerNorm(bart_dim)
 
-    def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.proj(embeddings))
+    @torch.no_grad()
+    def set_statistics(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        self.mean.copy_(mean)
+        self.std.copy_(std.clamp_min(1e-5))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.proj((features - self.mean) / self.std))
 
 
 def bart_config(preset: BartPreset, vocab_size: int, max_positions: int) -> BartConfig:
@@ -38,21 +54,36 @@ def bart_config(preset: BartPreset, vocab_size: int, max_positions: int) -> Bart
 
 
 class EEGToText(nn.Module):
-    """Bridge + BART; the encoder stays outside (its embeddings are precomputed)."""
+    """Bridge + BART, and in phase 2 the encoder (``self.encoder``, ``None`` while frozen).
 
-    def __init__(self, encoder_dim: int, bart: BartForConditionalGeneration) -> None:
+    ``forward`` and ``generate`` take either cached features ``(B, P, F)`` (no encoder
+    attached) or raw windows ``(B, C, T)`` with their channel masks (encoder attached).
+    """
+
+    def __init__(self, n_patches: int, feature_dim: int, bart: BartForConditionalGeneration) -> None:
         super().__init__()
-        self.bridge = Bridge(encoder_dim, bart.config.d_model)
+        self.bridge = Bridge(n_patches, feature_dim, bart.config.d_model)
         self.bart = bart
+        self.encoder: nn.Module | None = None
 
-    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Teacher-forced cross-entropy of ``labels`` (``-100`` = ignored) given ``(B, P, D)`` embeddings."""
-        return self.bart(inputs_embeds=self.bridge(embeddings), labels=labels).loss
+    def attach_encoder(self, encoder: nn.Module) -> None:
+        """Phase 2: the encoder becomes part of the model (its weights are in the state dict)."""
+        self.encoder = encoder
+
+    def inputs_embeds(self, inputs: torch.Tensor, channel_mask: torch.Tensor | None = None) -> torch.Tensor:
+        features = inputs if self.encoder is None else self.encoder.patch_features(inputs, channel_mask)
+        return self.bridge(features)
+
+    def forward(self, inputs: torch.Tensor, labels: torch.Tensor, channel_mask: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """Teacher-forced cross-entropy of ``labels`` (``-100`` = ignored)."""
+        return self.bart(inputs_embeds=self.inputs_embeds(inputs, channel_mask), labels=labels).loss
 
     @torch.no_grad()
-    def generate(self, embeddings: torch.Tensor, max_new_tokens: int, num_beams: int = 1) -> torch.Tensor:
-        """Free-running decoding (no teacher forcing) from ``(B, P, D)`` embeddings."""
-        inputs = self.bridge(embeddings)
-        attention = torch.ones(inputs.shape[:2], dtype=torch.long, device=inputs.device)
-        return self.bart.generate(inputs_embeds=inputs, attention_mask=attention, max_new_tokens=max_new_tokens,
+    def generate(self, inputs: torch.Tensor, max_new_tokens: int, num_beams: int = 1,
+                 channel_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Free-running decoding (no teacher forcing)."""
+        embeds = self.inputs_embeds(inputs, channel_mask)
+        attention = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
+        return self.bart.generate(inputs_embeds=embeds, attention_mask=attention, max_new_tokens=max_new_tokens,
                                   num_beams=num_beams, do_sample=False)

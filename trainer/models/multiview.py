@@ -135,6 +135,20 @@ class MultiViewEncoder(nn.Module):
         return (states * weight).sum(dim=(1, 2)) / (weight.sum(dim=(1, 2)) * N_VIEWS).clamp_min(1.0)
 
 
+    def patch_features(self, x: torch.Tensor, channel_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Stage 2's view of a window: per time patch, every channel's token, ``(B, P, C·D)``.
+
+        The two views of a (channel, patch) are averaged, absent channels are zeroed, and the
+        channels of each patch are laid side by side, so the scalp pattern that tells one word's
+        response from another's is kept (pooling over channels, as :meth:`embed` does, would
+        average it away) while BART sees one input per time patch.
+        """
+        states = self.states(x, channel_mask).mean(dim=1)                  # (B, C, P, D)
+        if channel_mask is not None:
+            states = states * channel_mask.to(states.dtype)[:, :, None, None]
+        return states.permute(0, 2, 1, 3).flatten(2)
+
+
 class SSLHead(nn.Module):
     """Masked patch reconstruction (signal and spectrum) plus cross-view agreement.
 
