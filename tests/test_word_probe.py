@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import mne
 import numpy as np
 import pytest
 
 from tests.trainer_helpers import run_trainer, write_spec
+from trainer.config import CHANNELS_8
+from trainer.data.synthetic import WRITERS, _pink_noise, generate_raw
 from trainer.evaluate import _ridge_predict, centroid_probe_hits, paired_bootstrap_interval, ridge_probe_hits
 
 
@@ -61,17 +66,34 @@ def test_paired_bootstrap_interval_brackets_the_difference():
 # -- the recorded result of a real Stage 1 run ------------------------------------------------------
 PROBE_STEPS = 300
 CLEAR_MARGIN = 0.05  # accuracy points of nearest-centre word identity over the random-init encoder
+# The default synthetic responses (30-60 uV per component over 10 uV of background) saturate
+# every per-channel readout (~0.97 for trained, random-init and raw alike), so no encoder can be
+# told apart on them. The probe is tested where it can discriminate: the same generator with
+# 36 uV more background (its own pink noise, another seed), the response-to-background ratio
+# of the generator's earlier 8-16 uV version.
+EXTRA_BACKGROUND = 3.6
+
+
+def weak_response_dataset(folder: Path) -> Path:
+    raw = generate_raw(CHANNELS_8, seed=0, n_sentences=120)
+    data = raw.get_data() + EXTRA_BACKGROUND * 1e-6 * _pink_noise(
+        np.random.default_rng(99), len(CHANNELS_8), raw.n_times, raw.info["sfreq"])
+    noisier = mne.io.RawArray(data, raw.info, verbose="error").set_annotations(raw.annotations)
+    folder.mkdir(parents=True)
+    WRITERS["fif"](noisier, folder)
+    return folder
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1])
 def test_stage1_tiny_encoder_groups_words_better_than_random_init(tmp_path, seed):
-    # A real trainer run on the default synthetic dataset; the probe runs at its end and is
-    # recorded in the finished event's metrics. The random-init encoder has the same
-    # architecture and a fixed seed; the interval resamples held-out sentences.
+    # A real trainer run; the probe runs at its end and is recorded in the finished event's
+    # metrics. The random-init encoder has the same architecture and a fixed seed; the
+    # interval resamples held-out sentences.
+    dataset = weak_response_dataset(tmp_path / "weak")
     spec = write_spec(tmp_path / "job", "stage1", {"preset": "tiny", "steps": PROBE_STEPS, "seed": seed,
                                                    "checkpoint_every": PROBE_STEPS},
-                      cache_dir=tmp_path / "cache")
+                      dataset=str(dataset), cache_dir=tmp_path / "cache")
     result = run_trainer(spec, timeout=3600)
     assert result.returncode == 0, result.stderr[-3000:]
     [finished] = [e for e in result.events if e["kind"] == "finished"]
