@@ -19,7 +19,6 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
@@ -33,22 +32,30 @@ TOLERANCE = 0.25
 MB = 1e6
 
 
+# Linux carries a process's peak RSS across exec, and a forked child starts from its parent's:
+# a trainer started straight from a pytest process that has grown to 1 GB reports at least 1 GB.
+# So a fresh, small interpreter starts the trainer and reports the trainer's own ru_maxrss.
+LAUNCHER = """
+import os, subprocess, sys
+proc = subprocess.Popen(sys.argv[2:])
+_, status, usage = os.wait4(proc.pid, 0)
+with open(sys.argv[1], "w") as fh:
+    fh.write(str(usage.ru_maxrss))
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
 def measured_peak_bytes(spec_path: Path, timeout: float) -> int:
     """Run the trainer on ``spec_path`` to completion and return its ``ru_maxrss`` in bytes."""
     job_dir = spec_path.parent
     env = dict(os.environ, PYTHONPATH=str(REPO))
+    command = [sys.executable, "-c", LAUNCHER, str(job_dir / "maxrss"),
+               sys.executable, "-m", "trainer", "run", str(spec_path)]
     with open(job_dir / "stdout.jsonl", "wb") as out, open(job_dir / "stderr.log", "wb") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "trainer", "run", str(spec_path)], cwd=REPO, env=env,
-                                stdout=out, stderr=err)
-        killer = threading.Timer(timeout, proc.kill)
-        killer.start()
-        try:
-            _, status, usage = os.wait4(proc.pid, 0)
-        finally:
-            killer.cancel()
-        proc.returncode = os.waitstatus_to_exitcode(status)
-    assert proc.returncode == 0, (job_dir / "stderr.log").read_text()[-3000:]
-    return usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024)  # KiB on Linux
+        returncode = subprocess.run(command, cwd=REPO, env=env, stdout=out, stderr=err, timeout=timeout).returncode
+    assert returncode == 0, (job_dir / "stderr.log").read_text()[-3000:]
+    peak = int((job_dir / "maxrss").read_text())
+    return peak * (1 if sys.platform == "darwin" else 1024)  # KiB on Linux
 
 
 @pytest.fixture(scope="module")
