@@ -4,7 +4,9 @@ Each mode is a real trainer run, ``python -m trainer run spec.json`` (offline: e
 stdout), in its own process, on the built-in synthetic dataset (32 channels). The peak resident
 set of each run is the kernel's ``ru_maxrss`` for that child, taken with ``os.wait4`` (so it
 covers start-up, data loading, every step, the checkpoint and the encoder export), and is
-printed with its ratio to the plain AdamW baseline measured in the same run:
+printed with its ratio to the plain AdamW baseline measured in the same run, and beside the
+peak :func:`trainer.config.predict_peak_bytes` predicts for that config (what the scheduler
+admits jobs by):
 
 - ``lean mb=1``: Adafactor fused into backward, activation checkpointing, micro-batch 1;
 - ``lean mb=1 x8``: the same with gradients accumulated to an effective batch of 8 (bfloat16
@@ -35,6 +37,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from trainer.config import Stage1Config, predict_peak_bytes  # noqa: E402  (needs the path above)
 
 GB = 1e9
 BASE = {"preset": "large", "lr": 1e-4, "warmup_steps": 1, "log_every_s": 5.0, "seed": 0, "probe_words": 0,
@@ -71,7 +75,8 @@ def run_mode(name: str, overrides: dict, steps: int, window_s: float, work: Path
         sys.exit(f"{name} failed with exit code {proc.returncode}:\n{(job_dir / 'stderr.log').read_text()[-3000:]}")
     finished = [e for e in events if e["kind"] == "finished"][-1]
     scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is KiB on Linux, bytes on macOS
-    return {"peak": usage.ru_maxrss * scale, "seconds": elapsed, "steps": finished["step"],
+    return {"peak": usage.ru_maxrss * scale, "predicted": predict_peak_bytes(Stage1Config(**config)),
+            "seconds": elapsed, "steps": finished["step"],
             "loss": finished["loss"], "parameters": finished["metrics"]["parameters"],
             "reported_peak": max((e.get("peak_rss_bytes") or 0) for e in events)}
 
@@ -102,6 +107,8 @@ def main() -> int:
             print(f"{label}: peak {r['peak'] / GB:.2f} GB ({r['steps']} steps of the {r['parameters'] / 1e6:.1f}M-"
                   f"parameter encoder in {r['seconds']:.0f} s, final loss {r['loss']:.4f}, "
                   f"trainer-reported peak {r['reported_peak'] / GB:.2f} GB)", flush=True)
+            print(f"{label}: predicted {r['predicted'] / GB:.2f} GB, measured {r['peak'] / GB:.2f} GB "
+                  f"(prediction {r['predicted'] / r['peak'] - 1:+.0%})", flush=True)
 
     failed = False
     for mode in modes:

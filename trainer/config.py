@@ -255,6 +255,9 @@ class Stage1Config(TrainConfigBase):
     """Share of (channel, patch) tokens masked for reconstruction."""
     agreement_weight: float = 0.1
     """Weight of the cross-view agreement term in the loss."""
+    visible_weight: float = 1.0
+    """Weight of reconstructing the visible (unmasked) tokens, relative to the masked ones; 0
+    scores masked tokens only. Keeps the final states of visible tokens tied to the signal."""
     fused_optimizer: bool = True
     """Step each parameter from its gradient hook during backward, so no full set of gradients
     is ever held (see :class:`trainer.memory.FusedOptimizer`); off means a plain loop with
@@ -280,6 +283,7 @@ class Stage1Config(TrainConfigBase):
         if isinstance(self.mask_ratio, bool) or not isinstance(self.mask_ratio, (int, float)) or not 0 < self.mask_ratio < 1:
             raise ConfigError(f"Invalid mask_ratio {self.mask_ratio!r}; expected a number between 0 and 1.")
         _expect_positive("agreement_weight", self.agreement_weight, integer=False, allow_zero=True)
+        _expect_positive("visible_weight", self.visible_weight, integer=False, allow_zero=True)
         for name in ("fused_optimizer", "activation_checkpointing"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"Invalid {name} {getattr(self, name)!r}; expected true or false.")
@@ -381,6 +385,66 @@ def parse_config(stage: str, data: dict[str, Any] | None) -> TrainConfigBase:
 # start what the machine cannot hold. The estimate is deliberately simple: the Python + torch +
 # MNE runtime baseline, plus weights, gradients and optimizer state by parameter count, plus
 # activations by tokens in flight. Issue 7 checks it against measured peaks.
+# Stage 1 has its own, phase by phase, below (:func:`_predict_stage1_peak_bytes`).
+STAGE1_BASELINE_BYTES = 550 * 10**6
+"""What a Stage 1 trainer holds besides the model: the interpreter with torch, MNE, SciPy and
+NumPy loaded, the code pages of the filtering, FFT and BLAS routines and their work buffers,
+the allocator's caches, the preprocessed data's pages, and the event reporter. Measured on
+Linux x86-64: 526-547 MB for the tiny preset (whose model is negligible), 624 MB for small; the
+large preset's runs sit ~80 MB higher than weights + state + activations predict (allocator
+overhead that grows with the model). 550 MB splits the difference: tiny +7%, large -8%."""
+# Adafactor's state per parameter: the row and column second moments of each matrix
+# (m + n floats for m x n weights) plus full moments for the few vectors (biases, norms).
+_ADAFACTOR_STATE_BYTES_PER_PARAM = 0.05
+
+
+def _predict_stage1_peak_bytes(config: "Stage1Config") -> int:
+    """Peak RSS of a Stage 1 trainer: the baseline plus the largest of its three phases.
+
+    - training: weights (4 bytes a parameter), optimizer state (AdamW 8, Adafactor about 0.05),
+      gradients (4 when a plain loop holds them all; 0 when the step is fused into backward,
+      2 or 4 for the accumulation buffers when micro-batches are accumulated), and the
+      activations of one micro-batch: every block's input kept when checkpointing plus one
+      block's internals recomputed, or every block's internals without checkpointing. A block's
+      internals per window are about 16 d_model + 2 d_ff floats per token (projections, norms,
+      the feed-forward's hidden layer and GELU); attention goes through PyTorch's fused
+      scaled-dot-product kernel, which keeps no tokens x tokens score matrix;
+    - probe start: the trained model and optimizer still held, with the probe's windows and the
+      trained encoder's features (``probe_words`` x channels x patches-in-0.5-s x d_model);
+    - probe finish: the random-init encoder in place of the trained one (released first), both
+      feature matrices, and the standardised float32 copies the ridge fit makes of one of them.
+
+    ``probe_words`` is used as the probe's size; a dataset with fewer words needs less, so the
+    probe's share is an upper bound.
+    """
+    enc = config.encoder
+    params = enc.approx_parameters()
+    tokens = 2 * len(enc.channels) * enc.n_patches
+    block = tokens * (16 * enc.d_model + 2 * enc.d_ff) * 4
+    kept_inputs = tokens * enc.d_model * 4 * enc.n_layers
+    per_window = kept_inputs + block if config.activation_checkpointing else block * enc.n_layers
+    activations = config.micro_batch_size * per_window
+    if not config.fused_optimizer or config.devices > 1:
+        grads = 4.0  # all gradients at once (data-parallel: averaged across processes first)
+    elif config.accumulation_steps > 1:
+        grads = 2.0 if config.accumulate_dtype == "bfloat16" else 4.0
+    else:
+        grads = 0.0  # a parameter's gradient lives only until its hook has stepped it
+    state = 8.0 if config.optimizer == "adamw" else _ADAFACTOR_STATE_BYTES_PER_PARAM
+    training = params * (4 + state + grads) + activations
+
+    probe = 0
+    if config.probe_words:
+        probe_patches = min(enc.n_patches, math.ceil(0.5 * enc.sfreq / enc.patch_samples))
+        features = config.probe_words * len(enc.channels) * probe_patches * enc.d_model * 4
+        probe_windows = config.probe_words * len(enc.channels) * enc.window_samples * 4
+        inference = config.micro_batch_size * block  # the probe runs micro-batches through an encoder
+        probe_start = params * (4 + state) + probe_windows + features + inference
+        probe_finish = params * 4 + probe_windows + 3 * features + inference
+        probe = max(probe_start, probe_finish)
+    return int(STAGE1_BASELINE_BYTES + max(training, probe))
+
+
 RUNTIME_BASELINE_BYTES = 450 * 1024**2
 # fp32 bytes per parameter: weights 4; gradients 4 when held all at once (plain loop); optimizer
 # state 8 for AdamW (two moments) and about 1 for Adafactor (factored rows and columns).
@@ -394,20 +458,7 @@ def predict_peak_bytes(config: TrainConfigBase, encoder: EncoderConfig | None = 
     unknown, the ``tiny`` preset is assumed.
     """
     if isinstance(config, Stage1Config):
-        enc = config.encoder
-        params = enc.approx_parameters()
-        tokens = 2 * len(enc.channels) * enc.n_patches
-        per_layer = tokens * (enc.d_model * 16 + enc.d_ff * 2) * 4
-        # With checkpointing only block inputs are kept, plus one block's activations rebuilt.
-        activations = config.micro_batch_size * (
-            (tokens * enc.d_model * 4 * enc.n_layers + per_layer) if config.activation_checkpointing
-            else per_layer * enc.n_layers)
-        if not config.fused_optimizer or config.devices > 1:
-            grads = 4  # all gradients at once (data-parallel: averaged across processes first)
-        elif config.accumulation_steps > 1:
-            grads = 2 if config.accumulate_dtype == "bfloat16" else 4
-        else:
-            grads = 0  # a parameter's gradient lives only until its hook has stepped it
+        return _predict_stage1_peak_bytes(config)
     else:
         assert isinstance(config, Stage2Config)
         return _predict_stage2_peak_bytes(config, encoder or EncoderConfig.from_name("tiny"))

@@ -69,12 +69,31 @@ def word_probe_data(recordings: list[Recording], config: EncoderConfig, max_word
 PROBE_RIDGES = (1.0, 10.0, 100.0, 1000.0)
 
 
-def _ridge_fit(x: np.ndarray, y: np.ndarray, ridge: float) -> np.ndarray:
-    return np.linalg.solve(x.T @ x + ridge * np.eye(x.shape[1]), x.T @ y)
+def _ridge_predict(x_train: np.ndarray, y_train: np.ndarray, x_eval: np.ndarray, ridge: float) -> np.ndarray:
+    """Ridge regression's predictions for ``x_eval``, in whichever form has the smaller system.
+
+    The primal form solves a (features x features) system; the dual form (the same weights,
+    ``x.T (x x.T + ridge I)^-1 y``) an (samples x samples) one. Per-channel token states are
+    wide (32 channels x 2 patches x 1024 dims = 65536 for the large preset) while a probe has at
+    most ``probe_words`` samples, so the primal Gram matrix alone would take 34 GB there.
+    """
+    n, d = x_train.shape
+    if d <= n:
+        gram = (x_train.T @ x_train).astype(np.float64)
+        weights = np.linalg.solve(gram + ridge * np.eye(d), x_train.T.astype(np.float64) @ y_train)
+        return x_eval @ weights
+    gram = (x_train @ x_train.T).astype(np.float64)
+    alpha = np.linalg.solve(gram + ridge * np.eye(n), y_train)
+    return (x_eval @ x_train.T).astype(np.float64) @ alpha
 
 
 def ridge_probe_accuracy(features: np.ndarray, labels: np.ndarray, groups: np.ndarray | None = None) -> float:
-    """Held-out accuracy of a ridge-regression classifier (one-hot targets).
+    """Held-out accuracy of a ridge-regression classifier (one-hot targets); see :func:`ridge_probe_hits`."""
+    return float(ridge_probe_hits(features, labels, groups).mean())
+
+
+def ridge_probe_hits(features: np.ndarray, labels: np.ndarray, groups: np.ndarray | None = None) -> np.ndarray:
+    """Per held-out sample, whether a ridge-regression classifier (one-hot targets) got it right.
 
     Every fourth sentence group is held out (every fourth sample without groups): windows of
     words in one sentence overlap in time, so splitting inside a sentence would let the probe
@@ -87,15 +106,61 @@ def ridge_probe_accuracy(features: np.ndarray, labels: np.ndarray, groups: np.nd
 
     def prepare(train_rows: np.ndarray, eval_rows: np.ndarray) -> tuple[np.ndarray, ...]:
         mean, std = features[train_rows].mean(0), features[train_rows].std(0) + 1e-6
-        xs = [np.hstack([(features[r] - mean) / std, np.ones((r.sum(), 1))]) for r in (train_rows, eval_rows)]
+        # Kept in the features' float32: for the wide features of the large preset a float64
+        # copy of every split would cost a gigabyte; the small systems are solved in float64.
+        xs = [np.hstack([(features[r] - mean) / std, np.ones((r.sum(), 1), features.dtype)])
+              for r in (train_rows, eval_rows)]
         return xs[0], xs[1], np.eye(labels.max() + 1)[labels[train_rows]]
 
     fit_rows = ~test & ~inner
     x_fit, x_inner, y_fit = prepare(fit_rows, inner)
-    scores = [(np.argmax(x_inner @ _ridge_fit(x_fit, y_fit, r), axis=1) == labels[inner]).mean() for r in PROBE_RIDGES]
+    scores = [(np.argmax(_ridge_predict(x_fit, y_fit, x_inner, r), axis=1) == labels[inner]).mean()
+              for r in PROBE_RIDGES]
+    del x_fit, x_inner
     ridge = PROBE_RIDGES[int(np.argmax(scores))]
     x_train, x_test, y_train = prepare(~test, test)
-    return float((np.argmax(x_test @ _ridge_fit(x_train, y_train, ridge), axis=1) == labels[test]).mean())
+    return np.argmax(_ridge_predict(x_train, y_train, x_test, ridge), axis=1) == labels[test]
+
+
+def centroid_probe_hits(features: np.ndarray, labels: np.ndarray, groups: np.ndarray | None = None) -> np.ndarray:
+    """Per held-out sample, whether its nearest word centre (by cosine) is its own word.
+
+    The same split as :func:`ridge_probe_hits`. Features are centred on the training mean and
+    scaled to unit length; a word's centre is the mean of its training samples; a held-out
+    sample takes the word whose centre has the largest dot product with it. Nothing is fitted,
+    so this reads the encoder's geometry (do windows of one word lie together?), where the ridge
+    fit can undo any invertible linear map of the input, and so scores a random-init encoder,
+    a near-invertible projection of the signal, much like the signal itself.
+    """
+    groups = np.arange(len(labels)) if groups is None else groups
+    test = groups % 4 == 3
+    unit = features - features[~test].mean(0)
+    unit /= np.linalg.norm(unit, axis=1, keepdims=True) + 1e-12
+    n_words = labels.max() + 1
+    sums = np.zeros((n_words, unit.shape[1]), np.float64)
+    np.add.at(sums, labels[~test], unit[~test])
+    centres = sums / np.maximum(np.bincount(labels[~test], minlength=n_words), 1)[:, None]
+    return np.argmax(unit[test] @ centres.T, axis=1) == labels[test]
+
+
+PROBE_BOOTSTRAP = 2000
+
+
+def paired_bootstrap_interval(hits_a: np.ndarray, hits_b: np.ndarray, groups: np.ndarray, seed: int = 0,
+                              replicates: int = PROBE_BOOTSTRAP) -> tuple[float, float]:
+    """95% interval of accuracy(a) - accuracy(b) over the same held-out samples.
+
+    Whole sentence groups are resampled (words of one sentence share overlapping signal, so
+    they are not independent), ``replicates`` times with a fixed seed.
+    """
+    ids, index = np.unique(groups, return_inverse=True)
+    diff_sum = np.bincount(index, weights=hits_a.astype(float) - hits_b.astype(float), minlength=len(ids))
+    count = np.bincount(index, minlength=len(ids)).astype(float)
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(len(ids), size=(replicates, len(ids)))
+    diffs = diff_sum[draws].sum(1) / count[draws].sum(1)
+    low, high = np.percentile(diffs, [2.5, 97.5])
+    return float(low), float(high)
 
 
 @torch.no_grad()
@@ -127,23 +192,27 @@ class ProbeRun:
     groups: np.ndarray
     n_patches: int
     trained: np.ndarray
+    batch: int = 64
 
 
 def word_probe_start(encoder: MultiViewEncoder, recordings: list[Recording], device: torch.device | str = "cpu",
-                     max_words: int = PROBE_MAX_WORDS) -> ProbeRun | None:
+                     max_words: int = PROBE_MAX_WORDS, batch: int = 64) -> ProbeRun | None:
     """First half of :func:`word_probe`: the trained encoder's features. ``None`` without words.
 
     Splitting the probe lets Stage 1 release the trained encoder before
     :func:`word_probe_finish` builds the random-init one, so two encoders never coexist.
+    ``batch`` windows go through an encoder at a time: Stage 1 passes its micro-batch size,
+    which it already holds activations for (64 windows of the base preset's 512 tokens would
+    need gigabytes of attention scores).
     """
     config = encoder.config
     x, mask, labels, groups = word_probe_data(recordings, config, max_words)
     if len(labels) < 20:
         return None
     k = min(config.n_patches, math.ceil(PROBE_RESPONSE_S * config.sfreq / config.patch_samples))
-    trained = probe_features(encoder, x, mask, k, device=device)
+    trained = probe_features(encoder, x, mask, k, batch=batch, device=device)
     encoder.train()
-    return ProbeRun(config, x, mask, labels, groups, k, trained)
+    return ProbeRun(config, x, mask, labels, groups, k, trained, batch)
 
 
 def word_probe_finish(run: ProbeRun, device: torch.device | str = "cpu") -> dict[str, float]:
@@ -151,17 +220,21 @@ def word_probe_finish(run: ProbeRun, device: torch.device | str = "cpu") -> dict
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(12345)
         random_encoder = MultiViewEncoder(run.config).to(device)
-    random_features = probe_features(random_encoder, run.x, run.mask, run.n_patches, device=device)
+    random_features = probe_features(random_encoder, run.x, run.mask, run.n_patches, batch=run.batch, device=device)
     del random_encoder
     test = run.groups % 4 == 3
     raw = run.x[:, :, :run.n_patches * run.config.patch_samples].reshape(len(run.x), -1)
-    return {
-        "probe_words": int(len(run.labels)),
-        "probe_acc": ridge_probe_accuracy(run.trained, run.labels, run.groups),
-        "probe_acc_random_init": ridge_probe_accuracy(random_features, run.labels, run.groups),
-        "probe_acc_raw": ridge_probe_accuracy(raw, run.labels, run.groups),
-        "probe_chance": float(np.bincount(run.labels[test]).max() / max(1, test.sum())),
-    }
+    metrics: dict[str, float] = {"probe_words": int(len(run.labels)), "probe_test_words": int(test.sum())}
+    for name, probe in (("probe", ridge_probe_hits), ("probe_centroid", centroid_probe_hits)):
+        trained_hits = probe(run.trained, run.labels, run.groups)
+        random_hits = probe(random_features, run.labels, run.groups)
+        low, high = paired_bootstrap_interval(trained_hits, random_hits, run.groups[test])
+        metrics.update({f"{name}_acc": float(trained_hits.mean()),
+                        f"{name}_acc_random_init": float(random_hits.mean()),
+                        f"{name}_gain_ci95_low": low, f"{name}_gain_ci95_high": high,
+                        f"{name}_acc_raw": float(probe(raw, run.labels, run.groups).mean())})
+    metrics["probe_chance"] = float(np.bincount(run.labels[test]).max() / max(1, test.sum()))
+    return metrics
 
 
 def word_probe(encoder: MultiViewEncoder, recordings: list[Recording], device: torch.device | str = "cpu",
@@ -176,9 +249,13 @@ def word_probe(encoder: MultiViewEncoder, recordings: list[Recording], device: t
     Returns
     -------
     dict or None
-        ``probe_words``, ``probe_acc`` (trained), ``probe_acc_random_init``, ``probe_acc_raw``
-        (the raw signal), ``probe_chance`` (share of the most frequent word among the held-out
-        ones); ``None`` if fewer than 20 usable word annotations exist.
+        ``probe_words`` (``probe_test_words`` of them held out); for the ridge probe
+        (``probe_``) and the nearest-centre probe (``probe_centroid_``, :func:`centroid_probe_hits`):
+        ``..._acc`` (trained), ``..._acc_random_init``, ``..._acc_raw`` (the raw signal),
+        ``..._gain_ci95_low`` / ``..._gain_ci95_high`` (95% paired bootstrap interval of trained
+        minus random-init accuracy, resampling held-out sentences); ``probe_chance`` (share of
+        the most frequent word among the held-out ones). ``None`` if fewer than 20 usable word
+        annotations exist.
     """
     run = word_probe_start(encoder, recordings, device, max_words)
     return None if run is None else word_probe_finish(run, device)

@@ -48,7 +48,7 @@ def validation_loss(encoder: MultiViewEncoder, head: SSLHead, x: np.ndarray, mas
         xb = torch.from_numpy(x[i:i + config.micro_batch_size]).to(device)
         mb = torch.from_numpy(mask[i:i + config.micro_batch_size]).to(device)
         tm = random_token_mask(len(xb), config.encoder, config.mask_ratio, generator).to(device)
-        loss, _ = head(encoder, xb, mb, tm, config.agreement_weight)
+        loss, _ = head(encoder, xb, mb, tm, config.agreement_weight, config.visible_weight)
         total += loss.item() * len(xb)
         count += len(xb)
     encoder.train(), head.train()
@@ -68,8 +68,8 @@ class SSLObjective(nn.Module):
         self.head = head
 
     def forward(self, x: torch.Tensor, channel_mask: torch.Tensor, token_mask: torch.Tensor,
-                agreement_weight: float) -> torch.Tensor:
-        loss, _ = self.head(self.encoder, x, channel_mask, token_mask, agreement_weight)
+                agreement_weight: float, visible_weight: float = 0.0) -> torch.Tensor:
+        loss, _ = self.head(self.encoder, x, channel_mask, token_mask, agreement_weight, visible_weight)
         return loss
 
 
@@ -174,7 +174,8 @@ def run(spec: JobSpec, config: Stage1Config, reporter: Reporter, world: World = 
             sync = contextlib.nullcontext() if last or not world.distributed else trained.no_sync()
             with sync:
                 with distributed.autocast(device, amp_dtype):
-                    loss = trained(x, channel_mask, token_mask, config.agreement_weight).float()
+                    loss = trained(x, channel_mask, token_mask, config.agreement_weight,
+                                   config.visible_weight).float()
                 (loss / micro_batches).backward()
             step_loss += loss.item() / micro_batches
         if not isinstance(optimizer, FusedOptimizer):  # fused: no global norm is taken (see FusedOptimizer)
@@ -201,7 +202,8 @@ def run(spec: JobSpec, config: Stage1Config, reporter: Reporter, world: World = 
                                     config, device) if config.val_windows else None,
         "parameters": count_parameters(encoder),
     }
-    probe = word_probe_start(encoder, recordings, device, config.probe_words) if config.probe_words else None
+    probe = (word_probe_start(encoder, recordings, device, config.probe_words, batch=config.micro_batch_size)
+             if config.probe_words else None)
     encoder_path = export.save_encoder(encoder, job_dir / export.FINAL_DIRNAME / export.ENCODER_FILENAME)
     reporter.register(ArtifactKind.encoder, str(encoder_path.relative_to(job_dir)))
     if checkpoint_path is None:
