@@ -445,6 +445,7 @@ def _predict_stage1_peak_bytes(config: "Stage1Config") -> int:
     return int(STAGE1_BASELINE_BYTES + max(training, probe))
 
 
+# The interpreter and libraries of a Stage 2 trainer (Stage 1 has its own measured baseline above).
 RUNTIME_BASELINE_BYTES = 450 * 1024**2
 # fp32 bytes per parameter: weights 4; gradients 4 when held all at once (plain loop); optimizer
 # state 8 for AdamW (two moments) and about 1 for Adafactor (factored rows and columns).
@@ -459,11 +460,8 @@ def predict_peak_bytes(config: TrainConfigBase, encoder: EncoderConfig | None = 
     """
     if isinstance(config, Stage1Config):
         return _predict_stage1_peak_bytes(config)
-    else:
-        assert isinstance(config, Stage2Config)
-        return _predict_stage2_peak_bytes(config, encoder or EncoderConfig.from_name("tiny"))
-    per_param = 4 + grads + _STATE_BYTES_PER_PARAM[config.optimizer]
-    return int(RUNTIME_BASELINE_BYTES + params * per_param + activations)
+    assert isinstance(config, Stage2Config)
+    return _predict_stage2_peak_bytes(config, encoder or EncoderConfig.from_name("tiny"))
 
 
 # Most bytes of encoder activations one batch may use while Stage 2 caches the encoder's outputs.
@@ -527,14 +525,16 @@ def _predict_stage2_peak_bytes(config: Stage2Config, enc: EncoderConfig) -> int:
 CUDA_OVERHEAD_BYTES = 600 * 1024**2
 
 
-def predict_gpu_bytes(config: TrainConfigBase) -> int:
+def predict_gpu_bytes(config: TrainConfigBase, encoder: EncoderConfig | None = None) -> int:
     """Predicted peak GPU memory of each process of a CUDA job, in bytes.
 
     The same weights, gradients, optimizer state and activations as :func:`predict_peak_bytes`
     (bf16 autocast only shrinks the activations, so this errs high), on the GPU instead of in
-    the process's RAM, plus the CUDA runtime's own overhead in place of Python's.
+    the process's RAM, plus the CUDA runtime's own overhead in place of the interpreter's.
     """
-    return predict_peak_bytes(config) - RUNTIME_BASELINE_BYTES + CUDA_OVERHEAD_BYTES
+    host = (STAGE1_BASELINE_BYTES if isinstance(config, Stage1Config)
+            else RUNTIME_BASELINE_BYTES + STAGE2_RUNTIME_EXTRA_BYTES)
+    return predict_peak_bytes(config, encoder) - host + CUDA_OVERHEAD_BYTES
 
 
 def config_fields(stage: str) -> list[dict[str, Any]]:
