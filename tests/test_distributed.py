@@ -150,8 +150,8 @@ def test_two_process_job_through_the_server_pauses_resumes_and_tracks_one_proces
         server.stop()
 
 
-@pytest.mark.slow
-def test_killing_torchrun_takes_its_workers_down_and_the_job_retries(server):
+def two_process_job_at_step_6(server: RunningServer) -> int:
+    """Submit a 2-process Stage 1 job of 20 steps and wait until it has passed a checkpoint."""
     config = {**CONFIG, "steps": 20, "checkpoint_every": 5, "devices": 2}
     with server.client() as client:
         job_id = client.post("/api/jobs", json={"stage": "stage1", "dataset": "synthetic", "config": config}).json()["id"]
@@ -159,6 +159,12 @@ def test_killing_torchrun_takes_its_workers_down_and_the_job_retries(server):
         while client.get(f"/api/jobs/{job_id}").json()["progress"]["step"] < 6:
             assert time.monotonic() < deadline, server.log()[-3000:]
             time.sleep(0.2)
+    return job_id
+
+
+@pytest.mark.slow
+def test_killing_torchrun_takes_its_workers_down_and_the_job_retries(server):
+    job_id = two_process_job_at_step_6(server)
     agent = psutil.Process(_agent_pid(server, job_id))
     workers = agent.children(recursive=True)
     assert len(workers) >= 2
@@ -171,13 +177,7 @@ def test_killing_torchrun_takes_its_workers_down_and_the_job_retries(server):
 
 @pytest.mark.slow
 def test_a_worker_killed_like_out_of_memory_halves_the_micro_batch(server):
-    config = {**CONFIG, "steps": 20, "checkpoint_every": 5, "devices": 2}
-    with server.client() as client:
-        job_id = client.post("/api/jobs", json={"stage": "stage1", "dataset": "synthetic", "config": config}).json()["id"]
-        deadline = time.monotonic() + 240
-        while client.get(f"/api/jobs/{job_id}").json()["progress"]["step"] < 6:
-            assert time.monotonic() < deadline, server.log()[-3000:]
-            time.sleep(0.2)
+    job_id = two_process_job_at_step_6(server)
     psutil.Process(_agent_pid(server, job_id)).children()[-1].kill()  # one worker, as the OOM killer would
     done = server.wait_for_job(job_id, {"succeeded"}, timeout=300)
     assert done["attempts"] == 2 and done["config"]["micro_batch_size"] == 2

@@ -53,7 +53,11 @@ def stage2(job_dir, encoder_path, cache_dir, config=STAGE2, dataset="synthetic",
 
 def finished_metrics(result) -> dict:
     [event] = [e for e in result.events if e["kind"] == "finished"]
-    return event["metrics"]
+    m = event["metrics"]
+    print(f"\nBLEU-1 eeg {m['test_bleu1_eeg']:.3f} noise {m['test_bleu1_noise']:.3f} shuffled "
+          f"{m['test_bleu1_shuffled']:.3f}; eeg - noise 95% [{m['test_bleu1_eeg_minus_noise_ci_low']:+.3f}, "
+          f"{m['test_bleu1_eeg_minus_noise_ci_high']:+.3f}]")
+    return m
 
 
 @pytest.fixture(scope="module")

@@ -239,11 +239,10 @@ def run(spec: JobSpec, config: Stage2Config, reporter: Reporter) -> int:
                                                    torch.from_numpy(mask[r]).to(device)).cpu().numpy()
 
     if model.encoder is None:  # the bridge holds the training features' statistics
-        noise_mean, noise_std = model.bridge.mean.cpu().numpy(), model.bridge.std.cpu().numpy()
+        noise_mean = model.bridge.mean.cpu().numpy()
     else:
-        noise_mean, noise_std = feature_statistics(features(index["train"]))
-    metrics, examples = evaluate(model, tokenizer, features, texts, index, labels, noise_mean, noise_std,
-                                 config, device)
+        noise_mean, _ = feature_statistics(features(index["train"]))
+    metrics, examples = evaluate(model, tokenizer, features, texts, index, labels, noise_mean, config, device)
     metrics = {"steps": state.step, "train_loss": state.losses[-1] if state.losses else None,
                "frozen_steps": config.frozen_steps, "unfrozen_steps": config.unfreeze_steps, **metrics,
                "sentences_train": int(len(index["train"])), "sentences_val": int(len(index["val"])),

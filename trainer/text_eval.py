@@ -5,8 +5,9 @@ Working?"), so every score here comes from free-running ``generate()`` on test s
 texts never occur in training. Each score is reported three times:
 
 - ``eeg``: the test sentences' own EEG features;
-- ``noise``: Gaussian features with the training features' per-(patch, feature) mean and
-  standard deviation (in-distribution in scale, empty of content);
+- ``noise``: Gaussian features with the training features' mean and covariance (in
+  distribution up to second moments, across channels, patches and dimensions; empty of
+  content), see :func:`matched_noise`;
 - ``shuffled``: real EEG features of *other* test sentences (in-distribution in every respect
   but the pairing).
 
@@ -77,8 +78,27 @@ def _chunks(array: np.ndarray, size: int) -> Iterable[np.ndarray]:
         yield array[i:i + size]
 
 
+def matched_noise(train_batches: Iterable[np.ndarray], mean: np.ndarray, n_train: int, count: int,
+                  rng: np.random.Generator) -> np.ndarray:
+    """``count`` Gaussian feature rows with the training rows' mean and empirical covariance.
+
+    Row i is ``mean + sum_j w_ij (x_j - mean)`` over the training rows ``x_j``, with independent
+    ``w_ij ~ N(0, 1/n_train)``: a Gaussian whose covariance is the training features' own, built
+    a batch at a time without forming that covariance. Noise with only each feature's mean and
+    standard deviation lacks the features' correlations (between channels, patches and
+    dimensions); a decoder then meets it out of distribution and writes worse text from it than
+    from any EEG, which made EEG look better than noise even where the EEG carries nothing
+    (``synthetic:null``). A random mixture of hundreds of sentences' features carries none of them.
+    """
+    noise = np.zeros((count,) + mean.shape, dtype=np.float32)
+    for batch in train_batches:
+        weights = (rng.standard_normal((count, len(batch))) / np.sqrt(n_train)).astype(np.float32)
+        noise += np.tensordot(weights, batch.astype(np.float32) - mean, axes=1)
+    return noise + mean
+
+
 def evaluate(model: EEGToText, tokenizer, features: FeatureSource, texts: list[str], index: dict[str, np.ndarray],
-             labels: np.ndarray, noise_mean: np.ndarray, noise_std: np.ndarray, config: Stage2Config,
+             labels: np.ndarray, noise_mean: np.ndarray, config: Stage2Config,
              device: torch.device) -> tuple[dict[str, float | int | None], list[dict[str, str]]]:
     """All Stage 2 metrics on the test split, and a few examples for the report.
 
@@ -95,7 +115,7 @@ def evaluate(model: EEGToText, tokenizer, features: FeatureSource, texts: list[s
     references = [texts[i] for i in test]
     rng = np.random.default_rng(config.seed)
     shuffled_rows = test[np.roll(np.arange(len(test)), 1)] if len(test) > 1 else test  # never its own
-    noise = (rng.standard_normal((len(test),) + noise_mean.shape) * noise_std + noise_mean).astype(np.float32)
+    noise = matched_noise(features(index["train"]), noise_mean, len(index["train"]), len(test), rng)
     predictions = {
         "eeg": decode(model, tokenizer, features(test), config, device),
         "noise": decode(model, tokenizer, _chunks(noise, DECODE_BATCH), config, device),
