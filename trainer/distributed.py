@@ -121,7 +121,9 @@ def init(world: World, device: torch.device) -> None:
 
 
 def shutdown(world: World) -> None:
+    """Leave the process group after every rank is done with it (idempotent)."""
     if world.distributed and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 

@@ -190,9 +190,15 @@ def run(spec: JobSpec, config: Stage1Config, reporter: Reporter, world: World = 
             checkpoint_path = save()
             last_saved = state.step
 
-    if not world.is_main:  # evaluation, export and the probe are rank 0's
-        return EXIT_OK
+    # Training is over for every rank: release DDP (its reducer sits in a reference cycle with the
+    # fused optimizer's hooks, so it must be collected before its process group goes) and leave the
+    # group together. A rank that left it with DDP still alive aborted at exit ("terminate called
+    # without an active exception"). Evaluation, export and the probe are rank 0's, on its own.
     del trained
+    gc.collect()
+    distributed.shutdown(world)
+    if not world.is_main:
+        return EXIT_OK
     # -- evaluation and export ---------------------------------------------------------------------
     metrics: dict[str, float | int | None] = {
         "steps": state.step,
