@@ -66,13 +66,7 @@ def torchrun_root_cause(log_path: Path, max_bytes: int = 16384) -> int | None:
     out-of-memory SIGKILL of one worker from a crash, so that the memory back-off applies to
     data-parallel jobs too.
     """
-    try:
-        with open(log_path, "rb") as fh:
-            fh.seek(max(fh.seek(0, 2) - max_bytes, 0))
-            text = fh.read().decode("utf-8", errors="replace")
-    except OSError:
-        return None
-    found = _ROOT_CAUSE_EXIT.findall(text)
+    found = _ROOT_CAUSE_EXIT.findall(log_tail(log_path, max_bytes) or "")
     return int(found[-1]) if found else None
 
 
@@ -82,14 +76,19 @@ def uses_gpu(config: dict, gpus: list[Gpu]) -> bool:
     return device == "cuda" or (device == "auto" and bool(gpus))
 
 
-def last_log_line(path: Path, max_bytes: int = 4096) -> str:
-    """The last non-empty line of a trainer log: usually the exception that ended it."""
+def log_tail(path: Path, max_bytes: int) -> str | None:
+    """The last ``max_bytes`` of a trainer log as text, or None when it cannot be read."""
     try:
         with open(path, "rb") as fh:
             fh.seek(max(fh.seek(0, 2) - max_bytes, 0))
-            lines = fh.read().decode("utf-8", errors="replace").strip().splitlines()
+            return fh.read().decode("utf-8", errors="replace")
     except OSError:
-        return ""
+        return None
+
+
+def last_log_line(path: Path, max_bytes: int = 4096) -> str:
+    """The last non-empty line of a trainer log: usually the exception that ended it."""
+    lines = (log_tail(path, max_bytes) or "").strip().splitlines()
     return lines[-1].strip()[:500] if lines else ""
 
 
