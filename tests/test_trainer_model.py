@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from trainer.config import EncoderConfig
-from trainer.models.multiview import MultiViewEncoder, SSLHead, count_parameters, random_token_mask
+from trainer.models.multiview import (MultiViewEncoder, SSLHead, count_parameters, decorrelation_penalty,
+                                      random_token_mask)
 
 TINY = EncoderConfig.from_name("tiny")
 
@@ -48,8 +49,28 @@ def test_ssl_loss_backpropagates_and_masks_tokens(encoder):
     encoder.train()
     loss, parts = head(encoder, x, present, token_mask, agreement_weight=0.1)
     loss.backward()
-    assert set(parts) == {"signal", "spectrum", "agreement"}
+    assert set(parts) == {"signal", "spectrum", "agreement", "decorrelation"}
     assert encoder.temporal.weight.grad is not None and encoder.mask_token.grad is not None
+
+
+def test_decorrelation_penalty_is_zero_for_white_states_only():
+    generator = torch.Generator().manual_seed(0)
+    white = torch.randn(20000, 16, generator=generator)
+    assert decorrelation_penalty(white).item() < 0.01
+    mixed = white @ (torch.eye(16) + torch.ones(16, 16))  # every dimension shares one component
+    assert decorrelation_penalty(mixed).item() > 10.0
+    collapsed = torch.zeros(100, 16)  # no spread at all: the variance term is at its largest
+    assert decorrelation_penalty(collapsed).item() == pytest.approx(0.99, abs=0.01)
+    # Its gradient whitens: a few steps on a linear map of correlated states lower it tenfold.
+    states = torch.randn(2000, 16, generator=generator) @ torch.randn(16, 16, generator=generator) / 4
+    mix = torch.eye(16, requires_grad=True)
+    optimizer = torch.optim.Adam([mix], lr=0.01)
+    start = decorrelation_penalty(states @ mix).item()
+    for _ in range(200):
+        optimizer.zero_grad()
+        decorrelation_penalty(states @ mix).backward()
+        optimizer.step()
+    assert decorrelation_penalty(states @ mix).item() < start / 10
 
 
 @pytest.mark.parametrize("name", list(EncoderConfig.PRESETS))

@@ -258,6 +258,10 @@ class Stage1Config(TrainConfigBase):
     visible_weight: float = 1.0
     """Weight of reconstructing the visible (unmasked) tokens, relative to the masked ones; 0
     scores masked tokens only. Keeps the final states of visible tokens tied to the signal."""
+    decorrelation_weight: float = 25.0
+    """Weight of the term that whitens the final token states (VICReg's variance and covariance
+    terms; see :class:`trainer.models.multiview.SSLHead`); 0 turns it off. Without it the states
+    group same-word windows no better than a random-init encoder's."""
     fused_optimizer: bool = True
     """Step each parameter from its gradient hook during backward, so no full set of gradients
     is ever held (see :class:`trainer.memory.FusedOptimizer`); off means a plain loop with
@@ -284,6 +288,7 @@ class Stage1Config(TrainConfigBase):
             raise ConfigError(f"Invalid mask_ratio {self.mask_ratio!r}; expected a number between 0 and 1.")
         _expect_positive("agreement_weight", self.agreement_weight, integer=False, allow_zero=True)
         _expect_positive("visible_weight", self.visible_weight, integer=False, allow_zero=True)
+        _expect_positive("decorrelation_weight", self.decorrelation_weight, integer=False, allow_zero=True)
         for name in ("fused_optimizer", "activation_checkpointing"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"Invalid {name} {getattr(self, name)!r}; expected true or false.")

@@ -48,7 +48,8 @@ def validation_loss(encoder: MultiViewEncoder, head: SSLHead, x: np.ndarray, mas
         xb = torch.from_numpy(x[i:i + config.micro_batch_size]).to(device)
         mb = torch.from_numpy(mask[i:i + config.micro_batch_size]).to(device)
         tm = random_token_mask(len(xb), config.encoder, config.mask_ratio, generator).to(device)
-        loss, _ = head(encoder, xb, mb, tm, config.agreement_weight, config.visible_weight)
+        loss, _ = head(encoder, xb, mb, tm, config.agreement_weight, config.visible_weight,
+                       config.decorrelation_weight)
         total += loss.item() * len(xb)
         count += len(xb)
     encoder.train(), head.train()
@@ -68,8 +69,10 @@ class SSLObjective(nn.Module):
         self.head = head
 
     def forward(self, x: torch.Tensor, channel_mask: torch.Tensor, token_mask: torch.Tensor,
-                agreement_weight: float, visible_weight: float = 0.0) -> torch.Tensor:
-        loss, _ = self.head(self.encoder, x, channel_mask, token_mask, agreement_weight, visible_weight)
+                agreement_weight: float, visible_weight: float = 0.0,
+                decorrelation_weight: float = 0.0) -> torch.Tensor:
+        loss, _ = self.head(self.encoder, x, channel_mask, token_mask, agreement_weight, visible_weight,
+                            decorrelation_weight)
         return loss
 
 
@@ -175,7 +178,7 @@ def run(spec: JobSpec, config: Stage1Config, reporter: Reporter, world: World = 
             with sync:
                 with distributed.autocast(device, amp_dtype):
                     loss = trained(x, channel_mask, token_mask, config.agreement_weight,
-                                   config.visible_weight).float()
+                                   config.visible_weight, config.decorrelation_weight).float()
                 (loss / micro_batches).backward()
             step_loss += loss.item() / micro_batches
         if not isinstance(optimizer, FusedOptimizer):  # fused: no global norm is taken (see FusedOptimizer)

@@ -161,6 +161,14 @@ class SSLHead(nn.Module):
     random-init encoder does. The agreement term is a symmetric InfoNCE between the
     pooled temporal-view and spectral-view embeddings of the same window (other windows of the
     batch are the negatives), which pushes both views toward the same content.
+
+    The decorrelation term (:func:`decorrelation_penalty`, weight ``decorrelation_weight``)
+    asks the final token states to have unit variance and uncorrelated dimensions over the
+    batch's tokens. Reconstruction alone keeps the states a near-linear copy of the signal, and
+    the geometry of the signal is ruled by its strongest component: EEG's 1/f background. A
+    random-init encoder is such a copy too, so the two grouped same-word windows equally
+    badly. Whitened states give every direction the same say, which is what the background
+    had taken from the word responses (measured: see :func:`trainer.evaluate.word_probe`).
     """
 
     def __init__(self, config: EncoderConfig, agreement_dim: int = 128, temperature: float = 0.1) -> None:
@@ -178,8 +186,8 @@ class SSLHead(nn.Module):
         return (values - values.mean(-1, keepdim=True)) / (values.std(-1, keepdim=True) + 1e-5)
 
     def forward(self, encoder: MultiViewEncoder, x: torch.Tensor, channel_mask: torch.Tensor,
-                token_mask: torch.Tensor, agreement_weight: float,
-                visible_weight: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
+                token_mask: torch.Tensor, agreement_weight: float, visible_weight: float = 0.0,
+                decorrelation_weight: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
         """Loss of one batch and its parts.
 
         Parameters
@@ -195,13 +203,15 @@ class SSLHead(nn.Module):
             Weight of the cross-view InfoNCE term.
         visible_weight : float
             Weight of a visible token's reconstruction relative to a masked one's (0: masked only).
+        decorrelation_weight : float
+            Weight of :func:`decorrelation_penalty` on the token states of present channels.
 
         Returns
         -------
         loss : Tensor
             Scalar training loss.
         parts : dict of str to float
-            ``signal``, ``spectrum`` and ``agreement`` terms, for logging.
+            ``signal``, ``spectrum``, ``agreement`` and ``decorrelation`` terms, for logging.
         """
         states = encoder.states(x, channel_mask, token_mask)               # (B, V, C, P, D)
         hidden = self.mlp(states)
@@ -225,8 +235,31 @@ class SSLHead(nn.Module):
         labels = torch.arange(x.shape[0], device=x.device)
         agreement = 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
 
-        loss = signal + spectrum + agreement_weight * agreement
-        return loss, {"signal": signal.item(), "spectrum": spectrum.item(), "agreement": agreement.item()}
+        present_tokens = channel_mask[:, None, :, None].expand(states.shape[:-1])   # (B, V, C, P)
+        decorrelation = decorrelation_penalty(states[present_tokens])
+
+        loss = signal + spectrum + agreement_weight * agreement + decorrelation_weight * decorrelation
+        return loss, {"signal": signal.item(), "spectrum": spectrum.item(), "agreement": agreement.item(),
+                      "decorrelation": decorrelation.item()}
+
+
+def decorrelation_penalty(tokens: torch.Tensor) -> torch.Tensor:
+    """How far ``(N, D)`` token states are from unit variance and uncorrelated dimensions.
+
+    The variance and covariance terms of VICReg (Bardes et al., 2022), over the tokens of a
+    batch: the mean over dimensions of ``relu(1 - std)``, plus the sum of squared off-diagonal
+    covariances divided by ``D``. Zero for whitened states; computed in float32 under autocast,
+    since a bfloat16 covariance of a thousand tokens loses the small correlations it penalises.
+    """
+    tokens = tokens.float()
+    if len(tokens) < 2:
+        return tokens.sum() * 0.0
+    centred = tokens - tokens.mean(0)
+    cov = centred.T @ centred / (len(tokens) - 1)
+    variance = torch.diagonal(cov)
+    spread = F.relu(1.0 - torch.sqrt(variance + 1e-4)).mean()
+    off_diagonal = (cov ** 2).sum() - (variance ** 2).sum()
+    return spread + off_diagonal / cov.shape[0]
 
 
 def random_token_mask(batch: int, config: EncoderConfig, ratio: float, generator: torch.Generator) -> torch.Tensor:
