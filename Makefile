@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PY := $(BIN)/python
 
-.PHONY: run test test-all bench clean
+.PHONY: run test test-ci test-all bench clean
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,11 @@ run: $(VENV)/.installed
 
 test: $(VENV)/.installed browser
 	$(PY) -m pytest -q
+
+# The slow tests CI also runs after `make test` (marked `ci`): end-to-end runs worth their
+# minutes on every submission, kept out of the default suite so that it stays near 10 minutes.
+test-ci: $(VENV)/.installed browser
+	$(PY) -m pytest -q -m ci
 
 # The slow tests too (full-size presets, long kills-and-resumes).
 test-all: $(VENV)/.installed browser

@@ -93,6 +93,8 @@ def trainer_processes(job_dir: Path) -> list[psutil.Process]:
     return found
 
 
+@pytest.mark.slow
+@pytest.mark.ci  # CI runs it after the default suite (see .ci/run)
 def test_two_process_job_through_the_server_pauses_resumes_and_tracks_one_process(tmp_path):
     server: RunningServer = start_server(tmp_path / "data", env={"NEUROLENS_CONCURRENCY": "2"})
     try:

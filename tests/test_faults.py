@@ -12,6 +12,7 @@ import signal
 import time
 
 import psutil
+import pytest
 
 from tests.conftest import RunningServer, free_port, start_server
 
@@ -104,6 +105,8 @@ def test_server_killed_while_a_trainer_runs_reattaches_on_restart(tmp_path):
         server.stop()
 
 
+@pytest.mark.slow
+@pytest.mark.ci  # CI runs it after the default suite (see .ci/run)
 def test_server_and_trainer_killed_together_resume_from_checkpoint(tmp_path):
     port = free_port()
     server = start_server(tmp_path / "data", port=port)
@@ -149,6 +152,8 @@ def test_pause_checkpoints_releases_memory_and_resume_continues(server):
         assert response.status_code == 409 and "only a paused job can be resumed" in response.json()["detail"]
 
 
+@pytest.mark.slow
+@pytest.mark.ci  # CI runs it after the default suite (see .ci/run)
 def test_killed_stage2_trainer_is_restarted_from_its_newest_checkpoint(tmp_path):
     # One thread per trainer: a tiny Stage 2 in two threads crawls on a loaded 2-core machine.
     server = start_server(tmp_path / "data", env={"OMP_NUM_THREADS": "1"})

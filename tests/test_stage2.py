@@ -88,6 +88,8 @@ def test_on_synthetic_the_eeg_minus_noise_interval_lies_above_zero(signal_run):
         set(e) == {"reference", "from_eeg", "from_noise", "from_shuffled_eeg"} for e in report["examples"])
 
 
+@pytest.mark.slow
+@pytest.mark.ci  # CI runs it after the default suite (see .ci/run)
 def test_on_synthetic_null_the_interval_contains_zero(tmp_path, encoder_path, cache_dir):
     result = stage2(tmp_path / "job", encoder_path, cache_dir, dataset="synthetic:null")
     assert result.returncode == EXIT_OK, result.stderr[-3000:]
@@ -144,6 +146,8 @@ def test_the_model_file_loads_and_writes_text_without_neurolens(signal_run, tmp_
     assert written == [e["from_eeg"] for e in report["examples"][:4]]
 
 
+@pytest.mark.slow
+@pytest.mark.ci  # CI runs it after the default suite (see .ci/run)
 def test_phase2_trains_the_encoder_and_a_stop_in_phase2_resumes_with_its_weights(tmp_path, encoder_path, cache_dir):
     # Progress (and so the stop request in its reply) after every step.
     config = {**STAGE2, "steps": 16, "unfreeze_steps": 8, "checkpoint_every": 4, "bootstrap_samples": 50,

@@ -71,6 +71,8 @@ def test_stage1_writes_checkpoints_and_a_standalone_encoder(stage1):
     assert not any("head" in n or n.startswith(("mlp.", "to_signal")) for n in names)
 
 
+@pytest.mark.slow
+@pytest.mark.ci  # CI runs it after the default suite (see .ci/run)
 def test_stop_request_then_resume_continues_the_loss_curve(stage1, tmp_path, cache_dir):
     _, straight = stage1
     server = StandInServer(stop_at=4).start()

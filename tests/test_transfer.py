@@ -81,6 +81,8 @@ def test_interrupted_download_resumes_with_curl_and_with_the_cli(server: Running
     assert sha256_file(garbage) == artifact["sha256"]
 
 
+@pytest.mark.slow
+@pytest.mark.ci  # CI runs it after the default suite (see .ci/run)
 def test_stage1_here_transfer_the_encoder_then_stage2_there(tmp_path: Path) -> None:
     laptop = start_server(tmp_path / "laptop")
     gpu_box = start_server(tmp_path / "gpu-box")

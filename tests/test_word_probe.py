@@ -108,7 +108,9 @@ def probe_metrics(tmp_path: Path, seed: int, **config: object) -> dict[str, floa
     return m
 
 
-@pytest.mark.parametrize("seed", [0, pytest.param(1, marks=pytest.mark.slow)])
+# Seed 0 runs in CI after the default suite (see .ci/run); seed 1 and the control only with -m slow.
+@pytest.mark.parametrize("seed", [pytest.param(0, marks=[pytest.mark.slow, pytest.mark.ci]),
+                                  pytest.param(1, marks=pytest.mark.slow)])
 def test_stage1_tiny_encoder_groups_words_better_than_random_init(tmp_path, seed):
     # The probe runs at the end of a real trainer run and is recorded in the finished event's
     # metrics. The random-init encoder has the same architecture and a fixed seed; the
