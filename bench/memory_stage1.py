@@ -11,6 +11,8 @@ admits jobs by):
 - ``lean mb=1``: Adafactor fused into backward, activation checkpointing, micro-batch 1;
 - ``lean mb=1 x8``: the same with gradients accumulated to an effective batch of 8 (bfloat16
   accumulation buffers);
+- ``lean mb=1 resumed``: the ``lean mb=1`` job run again for two more steps, so that it starts
+  by loading that run's checkpoint (weights, optimizer state) into its model;
 - ``plain adamw``: torch AdamW, ``loss.backward(); clip; step()``, no checkpointing, batch 1.
 
 The bounds the issue sets (lean 2.0 GB, accumulated 2.5 GB; GB = 10^9 bytes) are checked and
@@ -21,7 +23,7 @@ gradients and optimizer state, which dominate the peak, do not depend on the win
 
 Usage::
 
-    python bench/memory_stage1.py [--steps 5] [--window-s 0.5] [--modes lean-mb1,lean-acc8,plain]
+    python bench/memory_stage1.py [--steps 5] [--window-s 0.5] [--modes lean-mb1,lean-mb1-resumed,lean-acc8,plain]
 """
 
 from __future__ import annotations
@@ -46,39 +48,52 @@ BASE = {"preset": "large", "lr": 1e-4, "warmup_steps": 1, "log_every_s": 5.0, "s
 MODES = {
     "lean-mb1": ("lean mb=1", {"optimizer": "adafactor", "fused_optimizer": True, "activation_checkpointing": True,
                                "batch_size": 1, "micro_batch_size": 1}, 2.0),
+    # The lean-mb1 job again with RESUMED_STEPS more steps: it resumes from that run's checkpoint.
+    "lean-mb1-resumed": ("lean mb=1 resumed", {"optimizer": "adafactor", "fused_optimizer": True,
+                                               "activation_checkpointing": True, "batch_size": 1,
+                                               "micro_batch_size": 1}, 2.0),
     "lean-acc8": ("lean mb=1 x8 accumulation", {"optimizer": "adafactor", "fused_optimizer": True,
                                                  "activation_checkpointing": True, "batch_size": 8,
                                                  "micro_batch_size": 1}, 2.5),
     "plain": ("plain adamw", {"optimizer": "adamw", "fused_optimizer": False, "activation_checkpointing": False,
                               "batch_size": 1, "micro_batch_size": 1}, None),
 }
+RESUMES = {"lean-mb1-resumed": "lean-mb1"}  # mode -> the mode whose job directory it continues
+RESUMED_STEPS = 2
 
 
-def run_mode(name: str, overrides: dict, steps: int, window_s: float, work: Path, cache: Path) -> dict:
-    """Run one trainer process to completion; its peak RSS, wall time and last events."""
-    job_dir = work / name
-    job_dir.mkdir()
+def run_mode(name: str, overrides: dict, steps: int, window_s: float, work: Path, cache: Path,
+             job_dir: Path | None = None) -> dict:
+    """Run one trainer process to completion; its peak RSS, wall time and last events.
+
+    ``job_dir`` (default: a new ``work/name``) may be another mode's, whose checkpoint the run
+    then resumes from.
+    """
+    job_dir = job_dir or work / name
+    job_dir.mkdir(exist_ok=True)
     config = {**BASE, **overrides, "steps": steps, "checkpoint_every": steps, "window_s": window_s}
     spec = {"job_id": 1, "stage": "stage1", "dataset": "synthetic", "config": config, "job_dir": str(job_dir),
             "api_url": "", "token": "bench", "cache_dir": str(cache)}
     (job_dir / "spec.json").write_text(json.dumps(spec))
     env = dict(os.environ, PYTHONPATH=str(REPO))
     started = time.perf_counter()
-    with open(job_dir / "stdout.jsonl", "wb") as out, open(job_dir / "stderr.log", "wb") as err:
+    stdout, stderr = job_dir / f"{name}-stdout.jsonl", job_dir / f"{name}-stderr.log"
+    with open(stdout, "wb") as out, open(stderr, "wb") as err:
         proc = subprocess.Popen([sys.executable, "-m", "trainer", "run", str(job_dir / "spec.json")],
                                 cwd=REPO, env=env, stdout=out, stderr=err)
         _, status, usage = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)
     elapsed = time.perf_counter() - started
-    events = [json.loads(line) for line in (job_dir / "stdout.jsonl").read_text().splitlines() if line.startswith("{")]
+    events = [json.loads(line) for line in stdout.read_text().splitlines() if line.startswith("{")]
     if proc.returncode != 0:
-        sys.exit(f"{name} failed with exit code {proc.returncode}:\n{(job_dir / 'stderr.log').read_text()[-3000:]}")
+        sys.exit(f"{name} failed with exit code {proc.returncode}:\n{stderr.read_text()[-3000:]}")
     finished = [e for e in events if e["kind"] == "finished"][-1]
     scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is KiB on Linux, bytes on macOS
     return {"peak": usage.ru_maxrss * scale, "predicted": predict_peak_bytes(Stage1Config(**config)),
             "seconds": elapsed, "steps": finished["step"],
             "loss": finished["loss"], "parameters": finished["metrics"]["parameters"],
-            "reported_peak": max((e.get("peak_rss_bytes") or 0) for e in events)}
+            "reported_peak": max((e.get("peak_rss_bytes") or 0) for e in events),
+            "resumed": "resumed from" in stderr.read_text()}
 
 
 def main() -> int:
@@ -91,6 +106,9 @@ def main() -> int:
     unknown = sorted(set(modes) - set(MODES))
     if unknown:
         parser.error(f"unknown mode {unknown[0]!r}; expected some of {', '.join(MODES)}")
+    for mode, base in RESUMES.items():
+        if mode in modes and (base not in modes or modes.index(base) > modes.index(mode)):
+            parser.error(f"mode {mode!r} continues {base!r}, which must run before it")
 
     from trainer.config import CHANNELS_32
     from trainer.data.recordings import SYNTHETIC_SEED
@@ -103,7 +121,14 @@ def main() -> int:
         results = {}
         for mode in modes:
             label, overrides, _ = MODES[mode]
-            results[mode] = r = run_mode(mode, overrides, args.steps, args.window_s, work, cache)
+            if mode in RESUMES:
+                r = run_mode(mode, overrides, args.steps + RESUMED_STEPS, args.window_s, work, cache,
+                             job_dir=work / RESUMES[mode])
+                if not r["resumed"]:
+                    sys.exit(f"{mode} did not resume from {RESUMES[mode]}'s checkpoint")
+            else:
+                r = run_mode(mode, overrides, args.steps, args.window_s, work, cache)
+            results[mode] = r
             print(f"{label}: peak {r['peak'] / GB:.2f} GB ({r['steps']} steps of the {r['parameters'] / 1e6:.1f}M-"
                   f"parameter encoder in {r['seconds']:.0f} s, final loss {r['loss']:.4f}, "
                   f"trainer-reported peak {r['reported_peak'] / GB:.2f} GB)", flush=True)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +18,7 @@ from trainer.exceptions import CheckpointError
 from trainer.training import TrainState, load_training_checkpoint, make_optimizer, save_training_checkpoint
 
 
+REPO = Path(__file__).resolve().parents[1]
 PLAIN_ADAMW = {"optimizer": "adamw", "fused_optimizer": False}
 OPTIMIZERS = {"plain-adamw": PLAIN_ADAMW, "fused-adafactor": {}, "fused-adamw": {"optimizer": "adamw"}}
 
@@ -105,3 +109,55 @@ def test_tied_tensors_are_stored_once(tmp_path):
     shared = torch.nn.Parameter(torch.randn(3, 3))
     tensors, aliases = ckpt.dedupe_tensors({"a": shared.data, "b": shared.data, "c": torch.randn(2)})
     assert set(tensors) == {"a", "c"} and aliases == {"b": "a"}
+
+
+# Each step in a fresh interpreter: one process saves
+# a checkpoint of a 256 MiB model, another builds the model and loads the checkpoint into it.
+_CHECKPOINT_PEAK = """
+import sys
+from pathlib import Path
+import psutil, torch
+from trainer.config import Stage1Config
+from trainer.training import TrainState, load_training_checkpoint, make_optimizer, save_training_checkpoint
+job, mode = Path(sys.argv[1]), sys.argv[2]
+torch.manual_seed(0 if mode == "save" else 1)
+model = torch.nn.Linear(8192, 8192, bias=False)  # 256 MiB of float32
+optimizer = make_optimizer(list(model.parameters()), Stage1Config(preset="tiny"))  # Adafactor: small state
+if mode == "save":
+    save_training_checkpoint(job, model, optimizer, TrainState(step=3), {}, {})
+    torch.save(model.weight.detach()[:4].clone(), job / "expected.pt")
+else:
+    before = psutil.Process().memory_info().rss
+    Path("/proc/self/clear_refs").write_text("5")  # resets the peak (VmHWM): building the model set it
+    state, _ = load_training_checkpoint(next(job.glob("checkpoints/*/checkpoint.safetensors")), model, optimizer, {})
+    status = Path("/proc/self/status").read_text()
+    peak = int(status.split("VmHWM:")[1].split()[0]) * 1024
+    assert state.step == 3 and torch.equal(model.weight[:4], torch.load(job / "expected.pt"))
+    print(peak - before, model.weight.numel() * 4)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads and resets the peak through /proc")
+def test_resuming_reads_the_weights_into_the_model_without_a_second_copy(tmp_path):
+    # Through safe_open the file's mapped pages counted in the resident set until it closed: a
+    # resumed large run peaked 1 GB (its weights' size) above a fresh one. Now the weights are
+    # read straight into the parameters, and the peak grows by a small part of their size.
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    runs = [subprocess.run([sys.executable, "-c", _CHECKPOINT_PEAK, str(tmp_path), mode], env=env, cwd=REPO,
+                           capture_output=True, text=True, timeout=300) for mode in ("save", "load")]
+    for run in runs:
+        assert run.returncode == 0, run.stderr[-2000:]
+    grown, weights = map(int, runs[1].stdout.split())
+    assert grown < 0.25 * weights, f"loading grew the peak by {grown / 2**20:.0f} MiB for {weights / 2**20:.0f} MiB of weights"
+
+
+def test_a_truncated_checkpoint_is_refused_by_name(tmp_path):
+    model, optimizer = make()
+    path = save_training_checkpoint(tmp_path, model, optimizer, TrainState(step=1), {}, {})
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) - 20])
+    with pytest.raises(CheckpointError, match=r"truncated inside tensor|Cannot read checkpoint"):
+        load_training_checkpoint(path, model, optimizer, {})
+    path.write_bytes(b"\x01")
+    with pytest.raises(CheckpointError, match="too short to be a safetensors file"):
+        load_training_checkpoint(path, model, optimizer, {})

@@ -130,37 +130,99 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: di
         fh.flush()
 
 
-def read_safetensors_into(path: Path, targets: dict[str, torch.Tensor]) -> None:
-    """Fill each CPU tensor of ``targets`` in place with the file's tensor of the same name.
+_TORCH_DTYPES = {name: dtype for dtype, name in _SAFETENSORS_DTYPES.items()}
+_MAX_HEADER_BYTES = 100 * 2**20  # the safetensors library's own limit
 
-    Read with plain file reads straight into the tensors' memory, not through
-    ``safetensors.safe_open``: that maps the file, and the mapped pages it touches count in the
-    process's resident set until it is closed, so loading a 1 GB encoder that way peaks at
-    2 GB (the module plus the mapping). Names, dtypes and shapes are checked against the header.
-    """
-    if sys.byteorder != "little":  # the format is little-endian; a raw read would be wrong
-        with safe_open(str(path), framework="pt") as fh, torch.no_grad():
-            for name, tensor in targets.items():
-                tensor.copy_(fh.get_tensor(name))
-        return
+
+def read_safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
+    """The JSON header of a safetensors file (``__metadata__`` included) and where its data starts."""
     with open(path, "rb") as fh:
-        (length,) = struct.unpack("<Q", fh.read(8))
+        prefix = fh.read(8)
+        if len(prefix) != 8:
+            raise CheckpointError(f"{path} is too short to be a safetensors file")
+        (length,) = struct.unpack("<Q", prefix)
+        if length > _MAX_HEADER_BYTES:
+            raise CheckpointError(f"{path} is not a safetensors file (header of {length} bytes)")
         header = json.loads(fh.read(length))
-        base = 8 + length
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path} is not a safetensors file (its header is not an object)")
+    return header, 8 + length
+
+
+class SafetensorsReader:
+    """Reads a safetensors file's tensors with plain file reads, straight into tensor memory.
+
+    Not through ``safetensors.safe_open``: that maps the file, and the mapped pages it touches
+    count in the process's resident set until it is closed, so loading a 1 GB encoder or
+    checkpoint that way peaks at its size twice (the module plus the mapping). Names, dtypes
+    and shapes are checked against the header. Use as a context manager.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.header, self._base = read_safetensors_header(path)
+        self.metadata: dict[str, str] = self.header.pop("__metadata__", None) or {}
+        self._fh = open(path, "rb")
+
+    def __enter__(self) -> "SafetensorsReader":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._fh.close()
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._info(name)["shape"])
+
+    def _info(self, name: str) -> dict[str, Any]:
+        info = self.header.get(name)
+        if info is None:
+            raise CheckpointError(f"{self.path} has no tensor {name!r}")
+        return info
+
+    def read(self, name: str) -> torch.Tensor:
+        """Tensor ``name`` as a new CPU tensor."""
+        info = self._info(name)
+        if info["dtype"] not in _TORCH_DTYPES:
+            raise CheckpointError(f"{self.path}: tensor {name!r} has unsupported dtype {info['dtype']}")
+        tensor = torch.empty(info["shape"], dtype=_TORCH_DTYPES[info["dtype"]])
+        self._fill(name, info, tensor)
+        return tensor
+
+    def read_into(self, name: str, target: torch.Tensor) -> None:
+        """Copy tensor ``name`` into ``target`` in place (same shape; any device and dtype)."""
+        info = self._info(name)
+        if list(info["shape"]) != list(target.shape):
+            raise CheckpointError(f"{self.path}: tensor {name!r} has shape {info['shape']}, "
+                                  f"expected {list(target.shape)}")
+        direct = (target.device.type == "cpu" and target.is_contiguous()
+                  and _SAFETENSORS_DTYPES.get(target.dtype) == info["dtype"])
+        with torch.no_grad():
+            if direct:  # no second copy: the file's bytes land in the parameter itself
+                self._fill(name, info, target.detach())
+            else:        # another device or dtype: through one tensor-sized CPU buffer
+                target.copy_(self.read(name))
+
+    def _fill(self, name: str, info: dict[str, Any], tensor: torch.Tensor) -> None:
+        start, end = info["data_offsets"]
+        if end - start != tensor.numel() * tensor.element_size():
+            raise CheckpointError(f"{self.path}: tensor {name!r} has {end - start} bytes for its "
+                                  f"{info['dtype']} {info['shape']}")
+        if sys.byteorder != "little":  # the format is little-endian; a raw read would be wrong
+            with safe_open(str(self.path), framework="pt") as fh:
+                tensor.copy_(fh.get_tensor(name))
+            return
+        self._fh.seek(self._base + start)
+        view = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+        if end > start and self._fh.readinto(view) != end - start:
+            raise CheckpointError(f"{self.path} is truncated inside tensor {name!r}")
+
+
+def read_safetensors_into(path: Path, targets: dict[str, torch.Tensor]) -> None:
+    """Fill each tensor of ``targets`` in place with the file's tensor of the same name
+    (see :class:`SafetensorsReader`)."""
+    with SafetensorsReader(path) as reader:
         for name, tensor in targets.items():
-            info = header.get(name)
-            if info is None:
-                raise CheckpointError(f"{path} has no tensor {name!r}")
-            if info["dtype"] != _SAFETENSORS_DTYPES.get(tensor.dtype) or list(info["shape"]) != list(tensor.shape):
-                raise CheckpointError(f"{path}: tensor {name!r} is {info['dtype']} {info['shape']}, "
-                                      f"expected {_SAFETENSORS_DTYPES.get(tensor.dtype)} {list(tensor.shape)}")
-            start, end = info["data_offsets"]
-            if not tensor.is_contiguous() or tensor.device.type != "cpu":
-                raise ValueError(f"read_safetensors_into needs contiguous CPU tensors ({name!r} is not)")
-            fh.seek(base + start)
-            view = memoryview(tensor.detach().reshape(-1).view(torch.uint8).numpy())
-            if end > start and fh.readinto(view) != end - start:
-                raise CheckpointError(f"{path} is truncated inside tensor {name!r}")
+            reader.read_into(name, tensor)
 
 
 def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> Path:
@@ -382,36 +444,22 @@ def find_latest_checkpoint(job_dir: Path) -> Path | None:
     return None
 
 
-def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Read all tensors and the decoded JSON metadata of a checkpoint file."""
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            header = fh.metadata() or {}
-            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
-    except Exception as exc:
-        raise CheckpointError(f"Cannot read checkpoint {path}: {exc}") from exc
-    if header.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path} is not a NeuroLens checkpoint (format {header.get('format')!r}).")
-    meta = {k: json.loads(v) for k, v in header.items() if k != "format"}
-    tensors = expand_aliases(tensors, meta.pop("aliases", {}))
-    return tensors, meta
-
-
 def load_checkpoint_into(path: Path, module: torch.nn.Module, prefix: str = "model."
                          ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Load ``prefix``-ed weights into ``module`` in place, one tensor at a time.
 
-    Reading the whole file first (:func:`load_checkpoint`) would hold a second copy of the
-    weights next to the module's own: 1 GB more at the moment a large run resumes. Here shapes
-    are validated from the header, then each weight is read and copied into its parameter and
-    dropped before the next.
+    Reading the whole file first would hold a second copy of the weights next to the module's
+    own: 1 GB more at the moment a large run resumes. Here shapes are validated from the header,
+    then each weight is read from the file straight into its parameter's memory
+    (:class:`SafetensorsReader`; reading through a ``safe_open`` mapping cost the same 1 GB,
+    in mapped pages).
 
     Returns
     -------
     others : dict of str to Tensor
         The file's other tensors (optimizer state, RNG states), read in full.
     metadata : dict
-        The decoded JSON metadata, as :func:`load_checkpoint` returns it.
+        The decoded JSON metadata (configs, trainer state; the aliases removed).
 
     Raises
     ------
@@ -419,22 +467,20 @@ def load_checkpoint_into(path: Path, module: torch.nn.Module, prefix: str = "mod
         The file is unreadable, not a checkpoint, or does not match ``module``.
     """
     try:
-        with safe_open(str(path), framework="pt") as fh:
-            header = fh.metadata() or {}
-            if header.get("format") != CHECKPOINT_FORMAT:
-                raise CheckpointError(f"{path} is not a NeuroLens checkpoint (format {header.get('format')!r}).")
-            meta = {k: json.loads(v) for k, v in header.items() if k != "format"}
+        with SafetensorsReader(path) as reader:
+            if reader.metadata.get("format") != CHECKPOINT_FORMAT:
+                raise CheckpointError(f"{path} is not a NeuroLens checkpoint "
+                                      f"(format {reader.metadata.get('format')!r}).")
+            meta = {k: json.loads(v) for k, v in reader.metadata.items() if k != "format"}
             aliases = meta.pop("aliases", {})
-            stored = {name: name for name in fh.keys()}
+            stored = {name: name for name in reader.header}
             stored.update({alias: name for alias, name in aliases.items()})
             weights = {k[len(prefix):]: name for k, name in stored.items() if k.startswith(prefix)}
-            validate_state_dict(module, {k: fh.get_slice(name).get_shape() for k, name in weights.items()},
-                                str(path))
+            validate_state_dict(module, {k: reader.shape(name) for k, name in weights.items()}, str(path))
             target = module.state_dict(keep_vars=True)
-            with torch.no_grad():
-                for key, name in weights.items():
-                    target[key].copy_(fh.get_tensor(name))
-            others = {k: fh.get_tensor(name) for k, name in stored.items() if not k.startswith(prefix)}
+            for key, name in weights.items():
+                reader.read_into(name, target[key])
+            others = {k: reader.read(name) for k, name in stored.items() if not k.startswith(prefix)}
     except CheckpointError:
         raise
     except Exception as exc:
