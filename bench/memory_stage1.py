@@ -45,16 +45,12 @@ from trainer.config import Stage1Config, predict_peak_bytes  # noqa: E402  (need
 GB = 1e9
 BASE = {"preset": "large", "lr": 1e-4, "warmup_steps": 1, "log_every_s": 5.0, "seed": 0, "probe_words": 0,
         "val_windows": 8}
+LEAN = {"optimizer": "adafactor", "fused_optimizer": True, "activation_checkpointing": True, "micro_batch_size": 1}
 MODES = {
-    "lean-mb1": ("lean mb=1", {"optimizer": "adafactor", "fused_optimizer": True, "activation_checkpointing": True,
-                               "batch_size": 1, "micro_batch_size": 1}, 2.0),
+    "lean-mb1": ("lean mb=1", {**LEAN, "batch_size": 1}, 2.0),
     # The lean-mb1 job again with RESUMED_STEPS more steps: it resumes from that run's checkpoint.
-    "lean-mb1-resumed": ("lean mb=1 resumed", {"optimizer": "adafactor", "fused_optimizer": True,
-                                               "activation_checkpointing": True, "batch_size": 1,
-                                               "micro_batch_size": 1}, 2.0),
-    "lean-acc8": ("lean mb=1 x8 accumulation", {"optimizer": "adafactor", "fused_optimizer": True,
-                                                 "activation_checkpointing": True, "batch_size": 8,
-                                                 "micro_batch_size": 1}, 2.5),
+    "lean-mb1-resumed": ("lean mb=1 resumed", {**LEAN, "batch_size": 1}, 2.0),
+    "lean-acc8": ("lean mb=1 x8 accumulation", {**LEAN, "batch_size": 8}, 2.5),
     "plain": ("plain adamw", {"optimizer": "adamw", "fused_optimizer": False, "activation_checkpointing": False,
                               "batch_size": 1, "micro_batch_size": 1}, None),
 }

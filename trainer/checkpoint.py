@@ -267,8 +267,8 @@ def atomic_write_text(path: Path, text: str) -> Path:
 def dedupe_tensors(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Drop tensors that share storage with an earlier one (tied embeddings).
 
-    safetensors refuses shared storage, so each alias is recorded as ``{alias: kept name}`` and
-    restored by :func:`expand_aliases`.
+    safetensors refuses shared storage, so each alias is recorded as ``{alias: kept name}``;
+    :func:`load_checkpoint_into` reads the kept tensor for its aliases too.
     """
     kept: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
@@ -281,13 +281,6 @@ def dedupe_tensors(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Te
         seen[key] = name
         kept[name] = tensor
     return kept, aliases
-
-
-def expand_aliases(tensors: dict[str, torch.Tensor], aliases: dict[str, str]) -> dict[str, torch.Tensor]:
-    out = dict(tensors)
-    for alias, name in aliases.items():
-        out[alias] = out[name]
-    return out
 
 
 def validate_state_dict(module: torch.nn.Module, tensors: dict[str, Any], source: str) -> None:

@@ -168,7 +168,8 @@ class SSLHead(nn.Module):
     the geometry of the signal is ruled by its strongest component: EEG's 1/f background. A
     random-init encoder is such a copy too, so the two grouped same-word windows equally
     badly. Whitened states give every direction the same say, which is what the background
-    had taken from the word responses (measured: see :func:`trainer.evaluate.word_probe`).
+    had taken from the word responses (measured in DESIGN.md, "Why masked reconstruction could
+    not beat random init").
     """
 
     def __init__(self, config: EncoderConfig, agreement_dim: int = 128, temperature: float = 0.1) -> None:
