@@ -29,20 +29,16 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.measured_runs import GB, report_against_baseline, run_measured_trainer  # noqa: E402
 from trainer.config import Stage1Config, predict_peak_bytes  # noqa: E402  (needs the path above)
 
-GB = 1e9
 BASE = {"preset": "large", "lr": 1e-4, "warmup_steps": 1, "log_every_s": 5.0, "seed": 0, "probe_words": 0,
         "val_windows": 8}
 LEAN = {"optimizer": "adafactor", "fused_optimizer": True, "activation_checkpointing": True, "micro_batch_size": 1}
@@ -66,30 +62,14 @@ def run_mode(name: str, overrides: dict, steps: int, window_s: float, work: Path
     then resumes from.
     """
     job_dir = job_dir or work / name
-    job_dir.mkdir(exist_ok=True)
     config = {**BASE, **overrides, "steps": steps, "checkpoint_every": steps, "window_s": window_s}
     spec = {"job_id": 1, "stage": "stage1", "dataset": "synthetic", "config": config, "job_dir": str(job_dir),
             "api_url": "", "token": "bench", "cache_dir": str(cache)}
-    (job_dir / "spec.json").write_text(json.dumps(spec))
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    started = time.perf_counter()
-    stdout, stderr = job_dir / f"{name}-stdout.jsonl", job_dir / f"{name}-stderr.log"
-    with open(stdout, "wb") as out, open(stderr, "wb") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "trainer", "run", str(job_dir / "spec.json")],
-                                cwd=REPO, env=env, stdout=out, stderr=err)
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-    elapsed = time.perf_counter() - started
-    events = [json.loads(line) for line in stdout.read_text().splitlines() if line.startswith("{")]
-    if proc.returncode != 0:
-        sys.exit(f"{name} failed with exit code {proc.returncode}:\n{stderr.read_text()[-3000:]}")
-    finished = [e for e in events if e["kind"] == "finished"][-1]
-    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is KiB on Linux, bytes on macOS
-    return {"peak": usage.ru_maxrss * scale, "predicted": predict_peak_bytes(Stage1Config(**config)),
-            "seconds": elapsed, "steps": finished["step"],
+    run = run_measured_trainer(name, job_dir, spec)
+    finished = run["finished"]
+    return {**run, "predicted": predict_peak_bytes(Stage1Config(**config)), "steps": finished["step"],
             "loss": finished["loss"], "parameters": finished["metrics"]["parameters"],
-            "reported_peak": max((e.get("peak_rss_bytes") or 0) for e in events),
-            "resumed": "resumed from" in stderr.read_text()}
+            "resumed": "resumed from" in run["stderr"]}
 
 
 def main() -> int:
@@ -131,15 +111,7 @@ def main() -> int:
             print(f"{label}: predicted {r['predicted'] / GB:.2f} GB, measured {r['peak'] / GB:.2f} GB "
                   f"(prediction {r['predicted'] / r['peak'] - 1:+.0%})", flush=True)
 
-    failed = False
-    for mode in modes:
-        label, _, bound = MODES[mode]
-        if "plain" in results and mode != "plain":
-            print(f"ratio {label} / plain adamw: {results[mode]['peak'] / results['plain']['peak']:.2f}")
-        if bound is not None:
-            ok = results[mode]["peak"] <= bound * GB
-            failed |= not ok
-            print(f"{label}: {'within' if ok else 'OVER'} the {bound:.1f} GB bound")
+    failed = report_against_baseline(results, modes, MODES, "plain", "plain adamw")
     return 1 if failed else 0
 
 

@@ -32,18 +32,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-GB = 1e9
+from bench.measured_runs import GB, report_against_baseline, run_measured_trainer  # noqa: E402
+
 N_SENTENCES = 60
 WINDOW_S = 0.5
 BASE = {"preset": "base", "lr": 1e-4, "warmup_steps": 1, "log_every_s": 5.0, "seed": 0, "batch_size": 4,
@@ -61,27 +58,13 @@ MODES = {
 def run_mode(name: str, overrides: dict, steps: int, work: Path, dataset: Path, encoder: Path) -> dict:
     """Run one trainer process to completion; its peak RSS, wall time and last events."""
     job_dir = work / name
-    job_dir.mkdir()
     config = {**BASE, **overrides, "steps": steps, "checkpoint_every": steps}
     spec = {"job_id": 1, "stage": "stage2", "dataset": str(dataset), "config": config, "job_dir": str(job_dir),
             "api_url": "", "token": "bench", "cache_dir": str(work / "cache"), "encoder_path": str(encoder)}
-    (job_dir / "spec.json").write_text(json.dumps(spec))
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    started = time.perf_counter()
-    with open(job_dir / "stdout.jsonl", "wb") as out, open(job_dir / "stderr.log", "wb") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "trainer", "run", str(job_dir / "spec.json")],
-                                cwd=REPO, env=env, stdout=out, stderr=err)
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-    elapsed = time.perf_counter() - started
-    events = [json.loads(line) for line in (job_dir / "stdout.jsonl").read_text().splitlines() if line.startswith("{")]
-    if proc.returncode != 0:
-        sys.exit(f"{name} failed with exit code {proc.returncode}:\n{(job_dir / 'stderr.log').read_text()[-3000:]}")
-    finished = [e for e in events if e["kind"] == "finished"][-1]
-    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is KiB on Linux, bytes on macOS
-    return {"peak": usage.ru_maxrss * scale, "seconds": elapsed, "steps": finished["step"],
-            "loss": finished["loss"], "unfrozen": finished["metrics"]["unfrozen_steps"],
-            "reported_peak": max((e.get("peak_rss_bytes") or 0) for e in events), "config": config}
+    run = run_measured_trainer(name, job_dir, spec)
+    finished = run["finished"]
+    return {**run, "steps": finished["step"], "loss": finished["loss"],
+            "unfrozen": finished["metrics"]["unfrozen_steps"], "config": config}
 
 
 def main() -> int:
@@ -121,15 +104,7 @@ def main() -> int:
                   f"{r['loss']:.4f}, trainer-reported peak {r['reported_peak'] / GB:.2f} GB, predicted "
                   f"{predicted / GB:.2f} GB)", flush=True)
 
-    failed = False
-    for mode in modes:
-        label, _, bound = MODES[mode]
-        if "baseline" in results and mode != "baseline":
-            print(f"ratio {label} / baseline: {results[mode]['peak'] / results['baseline']['peak']:.2f}")
-        if bound is not None:
-            ok = results[mode]["peak"] <= bound * GB
-            failed |= not ok
-            print(f"{label}: {'within' if ok else 'OVER'} the {bound:.1f} GB bound")
+    failed = report_against_baseline(results, modes, MODES, "baseline", "baseline")
     return 1 if failed else 0
 
 

@@ -78,8 +78,8 @@ EXTRA_BACKGROUND = 3.6
 PROBE_SENTENCES = 480
 
 
-def weak_response_dataset(folder: Path, n_sentences: int = PROBE_SENTENCES) -> Path:
-    raw = generate_raw(CHANNELS_8, seed=0, n_sentences=n_sentences)
+def weak_response_dataset(folder: Path) -> Path:
+    raw = generate_raw(CHANNELS_8, seed=0, n_sentences=PROBE_SENTENCES)
     data = raw.get_data() + EXTRA_BACKGROUND * 1e-6 * _pink_noise(
         np.random.default_rng(99), len(CHANNELS_8), raw.n_times, raw.info["sfreq"])
     noisier = mne.io.RawArray(data, raw.info, verbose="error").set_annotations(raw.annotations)
