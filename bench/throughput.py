@@ -37,7 +37,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from server.processes import trainer_command  # noqa: E402
+from server.executors.local import trainer_command  # noqa: E402
 from trainer.config import BART_PRESETS, EncoderConfig, parse_config, predict_gpu_bytes  # noqa: E402
 from trainer.models.multiview import MultiViewEncoder, SSLHead, random_token_mask  # noqa: E402
 

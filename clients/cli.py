@@ -220,9 +220,25 @@ def status(ctx: typer.Context, job_id: Annotated[int, typer.Argument(help="Job i
     for key, value in rows:
         grid.add_row(key, value)
     console.print(grid)
+    if job.get("attempt_history"):
+        console.print()
+        console.print(_attempt_table(job["attempt_history"]))
     if job.get("artifacts"):
         console.print()
         console.print(_artifact_table(job["artifacts"]))
+
+
+def _attempt_table(attempts: list[dict]) -> Table:
+    table = Table(title="Attempts", title_justify="left")
+    for name in ("#", "Steps", "Peak", "How it ended"):
+        table.add_column(name, overflow="fold")
+    for attempt in attempts:
+        ended = (attempt.get("outcome") or "running").replace("_", " ")
+        if attempt.get("exit_code") is not None:
+            ended += f" (exit {attempt['exit_code']})"
+        table.add_row(str(attempt["number"]), f"{attempt['start_step']}-{attempt.get('end_step') or '…'}",
+                      format_bytes(attempt.get("peak_rss_bytes")), ended)
+    return table
 
 
 @app.command()

@@ -1,7 +1,11 @@
-"""Job rules shared by the API and the scheduler: validation, status changes, events.
+"""The one owner of job state: validation, and every write to a job and its attempts.
 
-Every status change goes through :func:`set_status`, which applies the change's side effects
-(timestamps, clearing the stop request and process fields) and commits them in one transaction.
+The API and the scheduler change a job only through the named operations below (create it,
+start an attempt, record an event or a memory sample, ask it to stop, pause it for memory,
+resume it, make it wait, end an attempt). Each one writes the job and its side effects in one
+transaction. A status change goes through :func:`update_if_status`, which applies only while
+the job still has the status the caller read, so the scheduler never starts a job a user
+cancelled a moment before. What an attempt's end means is decided in :mod:`server.outcomes`.
 """
 
 from __future__ import annotations
@@ -12,14 +16,17 @@ import secrets
 from pathlib import Path
 from typing import Any, Callable
 
-from sqlalchemy import update
+from sqlalchemy import func, update
 from sqlmodel import Session, select
 
 from server.exceptions import Conflict, InvalidInput, NotFound
-from server.models import Artifact, Job, JobCreate, JobEvent, JobPublic, JobStatus, utcnow
+from server.models import (
+    Artifact, Attempt, AttemptOutcome, Job, JobCreate, JobEvent, JobPublic, JobStatus, WaitReason, utcnow,
+)
+from server.outcomes import Decision, Facts, decide
 from server.uploads import InvalidArtifactFile, read_safetensors_header
 from trainer.config import ConfigError, EncoderConfig, Stage1Config, TrainConfigBase, parse_config, predict_peak_bytes
-from trainer.protocol import ArtifactKind, TrainerEvent
+from trainer.protocol import ArtifactKind, TrainerEvent, merge_memory
 
 SYNTHETIC_DATASETS = ("synthetic", "synthetic:null")
 
@@ -43,8 +50,31 @@ def job_artifacts(session: Session, job_id: int) -> list[Artifact]:
     return list(session.exec(select(Artifact).where(Artifact.job_id == job_id).order_by(Artifact.id)))
 
 
+def attempts_of(session: Session, job_id: int) -> list[Attempt]:
+    """A job's attempts, oldest first."""
+    return list(session.exec(select(Attempt).where(Attempt.job_id == job_id).order_by(Attempt.number)))
+
+
+def open_attempt(session: Session, job_id: int) -> Attempt | None:
+    """The attempt of a job that has not ended (at most one), if any."""
+    return session.exec(select(Attempt).where(Attempt.job_id == job_id, Attempt.ended_at.is_(None))).first()
+
+
 def to_public(session: Session, job: Job) -> JobPublic:
-    return JobPublic.from_job(job, job_artifacts(session, job.id))
+    return JobPublic.from_job(job, job_artifacts(session, job.id), attempts_of(session, job.id))
+
+
+def to_public_many(session: Session, jobs: list[Job]) -> list[JobPublic]:
+    """Public views of many jobs with two queries in all, not two per job (a listing polls)."""
+    ids = [job.id for job in jobs]
+    artifacts: dict[int, list[Artifact]] = {job_id: [] for job_id in ids}
+    attempts: dict[int, list[Attempt]] = {job_id: [] for job_id in ids}
+    if ids:
+        for artifact in session.exec(select(Artifact).where(Artifact.job_id.in_(ids)).order_by(Artifact.id)):
+            artifacts[artifact.job_id].append(artifact)
+        for attempt in session.exec(select(Attempt).where(Attempt.job_id.in_(ids)).order_by(Attempt.number)):
+            attempts[attempt.job_id].append(attempt)
+    return [JobPublic.from_job(job, artifacts[job.id], attempts[job.id]) for job in jobs]
 
 
 def encoder_of(session: Session, job_id: int) -> Artifact | None:
@@ -196,39 +226,21 @@ def touch(job: Job) -> None:
     job.version = Job.version + 1
 
 
+def _bump(session: Session, job_id: int) -> None:
+    """The same as :func:`touch` for a job that is not loaded."""
+    session.execute(update(Job).where(Job.id == job_id).values(version=Job.version + 1))
+
+
 class StaleJob(Conflict):
     """The job's status changed between reading it and writing the change."""
 
 
-def set_status(session: Session, job: Job, status: JobStatus, *, reason: str | None = None,
-               error: str | None = None, **fields: Any) -> Job:
-    """Move ``job`` to ``status`` with the change's side effects, committed together.
-
-    The write only applies if the job still has the status the caller read; otherwise nothing
-    is written and :class:`StaleJob` is raised. This is what keeps the scheduler from starting a
-    job a user cancelled a moment before, and the like.
-    """
-    seen = job.status
-    now = utcnow()
-    values: dict[str, Any] = {"status": status, "reason": reason}
-    if error is not None:
-        values["error"] = error
-    if status == JobStatus.running:
-        values.update(started_at=job.started_at or now, attempt_started_at=now, attempt_start_step=job.step,
-                      last_heartbeat_at=now, error=None)
-    else:
-        values.update(pid=None, token_sha256=None, stop_request=None, stop_requested_at=None, rss_bytes=None,
-                      gpu_allocated_bytes=None, gpu_reserved_bytes=None, eta_s=None)
-    if status.is_finished:
-        values["finished_at"] = now
-    values.update(fields)
-    return update_if_status(session, job, seen, **values)
-
-
-def update_if_status(session: Session, job: Job, expected: JobStatus, **values: Any) -> Job:
+def update_if_status(session: Session, job: Job, expected: JobStatus, *, commit: bool = True,
+                     **values: Any) -> Job:
     """Write ``values`` (and a new version) only while the job's status is ``expected``.
 
-    Raises :class:`StaleJob`, having written nothing, when the status changed meanwhile.
+    Raises :class:`StaleJob`, having written nothing, when the status changed meanwhile. With
+    ``commit=False`` the caller adds its side effects and commits them with this write.
     """
     result = session.execute(
         update(Job).where(Job.id == job.id, Job.status == expected).values(**values, version=Job.version + 1)
@@ -236,9 +248,21 @@ def update_if_status(session: Session, job: Job, expected: JobStatus, **values: 
     if result.rowcount != 1:
         session.rollback()
         raise StaleJob(f"Job {job.id} changed while it was being updated; try again.")
-    session.commit()
-    session.refresh(job)
+    if commit:
+        session.commit()
+        session.refresh(job)
     return job
+
+
+def _status_values(job: Job, status: JobStatus, **values: Any) -> dict[str, Any]:
+    """The job columns a move to ``status`` writes: the status, its timestamps, cleared progress."""
+    now = utcnow()
+    values = {"status": status, "reason": None, **values}
+    if status != JobStatus.running:
+        values["eta_s"] = None
+    if status.is_finished:
+        values["finished_at"] = now
+    return values
 
 
 def _retry_stale(action, session: Session, job: Job, *args) -> Job:
@@ -249,6 +273,187 @@ def _retry_stale(action, session: Session, job: Job, *args) -> Job:
         except StaleJob:
             session.refresh(job)
     return action(session, job, *args)
+
+
+# --- attempts: start, report, end ---------------------------------------------------------
+
+
+def start_attempt(session: Session, job: Job, executor: str, token: str) -> Attempt:
+    """Claim a queued job for a new attempt whose trainer will carry ``token``.
+
+    The claim fails with :class:`StaleJob` (nothing written) if the job left ``queued`` since it
+    was read, e.g. a user cancelled it a moment ago; then no trainer is started.
+    """
+    now = utcnow()
+    attempt = Attempt(job_id=job.id, number=job.attempts + 1, executor=executor, started_at=now,
+                      start_step=job.step, token_sha256=hash_token(token), last_heartbeat_at=now)
+    update_if_status(session, job, JobStatus.queued, commit=False, **_status_values(
+        job, JobStatus.running, started_at=job.started_at or now, error=None, attempts=attempt.number))
+    session.add(attempt)
+    session.commit()
+    session.refresh(job)
+    session.refresh(attempt)
+    return attempt
+
+
+def attempt_running(session: Session, attempt: Attempt, handle: str) -> None:
+    """Record the executor's handle of a started attempt (what a restarted server re-attaches to)."""
+    attempt.handle = handle
+    session.add(attempt)
+    _bump(session, attempt.job_id)
+    session.commit()
+
+
+def reattached(session: Session, attempt: Attempt) -> None:
+    """A restarted server found the attempt's trainer alive: give it a full heartbeat timeout."""
+    attempt.last_heartbeat_at = utcnow()
+    session.add(attempt)
+    session.commit()
+
+
+def record_event(session: Session, job: Job, attempt: Attempt, event: TrainerEvent, *,
+                 reported_rss_is_ground_truth: bool = False) -> str | None:
+    """Store a trainer report, refresh the job's progress; return the pending stop request.
+
+    The trainer's own RSS covers its own process only; where the executor measures the whole
+    process tree (``reported_rss_is_ground_truth`` False) that measurement is the one kept.
+    """
+    now = utcnow()
+    session.add(JobEvent(job_id=job.id, **event.model_dump()))
+    attempt.last_heartbeat_at = now
+    if event.kind == "started":
+        # A resumed attempt announces itself before it has loaded its checkpoint, so its step
+        # is not news: the job keeps the step its checkpoint holds.
+        attempt.eta_from_step = attempt.eta_from_at = None
+    elif event.step is not None:
+        if attempt.eta_from_step is None and event.step > attempt.start_step:
+            # The attempt's first reported step: the ETA's rate is measured from here on. Start-up
+            # (imports, data preparation, building the model) and the first step (warm-up,
+            # allocator growth) are not training speed; counting them made early ETAs far too long.
+            attempt.eta_from_step, attempt.eta_from_at = event.step, now
+        job.step = event.step
+    if event.total is not None:
+        job.total = event.total
+    metrics = dict(job.metrics)
+    for key in ("loss", "lr", "samples_per_s"):
+        value = getattr(event, key)
+        if value is not None:
+            metrics[key] = value
+    metrics.update(event.metrics)
+    job.metrics = metrics
+    rss_now = attempt.rss_bytes
+    merge_memory(attempt, event)
+    if not reported_rss_is_ground_truth:
+        attempt.rss_bytes = rss_now
+    if event.kind == "error" and event.message:
+        job.error = event.message
+    job.eta_s = _eta_seconds(job, attempt, now)
+    touch(job)
+    session.add_all([job, attempt])
+    session.commit()
+    return attempt.stop_request
+
+
+def _eta_seconds(job: Job, attempt: Attempt, now) -> float | None:
+    """Remaining steps at the average rate since the attempt's first reported step."""
+    if attempt.eta_from_at is None or attempt.eta_from_step is None or job.step <= attempt.eta_from_step:
+        return None
+    elapsed = (now - attempt.eta_from_at).total_seconds()
+    rate = (job.step - attempt.eta_from_step) / max(elapsed, 1e-6)
+    return round(max(job.total - job.step, 0) / rate, 1)
+
+
+def record_memory_sample(session: Session, attempt: Attempt, rss: int) -> None:
+    """The executor's measurement of the attempt's process tree, with its peak.
+
+    One UPDATE with the maximum taken in SQL: the API's concurrent writes (events, stop
+    requests) are neither lost nor overwritten.
+    """
+    session.execute(update(Attempt).where(Attempt.id == attempt.id, Attempt.ended_at.is_(None)).values(
+        rss_bytes=rss, peak_rss_bytes=func.max(func.coalesce(Attempt.peak_rss_bytes, 0), rss)))
+    _bump(session, attempt.job_id)
+    session.commit()
+
+
+def mark_killed(session: Session, attempt: Attempt, message: str) -> None:
+    """Record that this server is killing the attempt's trainer, and why; before the kill, so
+    the end is never mistaken for the out-of-memory killer's."""
+    session.execute(update(Attempt).where(Attempt.id == attempt.id).values(killed_by_us=True, message=message))
+    _bump(session, attempt.job_id)
+    session.commit()
+    session.refresh(attempt)
+
+
+def pause_for_memory(session: Session, job: Job, attempt: Attempt, message: str) -> None:
+    """Ask a running trainer to checkpoint and pause because it nears its memory allowance."""
+    session.add(JobEvent(job_id=job.id, kind="log", step=job.step, message=message))
+    session.execute(update(Attempt).where(Attempt.id == attempt.id, Attempt.stop_request.is_(None)).values(
+        stop_request="pause", stop_requested_at=utcnow()))
+    update_if_status(session, job, JobStatus.running, error=message, reason=WaitReason.memory.value)
+    session.refresh(attempt)
+
+
+def end_attempt(session: Session, job: Job, attempt: Attempt, facts: Facts, max_attempts: int) -> Decision:
+    """Close ``attempt`` as ``facts`` say and move the job on, in one transaction.
+
+    Raises :class:`StaleJob`, having written nothing, if the job is no longer running.
+    """
+    failures = session.exec(select(func.count()).select_from(Attempt).where(
+        Attempt.job_id == job.id, Attempt.id != attempt.id,
+        Attempt.outcome.in_([o for o in AttemptOutcome if o.spends_retry]))).one()
+    decision = decide(facts, config=job.config, job_error=job.error, job_reason=job.reason,
+                      attempts=job.attempts, failures=failures, max_attempts=max_attempts)
+    values: dict[str, Any] = {"reason": decision.reason}
+    if decision.error is not None:
+        values["error"] = decision.error
+    if decision.config is not None:
+        values["config"] = decision.config
+    if decision.status == JobStatus.succeeded:
+        values["step"] = job.total
+    update_if_status(session, job, JobStatus.running, commit=False, **_status_values(job, decision.status, **values))
+    code = facts.exit.effective_code if facts.exit is not None else None
+    session.execute(update(Attempt).where(Attempt.id == attempt.id).values(
+        ended_at=utcnow(), end_step=job.total if decision.status == JobStatus.succeeded else job.step,
+        exit_code=code if code is not None else facts.code, outcome=decision.outcome, message=decision.message,
+        token_sha256=None, stop_request=None, stop_requested_at=None,
+        rss_bytes=None, gpu_allocated_bytes=None, gpu_reserved_bytes=None))
+    if decision.status == JobStatus.queued and decision.error is not None:
+        # The event log keeps the story after the retry's start clears `error`.
+        session.add(JobEvent(job_id=job.id, kind="log", step=job.step, message=decision.message))
+    session.commit()
+    session.refresh(job)
+    session.refresh(attempt)
+    return decision
+
+
+def start_failed(session: Session, job: Job, attempt: Attempt, error: str) -> None:
+    """The executor could not start the attempt's trainer: the job fails with the reason."""
+    update_if_status(session, job, JobStatus.running, commit=False,
+                     **_status_values(job, JobStatus.failed, error=error))
+    session.execute(update(Attempt).where(Attempt.id == attempt.id).values(
+        ended_at=utcnow(), end_step=job.step, outcome=AttemptOutcome.not_started, message=error, token_sha256=None))
+    session.commit()
+    session.refresh(job)
+
+
+# --- waiting jobs ---------------------------------------------------------------------------
+
+
+def wait(session: Session, job: Job, reason: str | None) -> None:
+    """Record why a queued job is not started yet (None: in line for a free slot)."""
+    if job.reason != reason:
+        try:
+            update_if_status(session, job, JobStatus.queued, reason=reason)
+        except StaleJob:
+            pass  # it left the queue meanwhile; the next tick sees it as it is
+
+
+def fail_waiting(session: Session, job: Job, error: str) -> None:
+    """A queued job that can never start (its Stage 1 job failed, its encoder is gone) fails."""
+    update_if_status(session, job, JobStatus.queued, **_status_values(job, JobStatus.failed, error=error))
+
+
+# --- a user's requests ----------------------------------------------------------------------
 
 
 _PAST = {"cancel": "cancelled", "pause": "paused"}
@@ -265,9 +470,14 @@ def _request_stop(session: Session, job: Job, request: str) -> Job:
     if request == "pause" and job.status != JobStatus.running:
         raise Conflict(f"Job {job.id} is {job.status.value}; only a running job can be paused.")
     if job.status in (JobStatus.queued, JobStatus.paused):
-        return set_status(session, job, JobStatus.cancelled)
+        return update_if_status(session, job, job.status, **_status_values(job, JobStatus.cancelled))
     # Running: the trainer hears of it in its next event reply, checkpoints and exits.
-    return update_if_status(session, job, JobStatus.running, stop_request=request, stop_requested_at=utcnow())
+    attempt = open_attempt(session, job.id)
+    if attempt is None:  # the scheduler is ending it this instant; the retry sees the new status
+        raise StaleJob(f"Job {job.id} changed while it was being updated; try again.")
+    session.execute(update(Attempt).where(Attempt.id == attempt.id).values(
+        stop_request=request, stop_requested_at=utcnow()))
+    return update_if_status(session, job, JobStatus.running)
 
 
 def resume(session: Session, job: Job) -> Job:
@@ -277,57 +487,4 @@ def resume(session: Session, job: Job) -> Job:
 def _resume(session: Session, job: Job) -> Job:
     if job.status != JobStatus.paused:
         raise Conflict(f"Job {job.id} is {job.status.value}; only a paused job can be resumed.")
-    return set_status(session, job, JobStatus.queued)
-
-
-def record_event(session: Session, job: Job, event: TrainerEvent) -> str | None:
-    """Store a trainer report, refresh the job's progress; return the pending stop request."""
-    now = utcnow()
-    session.add(JobEvent(job_id=job.id, **event.model_dump()))
-    job.last_heartbeat_at = now
-    if event.kind == "started":
-        # A resumed attempt announces itself before it has loaded its checkpoint, so its step
-        # is not news: the job keeps the step its checkpoint holds.
-        job.attempt_started_at = now
-        job.attempt_start_step = job.step
-        job.eta_from_step = job.eta_from_at = None
-    elif event.step is not None:
-        if job.eta_from_step is None and event.step > job.attempt_start_step:
-            # The attempt's first reported step: the ETA's rate is measured from here on. Start-up
-            # (imports, data preparation, building the model) and the first step (warm-up,
-            # allocator growth) are not training speed; counting them made early ETAs far too long.
-            job.eta_from_step, job.eta_from_at = event.step, now
-        job.step = event.step
-    if event.total is not None:
-        job.total = event.total
-    metrics = dict(job.metrics)
-    for key in ("loss", "lr", "samples_per_s"):
-        value = getattr(event, key)
-        if value is not None:
-            metrics[key] = value
-    metrics.update(event.metrics)
-    job.metrics = metrics
-    if event.peak_rss_bytes is not None:
-        job.peak_rss_bytes = max(job.peak_rss_bytes or 0, event.peak_rss_bytes)
-    for key in ("gpu_allocated_bytes", "gpu_reserved_bytes"):
-        if getattr(event, key) is not None:
-            setattr(job, key, getattr(event, key))
-    for key in ("gpu_peak_allocated_bytes", "gpu_peak_reserved_bytes"):
-        if getattr(event, key) is not None:  # the peak over all attempts, like peak_rss_bytes
-            setattr(job, key, max(getattr(job, key) or 0, getattr(event, key)))
-    if event.kind == "error" and event.message:
-        job.error = event.message
-    job.eta_s = _eta_seconds(job, now)
-    touch(job)
-    session.add(job)
-    session.commit()
-    return job.stop_request
-
-
-def _eta_seconds(job: Job, now) -> float | None:
-    """Remaining steps at the average rate since the attempt's first reported step."""
-    if job.eta_from_at is None or job.eta_from_step is None or job.step <= job.eta_from_step:
-        return None
-    elapsed = (now - job.eta_from_at).total_seconds()
-    rate = (job.step - job.eta_from_step) / max(elapsed, 1e-6)
-    return round(max(job.total - job.step, 0) / rate, 1)
+    return update_if_status(session, job, JobStatus.paused, **_status_values(job, JobStatus.queued))

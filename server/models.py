@@ -6,10 +6,10 @@ from datetime import datetime, timezone
 from enum import Enum
 from typing import Any
 
-from sqlalchemy import JSON, Column
+from sqlalchemy import JSON, Column, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
-from trainer.protocol import ArtifactKind
+from trainer.protocol import MEMORY_FIGURES, PEAK_FIGURES, ArtifactKind, MemoryFigures, merge_memory
 
 
 def utcnow() -> datetime:
@@ -33,15 +33,30 @@ class JobStatus(str, Enum):
     def is_finished(self) -> bool:
         return self in (JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled)
 
-    @property
-    def is_active(self) -> bool:
-        """Holds or may soon hold a trainer process."""
-        return self in (JobStatus.queued, JobStatus.running)
-
 
 class WaitReason(str, Enum):
     dependency = "dependency"
     memory = "memory"
+
+
+class AttemptOutcome(str, Enum):
+    """Why an attempt ended, as :func:`server.outcomes.classify` reads its exit."""
+
+    succeeded = "succeeded"          # training reached its steps
+    failed = "failed"                # a clean failure the trainer explained (bad data, bad config)
+    paused = "paused"                # a pause asked for (by a user or the memory guard), honoured
+    cancelled = "cancelled"          # a cancel asked for, honoured
+    stopped = "stopped"              # the trainer stopped itself after a checkpoint (a full disk, a signal)
+    interrupted = "interrupted"      # the server shut down and stopped it; resumes at the next start
+    lost = "lost"                    # the server restarted and found its trainer gone
+    crashed = "crashed"              # any other exit: a bug, a kill from outside, a silent trainer
+    out_of_memory = "out_of_memory"  # a SIGKILL NeuroLens did not send: the out-of-memory killer
+    not_started = "not_started"      # the executor could not start it
+
+    @property
+    def spends_retry(self) -> bool:
+        """Whether this end counts against the job's ``max_attempts``: only crashes do."""
+        return self in (AttemptOutcome.crashed, AttemptOutcome.out_of_memory)
 
 
 # --- Jobs ---------------------------------------------------------------------------------
@@ -62,6 +77,9 @@ class JobCreate(SQLModel):
 
 
 class Job(SQLModel, table=True):
+    """The job: what to train and where it stands. What each run of its trainer did is an
+    :class:`Attempt`; a job's rows change only through :mod:`server.jobs`."""
+
     id: int | None = Field(default=None, primary_key=True)
     stage: str = Field(index=True)
     dataset: str
@@ -75,34 +93,53 @@ class Job(SQLModel, table=True):
     total: int = 0
     eta_s: float | None = None
     metrics: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
-    rss_bytes: int | None = None
-    peak_rss_bytes: int | None = None
     predicted_peak_bytes: int | None = None
-    # CUDA memory of a GPU job, as its trainer (rank 0) reports it.
-    gpu_allocated_bytes: int | None = None
-    gpu_reserved_bytes: int | None = None
-    gpu_peak_allocated_bytes: int | None = None
-    gpu_peak_reserved_bytes: int | None = None
+    # Attempts started so far; the newest is the one running, if any.
     attempts: int = 0
     error: str | None = None
-    # A pause or cancel asked for by a user, delivered to the trainer in its next event reply.
-    stop_request: str | None = None
-    stop_requested_at: datetime | None = None
-    # sha256 of the per-attempt trainer token; the token itself lives only in the job's spec.json.
-    token_sha256: str | None = None
-    pid: int | None = None
-    last_heartbeat_at: datetime | None = None
-    # Step and time at which the current attempt began, for the ETA.
-    attempt_start_step: int = 0
-    attempt_started_at: datetime | None = None
-    # The attempt's first reported step and when it came: the ETA's rate is measured from there.
-    eta_from_step: int | None = None
-    eta_from_at: datetime | None = None
-    # Bumped on every change; the job's ETag.
+    # Bumped on every change, the job's attempts included; the job's ETag.
     version: int = 1
     created_at: datetime = Field(default_factory=utcnow)
     started_at: datetime | None = None
     finished_at: datetime | None = None
+
+
+class AttemptBase(MemoryFigures):
+    """What one run of a job's trainer did, as the API shows it."""
+
+    number: int = Field(description="1 for the job's first attempt, then counting up.")
+    executor: str = Field(description="What ran it: 'local' (a process on the server's machine), ...")
+    handle: str | None = Field(None, description="The executor's name for the run: a process id, a batch job id.")
+    started_at: datetime = Field(default_factory=utcnow)
+    ended_at: datetime | None = None
+    start_step: int = Field(0, description="The step its checkpoint held when it started.")
+    end_step: int | None = None
+    exit_code: int | None = Field(None, description="The trainer's exit code; negative when a signal ended it.")
+    outcome: AttemptOutcome | None = Field(None, description="Why it ended; null while it runs.")
+    message: str | None = Field(None, description="How it ended, in words.")
+
+
+class Attempt(AttemptBase, table=True):
+    __table_args__ = (UniqueConstraint("job_id", "number"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    job_id: int = Field(foreign_key="job.id", index=True)
+    # sha256 of the attempt's trainer token; the token itself lives only in the job's spec.json.
+    token_sha256: str | None = None
+    last_heartbeat_at: datetime | None = None
+    # A pause or cancel asked for by a user or the memory guard, delivered in the next event reply.
+    stop_request: str | None = None
+    stop_requested_at: datetime | None = None
+    # Set when this server kills the trainer itself: a SIGKILL from anyone else is taken to be
+    # the operating system's out-of-memory killer.
+    killed_by_us: bool = False
+    # The attempt's first reported step and when it came: the ETA's rate is measured from there.
+    eta_from_step: int | None = None
+    eta_from_at: datetime | None = None
+
+
+class AttemptPublic(AttemptBase):
+    pass
 
 
 class Progress(SQLModel):
@@ -111,14 +148,21 @@ class Progress(SQLModel):
     eta_s: float | None
 
 
-class Memory(SQLModel):
-    rss_bytes: int | None
-    peak_rss_bytes: int | None
+class Memory(MemoryFigures):
+    """Memory now (the running attempt's) and the peaks over every attempt."""
+
     predicted_peak_bytes: int | None
-    gpu_allocated_bytes: int | None = None
-    gpu_reserved_bytes: int | None = None
-    gpu_peak_allocated_bytes: int | None = None
-    gpu_peak_reserved_bytes: int | None = None
+
+    @classmethod
+    def of(cls, job: Job, attempts: list[Attempt]) -> "Memory":
+        memory = cls(predicted_peak_bytes=job.predicted_peak_bytes)
+        for attempt in attempts:  # oldest first: the values now are the newest attempt's
+            merge_memory(memory, attempt)
+        if not attempts or attempts[-1].ended_at is not None:
+            for name in MEMORY_FIGURES:
+                if name not in PEAK_FIGURES:
+                    setattr(memory, name, None)  # nothing runs, so nothing is "now"
+        return memory
 
 
 # --- Artifacts ----------------------------------------------------------------------------
@@ -165,6 +209,8 @@ class JobPublic(SQLModel):
     metrics: dict[str, Any]
     memory: Memory
     attempts: int
+    attempt_history: list[AttemptPublic] = Field(
+        default_factory=list, description="Every attempt, oldest first: when it ran, how it ended, its memory.")
     error: str | None
     artifacts: list[ArtifactPublic]
     created_at: datetime
@@ -172,7 +218,7 @@ class JobPublic(SQLModel):
     finished_at: datetime | None
 
     @classmethod
-    def from_job(cls, job: Job, artifacts: list[Artifact]) -> "JobPublic":
+    def from_job(cls, job: Job, artifacts: list[Artifact], attempts: list[Attempt]) -> "JobPublic":
         return cls(
             id=job.id,
             stage=job.stage,
@@ -185,16 +231,9 @@ class JobPublic(SQLModel):
             checkpoint_artifact=job.checkpoint_artifact_id,
             progress=Progress(step=job.step, total=job.total, eta_s=job.eta_s),
             metrics=job.metrics,
-            memory=Memory(
-                rss_bytes=job.rss_bytes,
-                peak_rss_bytes=job.peak_rss_bytes,
-                predicted_peak_bytes=job.predicted_peak_bytes,
-                gpu_allocated_bytes=job.gpu_allocated_bytes,
-                gpu_reserved_bytes=job.gpu_reserved_bytes,
-                gpu_peak_allocated_bytes=job.gpu_peak_allocated_bytes,
-                gpu_peak_reserved_bytes=job.gpu_peak_reserved_bytes,
-            ),
+            memory=Memory.of(job, attempts),
             attempts=job.attempts,
+            attempt_history=[AttemptPublic.model_validate(a, from_attributes=True) for a in attempts],
             error=job.error,
             artifacts=[ArtifactPublic.model_validate(a, from_attributes=True) for a in artifacts],
             created_at=job.created_at,
@@ -211,8 +250,7 @@ class JobsPublic(SQLModel):
 # --- Events -------------------------------------------------------------------------------
 
 
-class JobEvent(SQLModel, table=True):
-    id: int | None = Field(default=None, primary_key=True)
+class JobEventBase(MemoryFigures):
     job_id: int = Field(foreign_key="job.id", index=True)
     kind: str
     step: int | None = None
@@ -220,35 +258,18 @@ class JobEvent(SQLModel, table=True):
     loss: float | None = None
     lr: float | None = None
     samples_per_s: float | None = None
-    rss_bytes: int | None = None
-    peak_rss_bytes: int | None = None
-    gpu_allocated_bytes: int | None = None
-    gpu_reserved_bytes: int | None = None
-    gpu_peak_allocated_bytes: int | None = None
-    gpu_peak_reserved_bytes: int | None = None
     metrics: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     message: str | None = None
     created_at: datetime = Field(default_factory=utcnow)
 
 
-class JobEventPublic(SQLModel):
+class JobEvent(JobEventBase, table=True):
+    id: int | None = Field(default=None, primary_key=True)
+
+
+class JobEventPublic(JobEventBase):
     id: int
-    job_id: int
-    kind: str
-    step: int | None
-    total: int | None
-    loss: float | None
-    lr: float | None
-    samples_per_s: float | None
-    rss_bytes: int | None
-    peak_rss_bytes: int | None
-    gpu_allocated_bytes: int | None = None
-    gpu_reserved_bytes: int | None = None
-    gpu_peak_allocated_bytes: int | None = None
-    gpu_peak_reserved_bytes: int | None = None
     metrics: dict[str, Any]
-    message: str | None
-    created_at: datetime
 
 
 class JobEventsPublic(SQLModel):

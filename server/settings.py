@@ -17,6 +17,8 @@ class Settings(BaseSettings):
     database_url: str = Field("", description="SQLAlchemy URL; empty means SQLite in the data directory.")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
+    executor: str = Field("local", description="What runs the trainers: one of server.executors.EXECUTORS "
+                                               "('local': processes on this machine).")
     concurrency: int = Field(1, ge=1, description="Trainer subprocesses allowed to run at once.")
     heartbeat_timeout_s: float = Field(120.0, gt=0, description="A trainer silent this long is killed and its attempt fails.")
     max_attempts: int = Field(3, ge=1, description="Attempts per job before a crashing trainer fails it.")

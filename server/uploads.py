@@ -209,7 +209,7 @@ def check_report(path: Path) -> None:
 
 async def run_validator(kind: ArtifactKind, path: Path) -> None:
     """Compare the tensors with the declared config in ``python -m trainer.validate``."""
-    from server.processes import SOURCE_ROOT
+    from server.executors.local import SOURCE_ROOT
 
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(SOURCE_ROOT), env.get("PYTHONPATH", "")) if p)

@@ -21,7 +21,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from server.processes import trainer_command
+from server.executors.local import trainer_command
 from tests.conftest import REPO_ROOT, RunningServer, start_server
 from tests.trainer_helpers import TrainerRun, write_spec
 

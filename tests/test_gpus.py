@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from server.gpus import MIB, Gpu, parse_nvidia_smi
-from server.processes import trainer_command
+from server.executors.local import trainer_command
 from server.scheduler import uses_gpu
 
 
@@ -34,7 +34,7 @@ def test_more_than_one_device_launches_through_torchrun():
 
 
 def test_the_root_cause_of_a_torchrun_failure_is_read_from_its_report(tmp_path):
-    from server.scheduler import torchrun_root_cause
+    from server.executors.local import torchrun_root_cause
 
     log = tmp_path / "trainer.log"
     log.write_text("step 5\n[1]:\n  exitcode  : -15 (pid: 10)  (SIGTERM)\nRoot Cause (first observed failure):\n"

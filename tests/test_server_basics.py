@@ -34,6 +34,29 @@ def test_migrations_build_and_remove_the_schema(tmp_path):
     upgrade_database(url)  # and back up again
 
 
+def test_the_attempts_migration_keeps_a_running_trainer_reattachable(tmp_path):
+    """Jobs from before attempt records get one row per attempt; the newest holds what the job
+    row held (pid, token, heartbeat, peak), and a downgrade puts it back."""
+    from alembic import command
+
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    command.upgrade(alembic_config(url), "0003")
+    db = sqlite3.connect(tmp_path / "db.sqlite")
+    db.execute("INSERT INTO job (id, stage, dataset, config, status, step, total, metrics, attempts, pid, "
+               "token_sha256, last_heartbeat_at, attempt_start_step, peak_rss_bytes, version, created_at) VALUES "
+               "(1, 'stage1', 'synthetic', '{}', 'running', 40, 60, '{}', 2, 4242, 'abc', "
+               "'2026-12-01 10:00:00.000000', 30, 123456, 1, '2026-12-01 09:00:00.000000')")
+    db.commit()
+    upgrade_database(url)
+    rows = db.execute("SELECT number, handle, token_sha256, start_step, ended_at IS NULL, peak_rss_bytes, message "
+                      "FROM attempt WHERE job_id = 1 ORDER BY number").fetchall()
+    assert rows == [(1, None, None, 0, 0, None, "recorded before NeuroLens kept attempts"),
+                    (2, "4242", "abc", 30, 1, 123456, None)]
+    command.downgrade(alembic_config(url), "0003")
+    assert db.execute("SELECT pid, token_sha256, attempt_start_step, peak_rss_bytes FROM job").fetchall() == [
+        (4242, "abc", 30, 123456)]
+
+
 def test_migrations_match_the_models(tmp_path):
     """The schema Alembic builds is the one the SQLModel tables describe (nothing forgotten)."""
     from alembic.autogenerate import compare_metadata
@@ -129,8 +152,8 @@ def test_the_eta_is_measured_from_the_first_reported_step_not_from_start_up(tmp_
     from sqlmodel import Session
 
     from server.db import make_engine
-    from server.jobs import record_event, set_status
-    from server.models import Job, JobStatus
+    from server.jobs import record_event, start_attempt
+    from server.models import Job
     from trainer.protocol import TrainerEvent
 
     url = f"sqlite:///{tmp_path / 'db.sqlite'}"
@@ -139,12 +162,12 @@ def test_the_eta_is_measured_from_the_first_reported_step_not_from_start_up(tmp_
         job = Job(stage="stage1", dataset="synthetic", config={}, total=100)
         session.add(job)
         session.commit()
-        set_status(session, job, JobStatus.running)
-        record_event(session, job, TrainerEvent(kind="started", total=100))
+        attempt = start_attempt(session, job, "local", "token")
+        record_event(session, job, attempt, TrainerEvent(kind="started", total=100))
         time.sleep(3.0)
-        record_event(session, job, TrainerEvent(step=1))
+        record_event(session, job, attempt, TrainerEvent(step=1))
         assert job.eta_s is None  # one step gives no rate yet
         time.sleep(0.3)
-        record_event(session, job, TrainerEvent(step=3))
+        record_event(session, job, attempt, TrainerEvent(step=3))
         # 2 steps in about 0.3 s: about 15 s for the 97 left. Counting start-up would say over 100 s.
         assert job.eta_s is not None and job.eta_s < 50, job.eta_s

@@ -20,6 +20,7 @@ from enum import Enum
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field
+from sqlmodel import SQLModel
 
 EXIT_OK = 0
 """Training reached its configured step count; final artifacts are registered."""
@@ -65,7 +66,38 @@ class JobSpec(BaseModel):
     attempt: int = 1
 
 
-class TrainerEvent(BaseModel):
+class MemoryFigures(SQLModel):
+    """The memory figures a trainer reports and the server stores, declared once.
+
+    A SQLModel (a pydantic model that tables may inherit columns from) so that the event, the
+    attempt and the job's public view all carry these fields without repeating them. A name
+    with ``peak`` in it is a high-water mark (merged by maximum); the others are the value now.
+    """
+
+    rss_bytes: int | None = Field(None, description="Resident memory of the trainer's processes now.")
+    peak_rss_bytes: int | None = Field(None, description="Peak resident memory of this attempt's trainer.")
+    gpu_allocated_bytes: int | None = Field(None, description="CUDA memory held by tensors now (rank 0's GPU).")
+    gpu_reserved_bytes: int | None = Field(None, description="CUDA memory held by the caching allocator now.")
+    gpu_peak_allocated_bytes: int | None = Field(None, description="Peak of gpu_allocated_bytes in this attempt.")
+    gpu_peak_reserved_bytes: int | None = Field(None, description="Peak of gpu_reserved_bytes in this attempt.")
+
+
+MEMORY_FIGURES = tuple(MemoryFigures.model_fields)
+PEAK_FIGURES = tuple(name for name in MEMORY_FIGURES if "peak" in name)
+
+
+def merge_memory(target: Any, report: Any) -> None:
+    """Copy the memory figures ``report`` carries onto ``target``: values now replace, peaks rise."""
+    for name in MEMORY_FIGURES:
+        value = getattr(report, name, None)
+        if value is None:
+            continue
+        if name in PEAK_FIGURES:
+            value = max(getattr(target, name) or 0, value)
+        setattr(target, name, value)
+
+
+class TrainerEvent(MemoryFigures):
     """One report from the trainer. ``progress`` events double as heartbeats."""
 
     kind: Literal["started", "progress", "log", "checkpoint", "finished", "error"] = "progress"
@@ -74,12 +106,6 @@ class TrainerEvent(BaseModel):
     loss: float | None = None
     lr: float | None = None
     samples_per_s: float | None = None
-    rss_bytes: int | None = None
-    peak_rss_bytes: int | None = None
-    gpu_allocated_bytes: int | None = Field(None, description="CUDA memory held by tensors now (rank 0's GPU).")
-    gpu_reserved_bytes: int | None = Field(None, description="CUDA memory held by the caching allocator now.")
-    gpu_peak_allocated_bytes: int | None = Field(None, description="Peak of gpu_allocated_bytes in this attempt.")
-    gpu_peak_reserved_bytes: int | None = Field(None, description="Peak of gpu_reserved_bytes in this attempt.")
     metrics: dict[str, Any] = Field(default_factory=dict)
     message: str | None = None
 

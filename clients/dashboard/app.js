@@ -351,9 +351,28 @@ function renderPanel() {
   panel.querySelector('[data-testid="job-summary"]').replaceChildren(
     ...items.flatMap(([k, v]) => [el("dt", { text: k }), el("dd", { text: v })]));
 
+  renderAttempts(job.attempt_history || []);
   renderArtifacts(job.artifacts || []);
   renderEvents();
   drawCharts();
+}
+
+// One row per attempt: a pause, a crash and its retry each show, with the exit and the peak.
+function renderAttempts(attempts) {
+  const ended = (a) => {
+    if (!a.outcome) return "running";
+    const exit = a.exit_code != null ? ` (exit ${a.exit_code})` : "";
+    return `${a.outcome.replaceAll("_", " ")}${exit}${a.message ? `: ${plainError(a.message)}` : ""}`;
+  };
+  const rows = attempts.map((a) => el("tr", { "data-testid": "attempt-row" },
+    el("td", { "data-label": "#", text: String(a.number) }),
+    el("td", { "data-label": "Started", text: formatTime(a.started_at) }),
+    el("td", { "data-label": "Steps", text: `${a.start_step} → ${a.end_step ?? "…"}` }),
+    el("td", { "data-label": "Peak memory", text: formatBytes(a.peak_rss_bytes) }),
+    el("td", { "data-label": "How it ended", text: ended(a) })));
+  document.getElementById("attempts-body").replaceChildren(...rows);
+  document.querySelector('[data-testid="attempts-table"]').hidden = attempts.length === 0;
+  document.getElementById("attempts-empty").hidden = attempts.length > 0;
 }
 
 function renderArtifacts(artifacts) {

@@ -9,8 +9,8 @@ from fastapi import Depends, Header, Path, Request
 
 from server.db import SessionDep
 from server.exceptions import Unauthorized
-from server.jobs import get_job, hash_token
-from server.models import DB_INT_MAX, Job
+from server.jobs import get_job, hash_token, open_attempt
+from server.models import DB_INT_MAX, Attempt, Job
 from server.scheduler import Scheduler
 from server.settings import Settings
 from server.storage import ArtifactStore
@@ -37,15 +37,24 @@ SchedulerDep = Annotated[Scheduler, Depends(get_scheduler)]
 StoreDep = Annotated[ArtifactStore, Depends(get_store)]
 
 
-def trainer_job(job_id: JobId, session: SessionDep, authorization: Annotated[str | None, Header()] = None) -> Job:
-    """The job whose trainer token the request carries; any other token is refused."""
-    job = get_job(session, job_id)
+def trainer_attempt(job_id: JobId, session: SessionDep,
+                    authorization: Annotated[str | None, Header()] = None) -> Attempt:
+    """The running attempt whose trainer token the request carries; any other token is refused."""
+    get_job(session, job_id)
     scheme, _, token = (authorization or "").partition(" ")
     if scheme.lower() != "bearer" or not token:
         raise Unauthorized(f"Reporting for job {job_id} needs 'Authorization: Bearer <trainer token>'.")
-    if not job.token_sha256 or not secrets.compare_digest(hash_token(token), job.token_sha256):
+    attempt = open_attempt(session, job_id)
+    if attempt is None or not attempt.token_sha256 or not secrets.compare_digest(hash_token(token),
+                                                                                 attempt.token_sha256):
         raise Unauthorized(f"This token may not report for job {job_id}.")
-    return job
+    return attempt
 
 
+def trainer_job(attempt: Annotated[Attempt, Depends(trainer_attempt)], session: SessionDep) -> Job:
+    """The job of the running attempt whose trainer token the request carries."""
+    return get_job(session, attempt.job_id)
+
+
+TrainerAttemptDep = Annotated[Attempt, Depends(trainer_attempt)]
 TrainerJobDep = Annotated[Job, Depends(trainer_job)]

@@ -12,7 +12,7 @@ from fastapi.responses import PlainTextResponse
 from sqlmodel import func, select
 
 from server import jobs as job_rules
-from server.api.deps import JobId, SchedulerDep, SettingsDep, StoreDep, TrainerJobDep
+from server.api.deps import JobId, SchedulerDep, SettingsDep, StoreDep, TrainerAttemptDep, TrainerJobDep
 from server.db import SessionDep
 from server.exceptions import InvalidInput, NotFound
 from server.models import (
@@ -72,7 +72,7 @@ def list_jobs(
     if if_none_match and etag in [tag.strip() for tag in if_none_match.split(",")]:
         return Response(status_code=304, headers={"ETag": etag})
     response.headers["ETag"] = etag
-    return JobsPublic(data=[job_rules.to_public(session, job) for job in found], count=count)
+    return JobsPublic(data=job_rules.to_public_many(session, found), count=count)
 
 
 @router.get("/{job_id}", response_model=JobPublic, responses={304: {"description": "Unchanged since the ETag given"}})
@@ -137,9 +137,12 @@ def read_logs(job_id: JobId, session: SessionDep, settings: SettingsDep,
 
 
 @router.post("/{job_id}/events", response_model=EventReply, tags=["trainer"])
-def post_event(event: TrainerEvent, job: TrainerJobDep, session: SessionDep) -> EventReply:
+def post_event(event: TrainerEvent, job: TrainerJobDep, attempt: TrainerAttemptDep, session: SessionDep,
+               scheduler: SchedulerDep) -> EventReply:
     """A progress report (also the heartbeat); the reply carries a pending stop request."""
-    return EventReply(stop=job_rules.record_event(session, job, event))
+    stop = job_rules.record_event(session, job, attempt, event,
+                                  reported_rss_is_ground_truth=not scheduler.executor.measures_memory)
+    return EventReply(stop=stop)
 
 
 @router.post("/{job_id}/artifacts/register", status_code=201, response_model=ArtifactPublic, tags=["trainer"])

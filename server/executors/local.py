@@ -1,14 +1,17 @@
-"""Trainer processes: start one in its own process group, watch it, measure it, stop it.
+"""The local executor: trainers as processes on the server's own machine.
 
-A :class:`TrainerProcess` wraps either a child this server started (``Popen``, which gives the
-exit code) or a trainer found alive at start-up after a server restart (re-attached through
-psutil; its exit code is unknown, so the caller reads the job's last event instead).
+Each trainer runs in its own process group (so a stop reaches it and any workers it started,
+and a Ctrl-C in the server's terminal does not), as one process or ``devices`` processes under
+torchrun. A :class:`LocalRun` wraps either a child this server started (``Popen``, which gives
+the exit code) or a trainer found alive at start-up after a server restart (re-attached through
+psutil; its exit code is unknown, so the job service reads the job's last event instead).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -17,6 +20,7 @@ from pathlib import Path
 import psutil
 
 import server
+from server.executors.base import SIGKILL, Executor, Exit, Run, log_tail
 from trainer.protocol import OUTCOME_FILENAME
 
 IS_WINDOWS = sys.platform == "win32"
@@ -24,17 +28,19 @@ IS_WINDOWS = sys.platform == "win32"
 SOURCE_ROOT = Path(server.__file__).resolve().parent.parent
 
 
-def describe_exit(code: int | None) -> str:
-    """'trainer exited with code N (signal S)': the wording a crash is reported with."""
-    if code is None:
-        return "trainer process disappeared (exit code unknown)"
-    if code < 0:
-        try:
-            name = signal.Signals(-code).name
-        except ValueError:
-            name = str(-code)
-        return f"trainer exited with code {code} (signal {name})"
-    return f"trainer exited with code {code}"
+_ROOT_CAUSE_EXIT = re.compile(r"Root Cause.*?exitcode\s*:\s*(-?\d+)", re.S)
+
+
+def torchrun_root_cause(log_path: Path, max_bytes: int = 16384) -> int | None:
+    """The exit code of the worker whose failure ended a torchrun, from torchrun's report.
+
+    torchrun exits 1 whatever happened to its workers, and prints a "Root Cause (first observed
+    failure)" block with that worker's ``exitcode`` (negative: the signal). Reading it tells an
+    out-of-memory SIGKILL of one worker from a crash, so that the memory back-off applies to
+    data-parallel jobs too.
+    """
+    found = _ROOT_CAUSE_EXIT.findall(log_tail(log_path, max_bytes) or "")
+    return int(found[-1]) if found else None
 
 
 def trainer_command(spec_path: Path, processes: int = 1) -> list[str]:
@@ -51,17 +57,32 @@ def trainer_command(spec_path: Path, processes: int = 1) -> list[str]:
             *trainer]
 
 
-class TrainerProcess:
-    def __init__(self, pid: int, popen: subprocess.Popen | None = None, outcome_path: Path | None = None) -> None:
+class LocalExecutor(Executor):
+    name = "local"
+    measures_memory = True
+
+    def start(self, spec_path: Path, log_path: Path, processes: int) -> "LocalRun":
+        return LocalRun.spawn(spec_path, log_path, processes)
+
+    def reattach(self, handle: str, job_dir: Path) -> "LocalRun | None":
+        return LocalRun.reattach(int(handle), job_dir) if handle.isdigit() else None
+
+
+class LocalRun(Run):
+    def __init__(self, pid: int, popen: subprocess.Popen | None = None, outcome_path: Path | None = None,
+                 log_path: Path | None = None) -> None:
         self.pid = pid
+        self.handle = str(pid)
         self.popen = popen
         self._process = psutil.Process(pid)
         # Data-parallel runs exit 0 through torchrun after any clean end; rank 0 leaves the real
         # code in this file (see trainer.protocol.OUTCOME_FILENAME).
         self.outcome_path = outcome_path
+        # Where torchrun reports which worker failed first (data-parallel runs only).
+        self.log_path = log_path
 
     @classmethod
-    def spawn(cls, spec_path: Path, log_path: Path, processes: int = 1) -> "TrainerProcess":
+    def spawn(cls, spec_path: Path, log_path: Path, processes: int = 1) -> "LocalRun":
         env = dict(os.environ)
         env["PYTHONUNBUFFERED"] = "1"
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(SOURCE_ROOT), env.get("PYTHONPATH", "")) if p)
@@ -81,10 +102,10 @@ class TrainerProcess:
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 cwd=spec_path.parent, env=env, **kwargs,
             )
-        return cls(popen.pid, popen, outcome_path)
+        return cls(popen.pid, popen, outcome_path, log_path if processes > 1 else None)
 
     @classmethod
-    def reattach(cls, pid: int, job_dir: Path) -> "TrainerProcess | None":
+    def reattach(cls, pid: int, job_dir: Path) -> "LocalRun | None":
         """The trainer of ``job_dir`` if process ``pid`` is still it (pids get reused)."""
         try:
             process = psutil.Process(pid)
@@ -97,18 +118,20 @@ class TrainerProcess:
             return None
         return cls(pid)
 
-    def poll(self) -> tuple[bool, int | None]:
-        """(finished, exit code); the code is None for a re-attached process."""
+    def poll(self) -> Exit | None:
         if self.popen is not None:
             code = self.popen.poll()
+            if code is None:
+                return None
             if code == 0 and self.outcome_path is not None:
                 code = self._outcome()
-            return code is not None, code
+            root_cause = torchrun_root_cause(self.log_path) if code == 1 and self.log_path is not None else None
+            return Exit(code, root_cause)
         try:
             finished = not self._process.is_running() or self._process.status() == psutil.STATUS_ZOMBIE
         except psutil.NoSuchProcess:
             finished = True
-        return finished, None
+        return Exit(None) if finished else None
 
     def _outcome(self) -> int:
         """Rank 0's exit code; a torchrun that exited 0 without one ended abnormally (1)."""
@@ -117,7 +140,7 @@ class TrainerProcess:
         except (OSError, ValueError, KeyError, TypeError):
             return 1
 
-    def tree_rss_bytes(self) -> int | None:
+    def rss_bytes(self) -> int | None:
         """Resident memory of the trainer and every process it started, in bytes."""
         try:
             processes = [self._process, *self._process.children(recursive=True)]
@@ -130,6 +153,9 @@ class TrainerProcess:
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 pass
         return total
+
+    def stop(self) -> None:
+        self.signal_group(signal.SIGTERM)
 
     def signal_group(self, sig: int) -> None:
         """Send ``sig`` to the trainer's whole process tree.
@@ -144,7 +170,7 @@ class TrainerProcess:
         try:
             if IS_WINDOWS:
                 for process in [*descendants, self._process]:
-                    process.kill() if sig == getattr(signal, "SIGKILL", 9) else process.terminate()
+                    process.kill() if sig == SIGKILL else process.terminate()
                 return
             os.killpg(self.pid, sig)
         except (ProcessLookupError, psutil.NoSuchProcess, PermissionError):
@@ -157,7 +183,7 @@ class TrainerProcess:
                 pass
 
     def kill(self) -> None:
-        self.signal_group(getattr(signal, "SIGKILL", signal.SIGTERM))
+        self.signal_group(SIGKILL)
 
     def wait(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds for the process to end; True when it has."""
