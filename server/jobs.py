@@ -254,7 +254,7 @@ def update_if_status(session: Session, job: Job, expected: JobStatus, *, commit:
     return job
 
 
-def _status_values(job: Job, status: JobStatus, **values: Any) -> dict[str, Any]:
+def _status_values(status: JobStatus, **values: Any) -> dict[str, Any]:
     """The job columns a move to ``status`` writes: the status, its timestamps, cleared progress."""
     now = utcnow()
     values = {"status": status, "reason": None, **values}
@@ -288,7 +288,7 @@ def start_attempt(session: Session, job: Job, executor: str, token: str) -> Atte
     attempt = Attempt(job_id=job.id, number=job.attempts + 1, executor=executor, started_at=now,
                       start_step=job.step, token_sha256=hash_token(token), last_heartbeat_at=now)
     update_if_status(session, job, JobStatus.queued, commit=False, **_status_values(
-        job, JobStatus.running, started_at=job.started_at or now, error=None, attempts=attempt.number))
+        JobStatus.running, started_at=job.started_at or now, error=None, attempts=attempt.number))
     session.add(attempt)
     session.commit()
     session.refresh(job)
@@ -410,7 +410,7 @@ def end_attempt(session: Session, job: Job, attempt: Attempt, facts: Facts, max_
         values["config"] = decision.config
     if decision.status == JobStatus.succeeded:
         values["step"] = job.total
-    update_if_status(session, job, JobStatus.running, commit=False, **_status_values(job, decision.status, **values))
+    update_if_status(session, job, JobStatus.running, commit=False, **_status_values(decision.status, **values))
     code = facts.exit.effective_code if facts.exit is not None else None
     session.execute(update(Attempt).where(Attempt.id == attempt.id).values(
         ended_at=utcnow(), end_step=job.total if decision.status == JobStatus.succeeded else job.step,
@@ -429,7 +429,7 @@ def end_attempt(session: Session, job: Job, attempt: Attempt, facts: Facts, max_
 def start_failed(session: Session, job: Job, attempt: Attempt, error: str) -> None:
     """The executor could not start the attempt's trainer: the job fails with the reason."""
     update_if_status(session, job, JobStatus.running, commit=False,
-                     **_status_values(job, JobStatus.failed, error=error))
+                     **_status_values(JobStatus.failed, error=error))
     session.execute(update(Attempt).where(Attempt.id == attempt.id).values(
         ended_at=utcnow(), end_step=job.step, outcome=AttemptOutcome.not_started, message=error, token_sha256=None))
     session.commit()
@@ -450,7 +450,7 @@ def wait(session: Session, job: Job, reason: str | None) -> None:
 
 def fail_waiting(session: Session, job: Job, error: str) -> None:
     """A queued job that can never start (its Stage 1 job failed, its encoder is gone) fails."""
-    update_if_status(session, job, JobStatus.queued, **_status_values(job, JobStatus.failed, error=error))
+    update_if_status(session, job, JobStatus.queued, **_status_values(JobStatus.failed, error=error))
 
 
 # --- a user's requests ----------------------------------------------------------------------
@@ -470,7 +470,7 @@ def _request_stop(session: Session, job: Job, request: str) -> Job:
     if request == "pause" and job.status != JobStatus.running:
         raise Conflict(f"Job {job.id} is {job.status.value}; only a running job can be paused.")
     if job.status in (JobStatus.queued, JobStatus.paused):
-        return update_if_status(session, job, job.status, **_status_values(job, JobStatus.cancelled))
+        return update_if_status(session, job, job.status, **_status_values(JobStatus.cancelled))
     # Running: the trainer hears of it in its next event reply, checkpoints and exits.
     attempt = open_attempt(session, job.id)
     if attempt is None:  # the scheduler is ending it this instant; the retry sees the new status
@@ -487,4 +487,4 @@ def resume(session: Session, job: Job) -> Job:
 def _resume(session: Session, job: Job) -> Job:
     if job.status != JobStatus.paused:
         raise Conflict(f"Job {job.id} is {job.status.value}; only a paused job can be resumed.")
-    return update_if_status(session, job, JobStatus.paused, **_status_values(job, JobStatus.queued))
+    return update_if_status(session, job, JobStatus.paused, **_status_values(JobStatus.queued))
