@@ -10,7 +10,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from trainer.artifact_format import DTYPE_SIZES, ArtifactFormatError, TensorInfo, encode_header, read_header
+from trainer.artifact_format import (DTYPE_SIZES, ArtifactFormatError, TensorInfo, encode_header, layout_differences,
+                                     read_header)
 from trainer.checkpoint import TORCH_DTYPES, write_safetensors
 from trainer.protocol import ArtifactKind
 
@@ -119,3 +120,12 @@ def test_format_and_json_fields_are_checked_by_name(tmp_path):
         header.json_metadata()
     empty = read_header(raw_file(tmp_path / "empty.safetensors", {"__metadata__": None}))
     assert empty.metadata == {} and empty.tensors == {} and empty.format is None
+
+
+def test_layout_differences_name_the_first_missing_unexpected_and_mismatched_tensors():
+    expected = {f"w{i}": (4,) for i in range(8)}
+    found = {"w0": (4,), "w1": (5,), "extra": (1,)}
+    assert layout_differences(found, expected, "shape") == (
+        "missing keys ['w2', 'w3', 'w4', 'w5', 'w6'] ... (6 in all); unexpected keys ['extra']; "
+        "shape mismatches ['w1 (5,) != (4,)']")
+    assert layout_differences(expected, expected, "shape") == ""

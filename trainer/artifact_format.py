@@ -19,6 +19,7 @@ import json
 import math
 import struct
 from dataclasses import dataclass
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -27,11 +28,8 @@ from trainer.protocol import ArtifactKind
 ENCODER_FORMAT = "neurolens.encoder/1"
 MODEL_FORMAT = "neurolens.model/1"
 CHECKPOINT_FORMAT = "neurolens.checkpoint/1"
-FORMATS = {
-    ArtifactKind.encoder: ENCODER_FORMAT,
-    ArtifactKind.model: MODEL_FORMAT,
-    ArtifactKind.checkpoint: CHECKPOINT_FORMAT,
-}
+FORMATS = {ArtifactKind.encoder: ENCODER_FORMAT, ArtifactKind.model: MODEL_FORMAT,
+           ArtifactKind.checkpoint: CHECKPOINT_FORMAT}
 
 # A job directory's exported files, under final/, and its checkpoints, one directory per step
 # under checkpoints/ (the checkpoint file beside a readable copy of its trainer state).
@@ -42,12 +40,9 @@ REPORT_FILENAME = "report.json"
 CHECKPOINT_DIRNAME = "checkpoints"
 CHECKPOINT_FILENAME = "checkpoint.safetensors"
 STATE_FILENAME = "state.json"
-DEFAULT_FILENAMES = {
-    ArtifactKind.encoder: ENCODER_FILENAME,
-    ArtifactKind.model: MODEL_FILENAME,
-    ArtifactKind.checkpoint: CHECKPOINT_FILENAME,
-    ArtifactKind.report: REPORT_FILENAME,
-}
+# The name an artifact of each kind is stored under when an upload gives none.
+DEFAULT_FILENAMES = {ArtifactKind.encoder: ENCODER_FILENAME, ArtifactKind.model: MODEL_FILENAME,
+                     ArtifactKind.checkpoint: CHECKPOINT_FILENAME, ArtifactKind.report: REPORT_FILENAME}
 
 # Every dtype name of the safetensors format, with its element size in bytes.
 DTYPE_SIZES = {
@@ -214,3 +209,34 @@ def _check_tiling(tensors: dict[str, TensorInfo], data_len: int) -> None:
             f"but only {data_len} follow the header.")
     if position < data_len:
         raise ArtifactFormatError(f"Invalid safetensors file: {data_len - position} bytes follow the last tensor.")
+
+
+def layout_differences(found: Mapping[str, Any], expected: Mapping[str, Any], compared: str,
+                       describe: Callable[[Any], str] = str) -> str:
+    """How a file's tensor table differs from the one a model needs, as one line ('' if it does not).
+
+    Parameters
+    ----------
+    found, expected : mapping of tensor name to its layout
+        A layout is whatever is compared: a shape, or a shape and a dtype.
+    compared : str
+        What a layout is, for the message ("shape", "shape or dtype").
+    describe : callable
+        Writes a layout in the message.
+    """
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    wrong = [f"{k} {describe(found[k])} != {describe(expected[k])}"
+             for k in expected if k in found and found[k] != expected[k]]
+    problems = []
+    if missing:
+        problems.append(f"missing keys {_first(missing)} ({len(missing)} in all)")
+    if unexpected:
+        problems.append(f"unexpected keys {_first(unexpected)}")
+    if wrong:
+        problems.append(f"{compared} mismatches {_first(wrong)}")
+    return "; ".join(problems)
+
+
+def _first(items: list[str]) -> str:
+    return f"{items[:5]}{' ...' if len(items) > 5 else ''}"

@@ -27,7 +27,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from trainer.artifact_format import (CHECKPOINT_DIRNAME, CHECKPOINT_FILENAME, CHECKPOINT_FORMAT, STATE_FILENAME,
-                                     ArtifactFormatError, TensorInfo, encode_header, read_header)
+                                     ArtifactFormatError, TensorInfo, encode_header, layout_differences,
+                                     read_header)
 from trainer.exceptions import CheckpointError
 from trainer.protocol import ArtifactKind
 
@@ -265,23 +266,10 @@ def validate_state_dict(module: torch.nn.Module, tensors: dict[str, Any], source
     CheckpointError
         Naming the first missing or unexpected keys and shape mismatches.
     """
-    expected = module.state_dict()
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    shape = {k: tuple(v.shape) if hasattr(v, "shape") else tuple(v) for k, v in tensors.items()}
-    wrong = [
-        f"{k} {shape[k]} != {tuple(expected[k].shape)}"
-        for k in expected if k in tensors and shape[k] != tuple(expected[k].shape)
-    ]
-    problems = []
-    if missing:
-        problems.append(f"missing keys {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-    if unexpected:
-        problems.append(f"unexpected keys {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
-    if wrong:
-        problems.append(f"shape mismatches {wrong[:5]}")
+    shapes = {k: tuple(v.shape) if hasattr(v, "shape") else tuple(v) for k, v in tensors.items()}
+    problems = layout_differences(shapes, {k: tuple(v.shape) for k, v in module.state_dict().items()}, "shape")
     if problems:
-        raise CheckpointError(f"{source} does not match the model: " + "; ".join(problems))
+        raise CheckpointError(f"{source} does not match the model: {problems}")
 
 
 # -- optimizer state --------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from trainer.artifact_format import ArtifactFormatError, SafetensorsHeader, read_header
+from trainer.artifact_format import ArtifactFormatError, SafetensorsHeader, layout_differences, read_header
 from trainer.checkpoint import SAFETENSORS_DTYPES
 from trainer.config import ConfigError, EncoderConfig
 from trainer.protocol import ArtifactKind
@@ -78,19 +78,9 @@ def compare(found: Layout, expected: Layout, aliases: dict[str, str] | None = No
         if target not in found:
             raise ArtifactFormatError(f"alias {alias!r} points to {target!r}, which is not in the file")
         found[alias] = found[target]
-    missing = sorted(set(expected) - set(found))
-    unexpected = sorted(set(found) - set(expected))
-    wrong = [f"{k} {found[k][0]} {found[k][1]} != {expected[k][0]} {expected[k][1]}"
-             for k in expected if k in found and found[k] != expected[k]]
-    problems = []
-    if missing:
-        problems.append(f"missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''} ({len(missing)} in all)")
-    if unexpected:
-        problems.append(f"unexpected tensors {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
-    if wrong:
-        problems.append(f"shape or dtype mismatches {wrong[:3]}{' ...' if len(wrong) > 3 else ''}")
+    problems = layout_differences(found, expected, "shape or dtype", describe=lambda layout: "{} {}".format(*layout))
     if problems:
-        raise ArtifactFormatError("tensors do not match the declared config: " + "; ".join(problems))
+        raise ArtifactFormatError(f"tensors do not match the declared config: {problems}")
 
 
 def _aliases(header: SafetensorsHeader) -> dict[str, str]:
