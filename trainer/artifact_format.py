@@ -1,4 +1,4 @@
-"""The artifact file format: its names, its file names, and the one safetensors header reader.
+"""The artifact file format: its names, file names and dtypes, and the one safetensors header reader.
 
 Every artifact but a report is a safetensors file: an 8-byte little-endian header length, a
 JSON header mapping each tensor name to ``{"dtype", "shape", "data_offsets": [begin, end]}``
@@ -7,10 +7,11 @@ the tensor data. NeuroLens writes its values into that metadata as JSON strings,
 file's kind in ``format`` (:data:`FORMATS`).
 
 The server (which never imports torch) checks uploads with :func:`read_header`; the trainer
-reads its checkpoints and encoder files through it, and writes theirs with
-:func:`encode_header`. Only the header is read, never tensor data, so checking a multi-GB file
-costs its header's size. :mod:`trainer.standalone` keeps its own
-few lines of reading: it ships inside the model file and must load without NeuroLens.
+reads its checkpoints and encoder files through it and writes theirs with :func:`encode_header`.
+Only the header is read, never tensor data, so checking a multi-GB file costs its header's size.
+:func:`layout_differences` tells how a file's tensor table differs from the one a model needs.
+:mod:`trainer.standalone` keeps its own few lines of reading: it ships inside the model file and
+must load without NeuroLens.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ from __future__ import annotations
 import json
 import math
 import struct
-from dataclasses import dataclass
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 

@@ -139,10 +139,6 @@ class SafetensorsReader:
     def __exit__(self, *exc: object) -> None:
         self._fh.close()
 
-    @property
-    def metadata(self) -> dict[str, str]:
-        return self.header.metadata
-
     def shape(self, name: str) -> tuple[int, ...]:
         return self._info(name).shape
 
