@@ -26,7 +26,6 @@ import json
 import os
 import shutil
 import statistics
-import struct
 import subprocess
 import sys
 import tempfile
@@ -54,26 +53,19 @@ def write_encoder_file(path: Path, preset: str) -> int:
     """
     import torch
 
+    from trainer.artifact_format import ENCODER_FORMAT, encode_header
+    from trainer.checkpoint import SAFETENSORS_DTYPES
     from trainer.config import EncoderConfig
-    from trainer.export import ENCODER_FORMAT
     from trainer.models.multiview import MultiViewEncoder
 
     config = EncoderConfig.from_name(preset)
     with torch.device("meta"):
         state = MultiViewEncoder(config).state_dict()
-    names = {torch.float32: "F32", torch.int64: "I64", torch.bool: "BOOL"}
-    header: dict = {"__metadata__": {"format": ENCODER_FORMAT, "encoder_config": json.dumps(config.to_dict())}}
-    offset = 0
-    for name, tensor in state.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        header[name] = {"dtype": names[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    raw = json.dumps(header).encode()
-    raw += b" " * (-len(raw) % 8)  # safetensors aligns the data section to 8 bytes
+    header = encode_header([(name, SAFETENSORS_DTYPES[t.dtype], tuple(t.shape)) for name, t in state.items()],
+                           {"format": ENCODER_FORMAT, "encoder_config": json.dumps(config.to_dict())})
     rng = np.random.default_rng(0)
     with open(path, "wb") as fh:
-        fh.write(struct.pack("<Q", len(raw)))
-        fh.write(raw)
+        fh.write(header)
         for tensor in state.values():
             remaining = tensor.numel() * tensor.element_size()
             while remaining:

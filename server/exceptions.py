@@ -1,10 +1,18 @@
 """Errors the server raises on purpose, each mapped to one HTTP status in server.app.
 
-    NeuroLensServerError
-    ├── InvalidInput   422  a request value is wrong; the message names it and what is allowed
-    ├── NotFound       404  a job or artifact id that does not exist
-    ├── Conflict       409  the request does not fit the resource's current state
-    └── Unauthorized   401  a trainer token is missing or belongs to another job
+    NeuroLensServerError               500  base class
+    ├── InvalidInput                   422  a request value is wrong; the message names it and what is allowed
+    │   └── InvalidArtifactFile        422  uploaded bytes are not a valid artifact of the declared kind
+    ├── NotFound                       404  a job, artifact or upload id that does not exist
+    ├── Conflict                       409  the request does not fit the resource's current state
+    ├── Unauthorized                   401  a trainer token is missing or belongs to another job
+    ├── PayloadTooLarge                413  an upload larger than declared or than the server's limit
+    ├── InsufficientStorage            507  an upload that does not fit on the server's disk
+    └── ValidatorCrashed               500  the artifact checker subprocess failed or timed out
+
+Foreign errors are translated where they are caught, e.g. a
+:class:`trainer.artifact_format.ArtifactFormatError` from reading a header becomes an
+:class:`InvalidArtifactFile` with the same message.
 """
 
 
@@ -14,6 +22,10 @@ class NeuroLensServerError(Exception):
 
 class InvalidInput(NeuroLensServerError):
     status_code = 422
+
+
+class InvalidArtifactFile(InvalidInput):
+    """The uploaded bytes are not a valid artifact of the declared kind."""
 
 
 class NotFound(NeuroLensServerError):
@@ -26,3 +38,15 @@ class Conflict(NeuroLensServerError):
 
 class Unauthorized(NeuroLensServerError):
     status_code = 401
+
+
+class PayloadTooLarge(NeuroLensServerError):
+    status_code = 413
+
+
+class InsufficientStorage(NeuroLensServerError):
+    status_code = 507
+
+
+class ValidatorCrashed(NeuroLensServerError):
+    status_code = 500

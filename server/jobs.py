@@ -24,7 +24,7 @@ from server.models import (
     Artifact, Attempt, AttemptOutcome, Job, JobCreate, JobEvent, JobPublic, JobStatus, WaitReason, utcnow,
 )
 from server.outcomes import Decision, Facts, decide
-from server.uploads import InvalidArtifactFile, read_safetensors_header
+from trainer.artifact_format import ArtifactFormatError, read_header
 from trainer.config import ConfigError, EncoderConfig, Stage1Config, TrainConfigBase, parse_config, predict_peak_bytes
 from trainer.protocol import ArtifactKind, TrainerEvent, merge_memory
 
@@ -118,9 +118,9 @@ def check_resume_checkpoint(session: Session, body: JobCreate, config: TrainConf
     if artifact_path is None:
         return
     try:
-        metadata = read_safetensors_header(artifact_path(artifact))
+        metadata = read_header(artifact_path(artifact)).metadata
         saved = json.loads(metadata.get("encoder_config", "null"))
-    except (InvalidArtifactFile, OSError, ValueError) as exc:
+    except (ArtifactFormatError, OSError, ValueError) as exc:
         raise InvalidInput(f"Artifact {artifact.id} cannot be read as a checkpoint: {exc}") from exc
     wanted = config.encoder.to_dict()
     if saved != wanted:
@@ -143,9 +143,9 @@ def _encoder_config_of(after: Job | None, artifact: Artifact | None,
         return config.encoder if isinstance(config, Stage1Config) else None
     if artifact is not None and artifact_path is not None:
         try:
-            metadata = read_safetensors_header(artifact_path(artifact))
+            metadata = read_header(artifact_path(artifact)).metadata
             return EncoderConfig.from_dict(json.loads(metadata["encoder_config"]))
-        except (OSError, KeyError, ValueError, TypeError, InvalidArtifactFile, ConfigError):
+        except (OSError, KeyError, ValueError, TypeError, ArtifactFormatError, ConfigError):
             return None
     return None
 

@@ -18,7 +18,6 @@ import logging
 import os
 import re
 import shutil
-import struct
 import sys
 from pathlib import Path
 from typing import Any
@@ -27,14 +26,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from trainer.artifact_format import (CHECKPOINT_DIRNAME, CHECKPOINT_FILENAME, CHECKPOINT_FORMAT, STATE_FILENAME,
+                                     ArtifactFormatError, TensorInfo, encode_header, layout_differences,
+                                     read_header)
 from trainer.exceptions import CheckpointError
+from trainer.protocol import ArtifactKind
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_DIRNAME = "checkpoints"
-CHECKPOINT_FILENAME = "checkpoint.safetensors"
-STATE_FILENAME = "state.json"
-CHECKPOINT_FORMAT = "neurolens.checkpoint/1"
 _STEP_DIR = re.compile(r"^step-(\d{6,})$")
 
 
@@ -58,12 +57,13 @@ def _fsync_file(path: Path) -> None:
         os.fsync(fh.fileno())
 
 
-# safetensors dtype names (the format's spec) of the dtypes our state dicts hold.
-_SAFETENSORS_DTYPES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-    torch.bool: "BOOL",
+# The torch dtype of each safetensors dtype name (artifact_format.DTYPE_SIZES) our state dicts hold.
+TORCH_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
 }
+SAFETENSORS_DTYPES = {dtype: name for name, dtype in TORCH_DTYPES.items()}
 
 
 class LazyTensor:
@@ -77,22 +77,15 @@ class LazyTensor:
     def __init__(self, dtype: torch.dtype, shape: tuple[int, ...], load) -> None:
         self.dtype, self.shape, self.load = dtype, tuple(shape), load
 
-    def numel(self) -> int:
-        return int(torch.Size(self.shape).numel())
-
-    def element_size(self) -> int:
-        return torch.empty((), dtype=self.dtype).element_size()
-
 
 def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
     """Write a safetensors file one tensor at a time, without building it in memory.
 
     ``safetensors.torch.save_file`` first converts every tensor to ``bytes`` and then writes
     them, so saving a 1 GB state briefly needs another 1 GB: for the large encoder that alone
-    would break the 2 GB budget. The format is simple (an 8-byte little-endian header length,
-    a JSON header of dtypes, shapes and byte offsets, then the raw little-endian data), so it is
-    written here tensor by tensor straight from each tensor's own memory; files are read back
-    with the safetensors library itself.
+    would break the 2 GB budget. The format is simple (a header that
+    :func:`trainer.artifact_format.encode_header` lays out, then the raw little-endian data), so
+    it is written here tensor by tensor straight from each tensor's own memory.
 
     Parameters
     ----------
@@ -107,20 +100,14 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: di
         save_file({k: (v.load() if isinstance(v, LazyTensor) else v).detach().to("cpu").contiguous()
                    for k, v in tensors.items()}, str(path), metadata=metadata)
         return
-    header: dict[str, Any] = {"__metadata__": metadata}
-    offset = 0
     for name, tensor in tensors.items():
-        if tensor.dtype not in _SAFETENSORS_DTYPES:
-            raise TypeError(f"Cannot store tensor {name!r} of dtype {tensor.dtype} in safetensors.")
-        size = tensor.numel() * tensor.element_size()
-        header[name] = {"dtype": _SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape),
-                        "data_offsets": [offset, offset + size]}
-        offset += size
-    blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    blob += b" " * (-len(blob) % 8)  # the data must start 8-byte aligned
+        if tensor.dtype not in SAFETENSORS_DTYPES:
+            raise TypeError(f"Cannot store tensor {name!r} of dtype {tensor.dtype} in safetensors; expected one "
+                            f"of {', '.join(map(str, SAFETENSORS_DTYPES))}.")
+    header = encode_header([(name, SAFETENSORS_DTYPES[t.dtype], tuple(t.shape)) for name, t in tensors.items()],
+                           metadata)
     with open(path, "wb") as fh:
-        fh.write(struct.pack("<Q", len(blob)))
-        fh.write(blob)
+        fh.write(header)
         for tensor in tensors.values():
             if isinstance(tensor, LazyTensor):
                 tensor = tensor.load()
@@ -130,38 +117,20 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: di
         fh.flush()
 
 
-_TORCH_DTYPES = {name: dtype for dtype, name in _SAFETENSORS_DTYPES.items()}
-_MAX_HEADER_BYTES = 100 * 2**20  # the safetensors library's own limit
-
-
-def read_safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
-    """The JSON header of a safetensors file (``__metadata__`` included) and where its data starts."""
-    with open(path, "rb") as fh:
-        prefix = fh.read(8)
-        if len(prefix) != 8:
-            raise CheckpointError(f"{path} is too short to be a safetensors file")
-        (length,) = struct.unpack("<Q", prefix)
-        if length > _MAX_HEADER_BYTES:
-            raise CheckpointError(f"{path} is not a safetensors file (header of {length} bytes)")
-        header = json.loads(fh.read(length))
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path} is not a safetensors file (its header is not an object)")
-    return header, 8 + length
-
-
 class SafetensorsReader:
     """Reads a safetensors file's tensors with plain file reads, straight into tensor memory.
 
     Not through ``safetensors.safe_open``: that maps the file, and the mapped pages it touches
     count in the process's resident set until it is closed, so loading a 1 GB encoder or
-    checkpoint that way peaks at its size twice (the module plus the mapping). Names, dtypes
-    and shapes are checked against the header. Use as a context manager.
+    checkpoint that way peaks at its size twice (the module plus the mapping). The header is
+    checked whole first (:func:`trainer.artifact_format.read_header`, which raises
+    :class:`~trainer.artifact_format.ArtifactFormatError`); names and shapes are checked against
+    it. Use as a context manager.
     """
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.header, self._base = read_safetensors_header(path)
-        self.metadata: dict[str, str] = self.header.pop("__metadata__", None) or {}
+        self.header = read_header(path)
         self._fh = open(path, "rb")
 
     def __enter__(self) -> "SafetensorsReader":
@@ -171,10 +140,10 @@ class SafetensorsReader:
         self._fh.close()
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._info(name)["shape"])
+        return self._info(name).shape
 
-    def _info(self, name: str) -> dict[str, Any]:
-        info = self.header.get(name)
+    def _info(self, name: str) -> TensorInfo:
+        info = self.header.tensors.get(name)
         if info is None:
             raise CheckpointError(f"{self.path} has no tensor {name!r}")
         return info
@@ -182,38 +151,37 @@ class SafetensorsReader:
     def read(self, name: str) -> torch.Tensor:
         """Tensor ``name`` as a new CPU tensor."""
         info = self._info(name)
-        if info["dtype"] not in _TORCH_DTYPES:
-            raise CheckpointError(f"{self.path}: tensor {name!r} has unsupported dtype {info['dtype']}")
-        tensor = torch.empty(info["shape"], dtype=_TORCH_DTYPES[info["dtype"]])
+        if info.dtype not in TORCH_DTYPES:
+            raise CheckpointError(f"{self.path}: tensor {name!r} has unsupported dtype {info.dtype}")
+        tensor = torch.empty(info.shape, dtype=TORCH_DTYPES[info.dtype])
         self._fill(name, info, tensor)
         return tensor
 
     def read_into(self, name: str, target: torch.Tensor) -> None:
         """Copy tensor ``name`` into ``target`` in place (same shape; any device and dtype)."""
         info = self._info(name)
-        if list(info["shape"]) != list(target.shape):
-            raise CheckpointError(f"{self.path}: tensor {name!r} has shape {info['shape']}, "
+        if info.shape != tuple(target.shape):
+            raise CheckpointError(f"{self.path}: tensor {name!r} has shape {list(info.shape)}, "
                                   f"expected {list(target.shape)}")
         direct = (target.device.type == "cpu" and target.is_contiguous()
-                  and _SAFETENSORS_DTYPES.get(target.dtype) == info["dtype"])
+                  and SAFETENSORS_DTYPES.get(target.dtype) == info.dtype)
         with torch.no_grad():
             if direct:  # no second copy: the file's bytes land in the parameter itself
                 self._fill(name, info, target.detach())
             else:        # another device or dtype: through one tensor-sized CPU buffer
                 target.copy_(self.read(name))
 
-    def _fill(self, name: str, info: dict[str, Any], tensor: torch.Tensor) -> None:
-        start, end = info["data_offsets"]
-        if end - start != tensor.numel() * tensor.element_size():
-            raise CheckpointError(f"{self.path}: tensor {name!r} has {end - start} bytes for its "
-                                  f"{info['dtype']} {info['shape']}")
+    def _fill(self, name: str, info: TensorInfo, tensor: torch.Tensor) -> None:
+        """Read the tensor's bytes into ``tensor``, whose dtype and shape are the header's
+        (so its size is the range's: the header check made sure of that)."""
         if sys.byteorder != "little":  # the format is little-endian; a raw read would be wrong
             with safe_open(str(self.path), framework="pt") as fh:
                 tensor.copy_(fh.get_tensor(name))
             return
-        self._fh.seek(self._base + start)
+        self._fh.seek(self.header.data_offset + info.begin)
         view = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
-        if end > start and self._fh.readinto(view) != end - start:
+        # The header matched the file's length when it was read; a file cut since is caught here.
+        if info.end > info.begin and self._fh.readinto(view) != info.end - info.begin:
             raise CheckpointError(f"{self.path} is truncated inside tensor {name!r}")
 
 
@@ -294,23 +262,10 @@ def validate_state_dict(module: torch.nn.Module, tensors: dict[str, Any], source
     CheckpointError
         Naming the first missing or unexpected keys and shape mismatches.
     """
-    expected = module.state_dict()
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    shape = {k: tuple(v.shape) if hasattr(v, "shape") else tuple(v) for k, v in tensors.items()}
-    wrong = [
-        f"{k} {shape[k]} != {tuple(expected[k].shape)}"
-        for k in expected if k in tensors and shape[k] != tuple(expected[k].shape)
-    ]
-    problems = []
-    if missing:
-        problems.append(f"missing keys {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-    if unexpected:
-        problems.append(f"unexpected keys {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
-    if wrong:
-        problems.append(f"shape mismatches {wrong[:5]}")
+    shapes = {k: tuple(v.shape) if hasattr(v, "shape") else tuple(v) for k, v in tensors.items()}
+    problems = layout_differences(shapes, {k: tuple(v.shape) for k, v in module.state_dict().items()}, "shape")
     if problems:
-        raise CheckpointError(f"{source} does not match the model: " + "; ".join(problems))
+        raise CheckpointError(f"{source} does not match the model: {problems}")
 
 
 # -- optimizer state --------------------------------------------------------------------------------
@@ -408,9 +363,8 @@ def list_checkpoints(job_dir: Path) -> list[Path]:
 
 def _readable(path: Path) -> bool:
     try:
-        with safe_open(str(path), framework="pt") as fh:
-            return fh.metadata() is not None and fh.metadata().get("format") == CHECKPOINT_FORMAT
-    except Exception:  # any failure to open means the file is torn or foreign
+        return read_header(path).format == CHECKPOINT_FORMAT
+    except (OSError, ArtifactFormatError):  # torn, foreign or gone
         return False
 
 
@@ -461,12 +415,10 @@ def load_checkpoint_into(path: Path, module: torch.nn.Module, prefix: str = "mod
     """
     try:
         with SafetensorsReader(path) as reader:
-            if reader.metadata.get("format") != CHECKPOINT_FORMAT:
-                raise CheckpointError(f"{path} is not a NeuroLens checkpoint "
-                                      f"(format {reader.metadata.get('format')!r}).")
-            meta = {k: json.loads(v) for k, v in reader.metadata.items() if k != "format"}
+            reader.header.require_format(ArtifactKind.checkpoint)
+            meta = reader.header.json_metadata()
             aliases = meta.pop("aliases", {})
-            stored = {name: name for name in reader.header}
+            stored = {name: name for name in reader.header.tensors}
             stored.update({alias: name for alias, name in aliases.items()})
             weights = {k[len(prefix):]: name for k, name in stored.items() if k.startswith(prefix)}
             validate_state_dict(module, {k: reader.shape(name) for k, name in weights.items()}, str(path))
@@ -480,7 +432,3 @@ def load_checkpoint_into(path: Path, module: torch.nn.Module, prefix: str = "mod
         raise CheckpointError(f"Cannot read checkpoint {path}: {exc}") from exc
     return others, meta
 
-
-def subset(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    """Tensors whose names start with ``prefix``, with the prefix removed."""
-    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}

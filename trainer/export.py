@@ -21,20 +21,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
-from trainer.checkpoint import (LazyTensor, atomic_save_safetensors, dedupe_tensors, read_safetensors_into,
-                                validate_state_dict)
+from trainer.artifact_format import ENCODER_FORMAT, MODEL_FORMAT, ArtifactFormatError, SafetensorsHeader, read_header
+from trainer.checkpoint import (TORCH_DTYPES, LazyTensor, SafetensorsReader, atomic_save_safetensors, dedupe_tensors,
+                                read_safetensors_into, validate_state_dict)
 from trainer.config import ConfigError, EncoderConfig
 from trainer.exceptions import CheckpointError, EncoderFileError
 from trainer.models.multiview import MultiViewEncoder
-
-ENCODER_FORMAT = "neurolens.encoder/1"
-MODEL_FORMAT = "neurolens.model/1"
-FINAL_DIRNAME = "final"
-ENCODER_FILENAME = "encoder.safetensors"
-MODEL_FILENAME = "model.safetensors"
-REPORT_FILENAME = "report.json"
 
 
 def save_encoder(encoder: MultiViewEncoder, path: Path) -> Path:
@@ -43,35 +36,32 @@ def save_encoder(encoder: MultiViewEncoder, path: Path) -> Path:
     return atomic_save_safetensors(encoder.state_dict(), path, metadata)
 
 
-def read_encoder_config(path: Path) -> EncoderConfig:
-    """The config of an encoder file, from its header alone (no tensor data is read)."""
+def _read_encoder_header(path: Path) -> tuple[SafetensorsHeader, EncoderConfig]:
+    """An encoder file's checked header and the config in it; no tensor data is read."""
     if not path.is_file():
         raise EncoderFileError(f"Encoder file {path} does not exist.")
     try:
-        with safe_open(str(path), framework="pt") as fh:
-            meta = fh.metadata() or {}
-    except Exception as exc:
+        header = read_header(path)
+    except (OSError, ArtifactFormatError) as exc:
         raise EncoderFileError(f"Cannot read encoder file {path}: {exc}") from exc
-    if meta.get("format") != ENCODER_FORMAT:
+    if header.format != ENCODER_FORMAT:
         raise EncoderFileError(
-            f"{path} is not a NeuroLens encoder file: format {meta.get('format')!r}, expected {ENCODER_FORMAT!r}."
+            f"{path} is not a NeuroLens encoder file: format {header.format!r}, expected {ENCODER_FORMAT!r}."
         )
     try:
-        return EncoderConfig.from_dict(json.loads(meta["encoder_config"]))
-    except (KeyError, ValueError, TypeError, ConfigError) as exc:
+        return header, EncoderConfig.from_dict(header.json_field("encoder_config"))
+    except (ArtifactFormatError, ValueError, TypeError, KeyError, ConfigError) as exc:
         raise EncoderFileError(f"{path} has no valid encoder_config: {exc}") from exc
 
 
 def check_encoder_file(path: Path) -> EncoderConfig:
     """The config of an encoder file whose tensor names and shapes (read from the header, no
     data) match the encoder that config builds; raises :class:`EncoderFileError` otherwise."""
-    config = read_encoder_config(path)
+    header, config = _read_encoder_header(path)
     with torch.device("meta"):
         encoder = MultiViewEncoder(config)
-    with safe_open(str(path), framework="pt") as fh:
-        shapes = {name: fh.get_slice(name).get_shape() for name in fh.keys()}
     try:
-        validate_state_dict(encoder, shapes, f"Encoder file {path}")
+        validate_state_dict(encoder, {name: t.shape for name, t in header.tensors.items()}, f"Encoder file {path}")
     except CheckpointError as exc:
         raise EncoderFileError(str(exc)) from exc
     return config
@@ -94,19 +84,14 @@ def load_encoder(path: Path) -> MultiViewEncoder:
 
 def _lazy_file_tensors(path: Path) -> dict[str, LazyTensor]:
     """Every tensor of a safetensors file, each read only when written."""
-    dtypes = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
-              "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8, "BOOL": torch.bool}
-    out = {}
-    with safe_open(str(path), framework="pt") as fh:
-        for name in fh.keys():
-            piece = fh.get_slice(name)
+    def loader(name: str):
+        def load() -> torch.Tensor:
+            with SafetensorsReader(path) as reader:
+                return reader.read(name)
+        return load
 
-            def load(name: str = name) -> torch.Tensor:
-                with safe_open(str(path), framework="pt") as reader:
-                    return reader.get_tensor(name)
-
-            out[name] = LazyTensor(dtypes[piece.get_dtype()], tuple(piece.get_shape()), load)
-    return out
+    return {name: LazyTensor(TORCH_DTYPES[t.dtype], t.shape, loader(name))
+            for name, t in read_header(path).tensors.items()}
 
 
 def save_model(path: Path, encoder_path: Path, encoder_config: EncoderConfig, model: Any,

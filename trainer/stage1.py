@@ -19,6 +19,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from trainer import distributed, export
+from trainer.artifact_format import ENCODER_FILENAME, FINAL_DIRNAME
 from trainer.checkpoint import find_latest_checkpoint
 from trainer.config import ConfigError, Stage1Config
 from trainer.distributed import World
@@ -213,7 +214,7 @@ def run(spec: JobSpec, config: Stage1Config, reporter: Reporter, world: World = 
     }
     probe = (word_probe_start(encoder, recordings, device, config.probe_words, batch=config.micro_batch_size)
              if config.probe_words else None)
-    encoder_path = export.save_encoder(encoder, job_dir / export.FINAL_DIRNAME / export.ENCODER_FILENAME)
+    encoder_path = export.save_encoder(encoder, job_dir / FINAL_DIRNAME / ENCODER_FILENAME)
     reporter.register(ArtifactKind.encoder, str(encoder_path.relative_to(job_dir)))
     if checkpoint_path is None:
         checkpoint_path = find_latest_checkpoint(job_dir)

@@ -19,11 +19,11 @@ from typing import Iterator
 
 import numpy as np
 import torch
-from safetensors import safe_open
 from torch import nn
 from transformers import BartConfig, BartForConditionalGeneration
 
 from trainer import export
+from trainer.artifact_format import FINAL_DIRNAME, MODEL_FILENAME, REPORT_FILENAME, ArtifactFormatError, read_header
 from trainer.checkpoint import atomic_write_text, find_latest_checkpoint
 from trainer.config import EncoderConfig, Stage2Config
 from trainer.data.recordings import Recording, cut, load_dataset
@@ -69,9 +69,8 @@ def encode_targets(tokenizer, texts: list[str], max_tokens: int) -> np.ndarray:
 
 def _checkpoint_metadata(path: Path) -> dict:
     try:
-        with safe_open(str(path), framework="pt") as fh:
-            return {k: json.loads(v) for k, v in (fh.metadata() or {}).items() if k != "format"}
-    except Exception as exc:
+        return read_header(path).json_metadata()
+    except (OSError, ArtifactFormatError) as exc:
         raise CheckpointError(f"Cannot read checkpoint {path}: {exc}") from exc
 
 
@@ -254,10 +253,10 @@ def run(spec: JobSpec, config: Stage2Config, reporter: Reporter) -> int:
     }
 
     # -- export ---------------------------------------------------------------------------------------
-    final = job_dir / export.FINAL_DIRNAME
-    model_path = export.save_model(final / export.MODEL_FILENAME, encoder_path, encoder_config, model,
+    final = job_dir / FINAL_DIRNAME
+    model_path = export.save_model(final / MODEL_FILENAME, encoder_path, encoder_config, model,
                                    tokenizer_json(tokenizer))
-    report_path = atomic_write_text(final / export.REPORT_FILENAME, json.dumps(report, indent=2))
+    report_path = atomic_write_text(final / REPORT_FILENAME, json.dumps(report, indent=2))
     reporter.register(ArtifactKind.model, str(model_path.relative_to(job_dir)))
     reporter.register(ArtifactKind.report, str(report_path.relative_to(job_dir)))
     if checkpoint_path is None:

@@ -22,120 +22,81 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
-from trainer.checkpoint import CHECKPOINT_FORMAT
+from trainer.artifact_format import ArtifactFormatError, SafetensorsHeader, layout_differences, read_header
+from trainer.checkpoint import SAFETENSORS_DTYPES
 from trainer.config import ConfigError, EncoderConfig
-from trainer.export import ENCODER_FORMAT, MODEL_FORMAT
+from trainer.protocol import ArtifactKind
 
 EXIT_INVALID = 2
 
-# safetensors' dtype names for the torch dtypes our modules hold.
-_DTYPE_NAMES = {
-    torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
+Layout = dict[str, tuple[tuple[int, ...], str]]
 
 
-class InvalidArtifact(Exception):
-    """The file is not a valid artifact of the kind it was declared as."""
-
-
-def read_layout(path: Path) -> tuple[dict[str, str], dict[str, tuple[tuple[int, ...], str]]]:
-    """Metadata and ``{name: (shape, dtype)}`` of a safetensors file, without reading tensor data."""
+def read_layout(path: Path, kind: ArtifactKind) -> tuple[SafetensorsHeader, Layout]:
+    """The checked header of a file of ``kind`` and its ``{name: (shape, dtype)}``; no tensor data is read."""
     try:
-        with safe_open(str(path), framework="pt") as fh:
-            metadata = dict(fh.metadata() or {})
-            layout = {}
-            for name in fh.keys():
-                piece = fh.get_slice(name)
-                layout[name] = (tuple(piece.get_shape()), str(piece.get_dtype()))
-    except Exception as exc:  # safetensors raises its own error types for malformed files
-        raise InvalidArtifact(f"not a readable safetensors file: {exc}") from exc
-    return metadata, layout
+        header = read_header(path)
+    except OSError as exc:
+        raise ArtifactFormatError(f"cannot read {path}: {exc}") from exc
+    header.require_format(kind)
+    return header, {name: (t.shape, t.dtype) for name, t in header.tensors.items()}
 
 
-def expected_layout(module: torch.nn.Module, prefix: str = "") -> dict[str, tuple[tuple[int, ...], str]]:
-    return {f"{prefix}{k}": (tuple(v.shape), _DTYPE_NAMES.get(v.dtype, str(v.dtype)))
+def expected_layout(module: torch.nn.Module, prefix: str = "") -> Layout:
+    return {f"{prefix}{k}": (tuple(v.shape), SAFETENSORS_DTYPES.get(v.dtype, str(v.dtype)))
             for k, v in module.state_dict().items()}
-
-
-def _json_field(metadata: dict[str, str], key: str) -> Any:
-    if key not in metadata:
-        raise InvalidArtifact(f"metadata has no {key!r}")
-    try:
-        return json.loads(metadata[key])
-    except ValueError as exc:
-        raise InvalidArtifact(f"metadata {key!r} is not valid JSON: {exc}") from exc
 
 
 def _encoder_config(value: Any) -> EncoderConfig:
     try:
         return EncoderConfig.from_dict(value)
     except (ConfigError, TypeError, ValueError, KeyError) as exc:
-        raise InvalidArtifact(f"invalid encoder_config: {exc}") from exc
+        raise ArtifactFormatError(f"invalid encoder_config: {exc}") from exc
 
 
 def _bart(config_dict: Any) -> torch.nn.Module:
     from transformers import BartConfig, BartForConditionalGeneration
 
     if not isinstance(config_dict, dict):
-        raise InvalidArtifact("bart_config is not a JSON object")
+        raise ArtifactFormatError("bart_config is not a JSON object")
     try:
         config = BartConfig.from_dict(config_dict)
         with torch.device("meta"):
             return BartForConditionalGeneration(config)
     except Exception as exc:  # transformers raises assorted errors for inconsistent configs
-        raise InvalidArtifact(f"invalid bart_config: {exc}") from exc
+        raise ArtifactFormatError(f"invalid bart_config: {exc}") from exc
 
 
-def compare(found: dict[str, tuple[tuple[int, ...], str]], expected: dict[str, tuple[tuple[int, ...], str]],
-            aliases: dict[str, str] | None = None) -> None:
-    """Raise :class:`InvalidArtifact` naming missing, unexpected and mis-shaped tensors.
+def compare(found: Layout, expected: Layout, aliases: dict[str, str] | None = None) -> None:
+    """Raise :class:`ArtifactFormatError` naming missing, unexpected and mis-shaped tensors.
 
     ``aliases`` maps a tied tensor stored once to the name it is stored under.
     """
     found = dict(found)
     for alias, target in (aliases or {}).items():
         if target not in found:
-            raise InvalidArtifact(f"alias {alias!r} points to {target!r}, which is not in the file")
+            raise ArtifactFormatError(f"alias {alias!r} points to {target!r}, which is not in the file")
         found[alias] = found[target]
-    missing = sorted(set(expected) - set(found))
-    unexpected = sorted(set(found) - set(expected))
-    wrong = [f"{k} {found[k][0]} {found[k][1]} != {expected[k][0]} {expected[k][1]}"
-             for k in expected if k in found and found[k] != expected[k]]
-    problems = []
-    if missing:
-        problems.append(f"missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''} ({len(missing)} in all)")
-    if unexpected:
-        problems.append(f"unexpected tensors {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
-    if wrong:
-        problems.append(f"shape or dtype mismatches {wrong[:3]}{' ...' if len(wrong) > 3 else ''}")
+    problems = layout_differences(found, expected, "shape or dtype", describe=lambda layout: "{} {}".format(*layout))
     if problems:
-        raise InvalidArtifact("tensors do not match the declared config: " + "; ".join(problems))
+        raise ArtifactFormatError(f"tensors do not match the declared config: {problems}")
 
 
-def _aliases(metadata: dict[str, str]) -> dict[str, str]:
-    if "aliases" not in metadata:
+def _aliases(header: SafetensorsHeader) -> dict[str, str]:
+    if "aliases" not in header.metadata:
         return {}
-    aliases = _json_field(metadata, "aliases")
+    aliases = header.json_field("aliases")
     if not isinstance(aliases, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in aliases.items()):
-        raise InvalidArtifact("metadata 'aliases' is not a JSON object of names")
+        raise ArtifactFormatError("metadata 'aliases' is not a JSON object of names")
     return aliases
-
-
-def _check_format(metadata: dict[str, str], wanted: str, kind: str) -> None:
-    if metadata.get("format") != wanted:
-        raise InvalidArtifact(f"metadata format is {metadata.get('format')!r}; a {kind} needs {wanted!r}")
 
 
 def validate_encoder(path: Path) -> dict[str, Any]:
     from trainer.models.multiview import MultiViewEncoder
 
-    metadata, found = read_layout(path)
-    _check_format(metadata, ENCODER_FORMAT, "encoder")
-    config = _encoder_config(_json_field(metadata, "encoder_config"))
+    header, found = read_layout(path, ArtifactKind.encoder)
+    config = _encoder_config(header.json_field("encoder_config"))
     with torch.device("meta"):
         encoder = MultiViewEncoder(config)
     compare(found, expected_layout(encoder))
@@ -146,12 +107,11 @@ def validate_model(path: Path) -> dict[str, Any]:
     from trainer.models.bridge import Bridge
     from trainer.models.multiview import MultiViewEncoder
 
-    metadata, found = read_layout(path)
-    _check_format(metadata, MODEL_FORMAT, "model")
-    config = _encoder_config(_json_field(metadata, "encoder_config"))
-    bart = _bart(_json_field(metadata, "bart_config"))
-    if not isinstance(metadata.get("loader"), str) or not metadata["loader"].strip():
-        raise InvalidArtifact("metadata has no 'loader' (the standalone loader's source)")
+    header, found = read_layout(path, ArtifactKind.model)
+    config = _encoder_config(header.json_field("encoder_config"))
+    bart = _bart(header.json_field("bart_config"))
+    if not header.metadata.get("loader", "").strip():
+        raise ArtifactFormatError("metadata has no 'loader' (the standalone loader's source)")
     with torch.device("meta"):
         encoder = MultiViewEncoder(config)
         bridge = Bridge(config.n_patches, len(config.channels) * config.d_model, bart.config.d_model)
@@ -159,7 +119,7 @@ def validate_model(path: Path) -> dict[str, Any]:
     expected["encoder.electrode_pos"] = ((len(config.channels), 3), "F32")
     expected.update(expected_layout(bridge, "bridge."))
     expected.update(expected_layout(bart, "bart."))
-    compare(found, expected, _aliases(metadata))
+    compare(found, expected, _aliases(header))
     return {"kind": "model", "preset": config.name, "tensors": len(found)}
 
 
@@ -167,17 +127,16 @@ def validate_checkpoint(path: Path) -> dict[str, Any]:
     from trainer.models.bridge import EEGToText
     from trainer.models.multiview import MultiViewEncoder, SSLHead
 
-    metadata, found = read_layout(path)
-    _check_format(metadata, CHECKPOINT_FORMAT, "checkpoint")
-    config = _encoder_config(_json_field(metadata, "encoder_config"))
-    state = _json_field(metadata, "trainer_state")
+    header, found = read_layout(path, ArtifactKind.checkpoint)
+    config = _encoder_config(header.json_field("encoder_config"))
+    state = header.json_field("trainer_state")
     if not isinstance(state, dict) or not isinstance(state.get("step"), int):
-        raise InvalidArtifact("metadata 'trainer_state' has no integer 'step'")
-    if "bart_config" in metadata:  # Stage 2: the bridge and BART, and the encoder in phase 2
-        bart = _bart(_json_field(metadata, "bart_config"))
+        raise ArtifactFormatError("metadata 'trainer_state' has no integer 'step'")
+    if "bart_config" in header.metadata:  # Stage 2: the bridge and BART, and the encoder in phase 2
+        bart = _bart(header.json_field("bart_config"))
         with torch.device("meta"):
             model: torch.nn.Module = EEGToText(config.n_patches, len(config.channels) * config.d_model, bart)
-            if metadata.get("phase") == "2":
+            if header.metadata.get("phase") == "2":
                 model.attach_encoder(MultiViewEncoder(config))
         stage = "stage2"
     else:
@@ -189,8 +148,8 @@ def validate_checkpoint(path: Path) -> dict[str, Any]:
     weights = {k: v for k, v in found.items() if k.startswith("model.")}
     others = sorted(k for k in found if not k.startswith(("model.", "optim.", "rng.")))
     if others:
-        raise InvalidArtifact(f"unexpected tensors {others[:5]} (a checkpoint holds model.*, optim.* and rng.*)")
-    aliases = {k: v for k, v in _aliases(metadata).items() if k.startswith("model.")}
+        raise ArtifactFormatError(f"unexpected tensors {others[:5]} (a checkpoint holds model.*, optim.* and rng.*)")
+    aliases = {k: v for k, v in _aliases(header).items() if k.startswith("model.")}
     compare(weights, expected_layout(model, "model."), aliases)
     return {"kind": "checkpoint", "stage": stage, "preset": config.name, "step": state["step"], "tensors": len(found)}
 
@@ -206,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         summary = VALIDATORS[args.kind](args.path)
-    except InvalidArtifact as exc:
+    except ArtifactFormatError as exc:
         print(" ".join(str(exc).split()), file=sys.stderr)
         return EXIT_INVALID
     print(json.dumps(summary))

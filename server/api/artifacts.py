@@ -31,19 +31,18 @@ from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import FileResponse, JSONResponse
 from pydantic import BaseModel, Field
 from sqlmodel import func, select
+from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
 from starlette.requests import ClientDisconnect
 from starlette.responses import MalformedRangeHeader, RangeNotSatisfiable
 from starlette.types import Receive, Scope, Send
 
 from server.api.deps import ArtifactId, SettingsDep, StoreDep
+from server.artifacts import add_artifact, check_filename, check_sha256, check_size, verify
 from server.db import SessionDep
-from server.exceptions import Conflict, InvalidInput, NotFound
+from server.exceptions import Conflict, InvalidInput, NotFound, PayloadTooLarge
 from server.models import DB_INT_MAX, Artifact, ArtifactPublic, ArtifactsPublic
-from server.storage import ArtifactStore
-from server.uploads import (
-    PayloadTooLarge, UploadSession, UploadStore, check_filename, check_sha256, check_size, verify, write_stream,
-)
+from server.uploads import UploadSession, UploadStore, write_stream
 from trainer.protocol import ArtifactKind
 
 router = APIRouter(prefix="/artifacts", tags=["artifacts"])
@@ -137,23 +136,6 @@ def _public_upload(upload: UploadSession) -> UploadPublic:
     return UploadPublic(**fields)
 
 
-async def _adopt(session: SessionDep, store: ArtifactStore, source, kind: ArtifactKind, filename: str,
-                 sha256: str, size: int) -> ArtifactPublic:
-    """Give a verified file an artifact row and move it into the store, all or nothing."""
-    artifact = Artifact(job_id=None, kind=kind, filename=filename, size_bytes=size, sha256=sha256, storage_path="")
-    session.add(artifact)
-    session.flush()
-    try:
-        artifact.storage_path = store.adopt(source, artifact.id, filename)
-        session.commit()
-    except Exception:
-        session.rollback()
-        store.remove(f"{artifact.id}/{filename}")
-        raise
-    session.refresh(artifact)
-    return ArtifactPublic.model_validate(artifact, from_attributes=True)
-
-
 def _declared_length(content_length: str | None) -> int | None:
     if content_length is None:
         return None
@@ -237,7 +219,8 @@ async def complete_upload(upload_id: str, request: Request, session: SessionDep,
         except InvalidInput:
             uploads.discard(upload_id)
             raise
-        artifact = await _adopt(session, store, path, upload.kind, upload.filename, sha256, size)
+        artifact = await run_in_threadpool(add_artifact, session, store, path, upload.kind, upload.filename,
+                                           sha256, size, move=True)
         uploads.discard(upload_id)
         return artifact
     finally:
@@ -284,7 +267,7 @@ async def upload_artifact(
                 raise InvalidInput("Upload interrupted: the connection closed before the whole body arrived; "
                                    "nothing was stored.") from None
         sha, size = await verify(path, kind, digest, declared, received=(hasher.hexdigest(), received))
-        return await _adopt(session, store, path, kind, name, sha, size)
+        return await run_in_threadpool(add_artifact, session, store, path, kind, name, sha, size, move=True)
     finally:
         path.unlink(missing_ok=True)
 

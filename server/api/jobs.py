@@ -13,10 +13,11 @@ from sqlmodel import func, select
 
 from server import jobs as job_rules
 from server.api.deps import JobId, SchedulerDep, SettingsDep, StoreDep, TrainerAttemptDep, TrainerJobDep
+from server.artifacts import add_artifact
 from server.db import SessionDep
 from server.exceptions import InvalidInput, NotFound
 from server.models import (
-    Artifact, ArtifactPublic, Job, JobCreate, JobEvent, JobEventsPublic, JobPublic, JobsPublic, JobStatus,
+    ArtifactPublic, Job, JobCreate, JobEvent, JobEventsPublic, JobPublic, JobsPublic, JobStatus,
 )
 from server.storage import StorageError, resolve_inside, sha256_of
 from trainer.config import STAGES
@@ -155,20 +156,7 @@ async def register_artifact(registration: ArtifactRegistration, job: TrainerJobD
         raise InvalidInput(str(exc)) from exc
     if not source.is_file():
         raise NotFound(f"File {registration.path!r} not found in job {job.id}'s directory.")
-    # Hashing a large checkpoint takes seconds: keep it off the event loop.
+    # Hashing and copying a large checkpoint take seconds: keep them off the event loop.
     sha256, size = await run_in_threadpool(sha256_of, source)
-    artifact = Artifact(job_id=job.id, kind=registration.kind, filename=source.name, size_bytes=size,
-                        sha256=sha256, storage_path="")
-    session.add(artifact)
-    session.flush()
-    try:
-        artifact.storage_path = await run_in_threadpool(store.add_file, source, artifact.id, source.name)
-        job_rules.touch(job)
-        session.add(job)
-        session.commit()
-    except Exception:
-        session.rollback()
-        store.remove(f"{artifact.id}/{source.name}")
-        raise
-    session.refresh(artifact)
-    return ArtifactPublic.model_validate(artifact, from_attributes=True)
+    return await run_in_threadpool(add_artifact, session, store, source, registration.kind, source.name, sha256, size,
+                                   job=job)

@@ -1,0 +1,243 @@
+"""The artifact file format: its names, file names and dtypes, and the one safetensors header reader.
+
+Every artifact but a report is a safetensors file: an 8-byte little-endian header length, a
+JSON header mapping each tensor name to ``{"dtype", "shape", "data_offsets": [begin, end]}``
+(offsets relative to the end of the header) plus an optional ``__metadata__`` of strings, then
+the tensor data. NeuroLens writes its values into that metadata as JSON strings, and names the
+file's kind in ``format`` (:data:`FORMATS`).
+
+The server (which never imports torch) checks uploads with :func:`read_header`; the trainer
+reads its checkpoints and encoder files through it and writes theirs with :func:`encode_header`.
+Only the header is read, never tensor data, so checking a multi-GB file costs its header's size.
+:func:`layout_differences` tells how a file's tensor table differs from the one a model needs.
+:mod:`trainer.standalone` keeps its own few lines of reading: it ships inside the model file and
+must load without NeuroLens.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from trainer.protocol import ArtifactKind
+
+ENCODER_FORMAT = "neurolens.encoder/1"
+MODEL_FORMAT = "neurolens.model/1"
+CHECKPOINT_FORMAT = "neurolens.checkpoint/1"
+FORMATS = {ArtifactKind.encoder: ENCODER_FORMAT, ArtifactKind.model: MODEL_FORMAT,
+           ArtifactKind.checkpoint: CHECKPOINT_FORMAT}
+
+# A job directory's exported files, under final/, and its checkpoints, one directory per step
+# under checkpoints/ (the checkpoint file beside a readable copy of its trainer state).
+FINAL_DIRNAME = "final"
+ENCODER_FILENAME = "encoder.safetensors"
+MODEL_FILENAME = "model.safetensors"
+REPORT_FILENAME = "report.json"
+CHECKPOINT_DIRNAME = "checkpoints"
+CHECKPOINT_FILENAME = "checkpoint.safetensors"
+STATE_FILENAME = "state.json"
+# The name an artifact of each kind is stored under when an upload gives none.
+DEFAULT_FILENAMES = {ArtifactKind.encoder: ENCODER_FILENAME, ArtifactKind.model: MODEL_FILENAME,
+                     ArtifactKind.checkpoint: CHECKPOINT_FILENAME, ArtifactKind.report: REPORT_FILENAME}
+
+# Every dtype name of the safetensors format, with its element size in bytes.
+DTYPE_SIZES = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+    "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
+}
+# safetensors itself refuses headers above 100 MB; a NeuroLens header (tensor table plus JSON
+# configs and a tokenizer) is a few hundred KB.
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+METADATA_KEY = "__metadata__"
+
+
+class ArtifactFormatError(ValueError):
+    """A file is not a valid artifact of the kind it should be; the message says what is wrong."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor's entry in the header: ``begin`` and ``end`` are offsets into the data."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+
+@dataclass(frozen=True)
+class SafetensorsHeader:
+    """A parsed, checked safetensors header.
+
+    Attributes
+    ----------
+    metadata : dict of str to str
+        The ``__metadata__`` strings (empty when the file has none).
+    tensors : dict of str to TensorInfo
+        Every tensor, in the header's order.
+    data_offset : int
+        Where the tensor data starts in the file (``begin`` and ``end`` count from here).
+    """
+
+    metadata: dict[str, str]
+    tensors: dict[str, TensorInfo]
+    data_offset: int
+
+    @property
+    def format(self) -> str | None:
+        return self.metadata.get("format")
+
+    def require_format(self, kind: ArtifactKind) -> None:
+        """Raise :class:`ArtifactFormatError` unless the metadata names ``kind``'s format."""
+        wanted = FORMATS[kind]
+        if self.format != wanted:
+            raise ArtifactFormatError(f"Not a NeuroLens {kind.value} file: its metadata format is "
+                                      f"{self.format!r}, expected {wanted!r}.")
+
+    def json_field(self, key: str) -> Any:
+        """The metadata value ``key``, decoded from JSON.
+
+        Raises
+        ------
+        ArtifactFormatError
+            The metadata has no ``key``, or its value is not JSON.
+        """
+        if key not in self.metadata:
+            raise ArtifactFormatError(f"metadata has no {key!r}")
+        try:
+            return json.loads(self.metadata[key])
+        except ValueError as exc:
+            raise ArtifactFormatError(f"metadata {key!r} is not valid JSON: {exc}") from exc
+
+    def json_metadata(self) -> dict[str, Any]:
+        """Every metadata value but ``format``, decoded from JSON (how checkpoints store theirs)."""
+        return {key: self.json_field(key) for key in self.metadata if key != "format"}
+
+
+def encode_header(tensors: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str]) -> bytes:
+    """The bytes of a safetensors file before its data: length prefix and JSON header.
+
+    Parameters
+    ----------
+    tensors : list of (name, dtype name, shape)
+        The tensors in the order their data will follow, each right after the one before.
+    metadata : dict of str to str
+        The header's ``__metadata__``.
+    """
+    header: dict[str, Any] = {METADATA_KEY: metadata}
+    offset = 0
+    for name, dtype, shape in tensors:
+        size = math.prod(shape) * DTYPE_SIZES[dtype]
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    blob += b" " * (-len(blob) % 8)  # the data must start 8-byte aligned
+    return struct.pack("<Q", len(blob)) + blob
+
+
+def read_header(path: Path) -> SafetensorsHeader:
+    """Parse and check a safetensors file's header, reading nothing else of the file.
+
+    Every tensor's byte range must match its dtype and shape, and the ranges must tile the data
+    section exactly: that is what tells a truncated or padded file from a whole one.
+
+    Raises
+    ------
+    ArtifactFormatError
+        With a message that names what is wrong.
+    OSError
+        The file cannot be read.
+    """
+    with open(path, "rb") as fh:
+        size = fh.seek(0, 2)
+        if size < 8:
+            raise ArtifactFormatError(f"File of {size} bytes is too short to be a safetensors file "
+                                      f"(its header length alone takes 8).")
+        fh.seek(0)
+        (header_len,) = struct.unpack("<Q", fh.read(8))
+        if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
+            raise ArtifactFormatError(
+                f"Not a safetensors file (or truncated): header length {header_len} does not fit "
+                f"in a file of {size} bytes.")
+        raw = fh.read(header_len)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ArtifactFormatError(f"Not a safetensors file: the header is not valid JSON ({exc}).") from exc
+    if not isinstance(header, dict):
+        raise ArtifactFormatError("Not a safetensors file: the header is not a JSON object.")
+    metadata = header.pop(METADATA_KEY, None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise ArtifactFormatError(f"Invalid safetensors header: {METADATA_KEY} must map names to strings.")
+    tensors = {name: _tensor_info(name, info) for name, info in header.items()}
+    _check_tiling(tensors, size - 8 - header_len)
+    return SafetensorsHeader(metadata=metadata, tensors=tensors, data_offset=8 + header_len)
+
+
+def _tensor_info(name: str, info: Any) -> TensorInfo:
+    try:
+        dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
+    except (TypeError, KeyError, ValueError) as exc:
+        raise ArtifactFormatError(f"Invalid safetensors header entry for tensor {name!r}.") from exc
+    if dtype not in DTYPE_SIZES:
+        raise ArtifactFormatError(f"Tensor {name!r} has unknown dtype {dtype!r}; expected one of "
+                                  f"{', '.join(DTYPE_SIZES)}.")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise ArtifactFormatError(f"Tensor {name!r} has an invalid shape {shape!r}.")
+    if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end):
+        raise ArtifactFormatError(f"Tensor {name!r} has invalid data offsets {[begin, end]!r}.")
+    if end - begin != math.prod(shape) * DTYPE_SIZES[dtype]:
+        raise ArtifactFormatError(f"Tensor {name!r}: {end - begin} bytes do not hold {dtype} {shape}.")
+    return TensorInfo(dtype=dtype, shape=tuple(shape), begin=begin, end=end)
+
+
+def _check_tiling(tensors: dict[str, TensorInfo], data_len: int) -> None:
+    """The byte ranges must follow each other from 0 to exactly the end of the file."""
+    position = 0
+    for begin, end, name in sorted((t.begin, t.end, name) for name, t in tensors.items()):
+        if begin != position:
+            raise ArtifactFormatError(
+                f"Invalid safetensors file: tensor {name!r} starts at {begin}, expected {position}.")
+        position = end
+    if position > data_len:
+        raise ArtifactFormatError(
+            f"Truncated safetensors file: its header describes {position} bytes of tensor data, "
+            f"but only {data_len} follow the header.")
+    if position < data_len:
+        raise ArtifactFormatError(f"Invalid safetensors file: {data_len - position} bytes follow the last tensor.")
+
+
+def layout_differences(found: Mapping[str, Any], expected: Mapping[str, Any], compared: str,
+                       describe: Callable[[Any], str] = str) -> str:
+    """How a file's tensor table differs from the one a model needs, as one line ('' if it does not).
+
+    Parameters
+    ----------
+    found, expected : mapping of tensor name to its layout
+        A layout is whatever is compared: a shape, or a shape and a dtype.
+    compared : str
+        What a layout is, for the message ("shape", "shape or dtype").
+    describe : callable
+        Writes a layout in the message.
+    """
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    wrong = [f"{k} {describe(found[k])} != {describe(expected[k])}"
+             for k in expected if k in found and found[k] != expected[k]]
+    problems = []
+    if missing:
+        problems.append(f"missing keys {_first(missing)} ({len(missing)} in all)")
+    if unexpected:
+        problems.append(f"unexpected keys {_first(unexpected)}")
+    if wrong:
+        problems.append(f"{compared} mismatches {_first(wrong)}")
+    return "; ".join(problems)
+
+
+def _first(items: list[str]) -> str:
+    return f"{items[:5]}{' ...' if len(items) > 5 else ''}"
