@@ -33,11 +33,6 @@ class JobStatus(str, Enum):
     def is_finished(self) -> bool:
         return self in (JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled)
 
-    @property
-    def is_active(self) -> bool:
-        """Holds or may soon hold a trainer process."""
-        return self in (JobStatus.queued, JobStatus.running)
-
 
 class WaitReason(str, Enum):
     dependency = "dependency"
