@@ -236,9 +236,8 @@ class TrainingRun:
     def __init__(self, job_dir: Path, config: TrainConfigBase, state: TrainState, reporter: Reporter,
                  save: Callable[[], Path | None], resumed: Path | None, publish_paused: bool = False) -> None:
         self.job_dir, self.config, self.state, self.reporter = job_dir, config, state, reporter
-        self._save_files, self.publish_paused = save, publish_paused
-        self.checkpoint = resumed
-        """The newest checkpoint this job wrote (or resumed from), if any."""
+        self._write, self._publish_paused = save, publish_paused
+        self._checkpoint = resumed  # the newest checkpoint of this job's own, if any
         self._saved_step = state.step if resumed is not None else -1
         self._lr, self._started = 0.0, 0.0
 
@@ -247,12 +246,12 @@ class TrainingRun:
         self.reporter.update(step=self.state.step, total=self.config.steps)
         self.reporter.start_heartbeats()
 
-    def save(self) -> None:
+    def _save(self) -> None:
         """Write a checkpoint of the current step and report it."""
-        path = self._save_files()
+        path = self._write()
         if path is not None:
             self.reporter.event("checkpoint", step=self.state.step, message=str(path.relative_to(self.job_dir)))
-        self.checkpoint, self._saved_step = path, self.state.step
+        self._checkpoint, self._saved_step = path, self.state.step
 
     def stopped(self, request: str | None) -> bool:
         """Whether ``request`` (a pause or cancel, or ``None``) ends the loop here; it has then
@@ -260,9 +259,9 @@ class TrainingRun:
         if not request:
             return False
         if self._saved_step != self.state.step:
-            self.save()
-        if self.publish_paused and request == "pause" and self.checkpoint is not None:
-            self.register(ArtifactKind.checkpoint, self.checkpoint)
+            self._save()
+        if self._publish_paused and request == "pause" and self._checkpoint is not None:
+            self.register(ArtifactKind.checkpoint, self._checkpoint)
         log.info("stopping at step %d (%s requested)", self.state.step, request)
         return True
 
@@ -281,7 +280,7 @@ class TrainingRun:
         elapsed = max(time.perf_counter() - self._started, 1e-9)
         self.reporter.update(step=self.state.step, loss=loss, lr=self._lr, samples_per_s=self.config.batch_size / elapsed)
         if self.state.step % self.config.checkpoint_every == 0 or self.state.step == self.config.steps:
-            self.save()
+            self._save()
 
     def register(self, kind: ArtifactKind, path: Path) -> None:
         """Register a file the run wrote in its job directory as an artifact."""
@@ -289,7 +288,7 @@ class TrainingRun:
 
     def register_checkpoint(self) -> None:
         """Register the newest checkpoint: the run's own, else the newest the job directory holds."""
-        path = self.checkpoint or ckpt.find_latest_checkpoint(self.job_dir)
+        path = self._checkpoint or ckpt.find_latest_checkpoint(self.job_dir)
         if path is not None:
             self.register(ArtifactKind.checkpoint, path)
 
