@@ -5,7 +5,7 @@ stdout), in its own process, on the built-in synthetic dataset (32 channels). Th
 set of each run is the kernel's ``ru_maxrss`` for that child, taken with ``os.wait4`` (so it
 covers start-up, data loading, every step, the checkpoint and the encoder export), and is
 printed with its ratio to the plain AdamW baseline measured in the same run, and beside the
-peak :func:`trainer.config.predict_peak_bytes` predicts for that config (what the scheduler
+peak :func:`trainer.memory_prediction.predict_peak_bytes` predicts for that config (what the scheduler
 admits jobs by):
 
 - ``lean mb=1``: Adafactor fused into backward, activation checkpointing, micro-batch 1;
@@ -37,7 +37,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.measured_runs import GB, report_against_baseline, run_measured_trainer  # noqa: E402
-from trainer.config import Stage1Config, predict_peak_bytes  # noqa: E402  (needs the path above)
+from trainer.config import Stage1Config  # noqa: E402  (needs the path above)
+from trainer.memory_prediction import predict_peak_bytes  # noqa: E402
 
 BASE = {"preset": "large", "lr": 1e-4, "warmup_steps": 1, "log_every_s": 5.0, "seed": 0, "probe_words": 0,
         "val_windows": 8}

@@ -80,7 +80,8 @@ def main() -> int:
     import torch
 
     from trainer import export
-    from trainer.config import EncoderConfig, Stage2Config, predict_peak_bytes
+    from trainer.config import EncoderConfig, Stage2Config
+    from trainer.memory_prediction import predict_peak_bytes
     from trainer.data.synthetic import ensure_synthetic_dataset
     from trainer.models.multiview import MultiViewEncoder, count_parameters
 

@@ -38,7 +38,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from server.executors.local import trainer_command  # noqa: E402
-from trainer.config import BART_PRESETS, EncoderConfig, parse_config, predict_gpu_bytes  # noqa: E402
+from trainer.config import BART_PRESETS, EncoderConfig  # noqa: E402
+from trainer.memory_prediction import predict_gpu_bytes  # noqa: E402
+from trainer.stages import parse_config  # noqa: E402
 from trainer.models.multiview import MultiViewEncoder, SSLHead, random_token_mask  # noqa: E402
 
 # Per device: (Stage 1 encoder preset, Stage 2 BART preset, batch size). The CPU sizes keep a

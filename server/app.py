@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -12,7 +13,6 @@ from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 from sqlmodel import Session, func, select
 
-import clients
 from server import __version__
 from server.api import artifacts, jobs, system
 from server.db import make_engine, upgrade_database
@@ -23,16 +23,22 @@ from server.scheduler import Scheduler
 from server.security import RequestLimitMiddleware, TokenMiddleware
 from server.settings import Settings
 from server.storage import ArtifactStore
+from trainer.stages import STAGES
 
 log = logging.getLogger("neurolens")
 
-DASHBOARD_DIR = Path(clients.__file__).resolve().parent / "dashboard"
+# Found without importing `clients`, whose __init__ loads the HTTP client library (httpx) the
+# server has no use for: find_spec locates a top-level package without running it.
+DASHBOARD_DIR = Path(importlib.util.find_spec("clients").submodule_search_locations[0]).resolve() / "dashboard"
 
-# The demo pipeline `make run` queues on a fresh data directory: real training, a few minutes.
-DEMO_STAGE1 = {"preset": "tiny", "steps": 2000, "checkpoint_every": 250}
-# The settings tests/test_stage2.py shows learning with (tiny BART from scratch wants a high lr).
-DEMO_STAGE2 = {"preset": "tiny", "steps": 2000, "batch_size": 16, "lr": 3e-3, "max_target_tokens": 16,
-               "checkpoint_every": 250}
+# The demo pipeline `make run` queues on a fresh data directory, one job per stage in this order:
+# real training, a few minutes. Stage 2 has the settings tests/test_stage2.py shows learning with
+# (tiny BART from scratch wants a high lr).
+DEMO_CONFIGS = {
+    "stage1": {"preset": "tiny", "steps": 2000, "checkpoint_every": 250},
+    "stage2": {"preset": "tiny", "steps": 2000, "batch_size": 16, "lr": 3e-3, "max_target_tokens": 16,
+               "checkpoint_every": 250},
+}
 
 
 def api_router() -> APIRouter:
@@ -44,13 +50,16 @@ def api_router() -> APIRouter:
 
 
 def queue_demo(engine) -> None:
-    """Queue Stage 1 then Stage 2 on synthetic EEG, once: only into an empty database."""
+    """Queue the demo pipeline on synthetic EEG, once: only into an empty database. A stage that
+    needs an encoder runs after the job before it."""
     with Session(engine) as session:
         if session.exec(select(func.count()).select_from(Job)).one():
             return
-        stage1 = create_job(session, JobCreate(stage="stage1", dataset="synthetic", config=DEMO_STAGE1))
-        create_job(session, JobCreate(stage="stage2", dataset="synthetic", config=DEMO_STAGE2, after=stage1.id))
-        log.info("demo queued: stage1 job %s, then stage2 after it", stage1.id)
+        queued: list[Job] = []
+        for stage, config in DEMO_CONFIGS.items():
+            after = queued[-1].id if STAGES[stage].needs_encoder else None
+            queued.append(create_job(session, JobCreate(stage=stage, dataset="synthetic", config=config, after=after)))
+        log.info("demo queued: %s", ", then ".join(f"{job.stage} job {job.id}" for job in queued))
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

@@ -25,8 +25,10 @@ from server.models import (
 )
 from server.outcomes import Decision, Facts, decide
 from trainer.artifact_format import ArtifactFormatError, read_header
-from trainer.config import ConfigError, EncoderConfig, Stage1Config, TrainConfigBase, parse_config, predict_peak_bytes
+from trainer.config import ConfigError, EncoderConfig, TrainConfigBase
+from trainer.memory_prediction import predict_peak_bytes
 from trainer.protocol import ArtifactKind, TrainerEvent, merge_memory
+from trainer.stages import STAGES, parse_config, stage_names
 
 SYNTHETIC_DATASETS = ("synthetic", "synthetic:null")
 
@@ -112,9 +114,9 @@ def check_resume_checkpoint(session: Session, body: JobCreate, config: TrainConf
     if artifact.kind != ArtifactKind.checkpoint:
         raise InvalidInput(
             f"Artifact {artifact.id} is a {artifact.kind.value} artifact; 'checkpoint_artifact' needs a checkpoint.")
-    if body.stage != "stage1":
-        raise InvalidInput("'checkpoint_artifact' applies to stage1 jobs only; a stage2 job resumes from its own "
-                           "checkpoints.")
+    if not STAGES[body.stage].resumable:
+        raise InvalidInput(f"'checkpoint_artifact' applies to {stage_names(lambda s: s.resumable)} jobs only; a "
+                           f"{body.stage} job resumes from its own checkpoints.")
     if artifact_path is None:
         return
     try:
@@ -133,14 +135,14 @@ def check_resume_checkpoint(session: Session, body: JobCreate, config: TrainConf
 
 def _encoder_config_of(after: Job | None, artifact: Artifact | None,
                        artifact_path: Callable[[Artifact], Path] | None) -> EncoderConfig | None:
-    """The encoder a Stage 2 job will start from, as far as it is known before it runs: the
-    Stage 1 job's preset, or the encoder artifact's header; ``None`` if neither can be read."""
+    """The encoder a job that needs one will start from, as far as it is known before it runs:
+    the ``after`` job's config (a stage that produces an encoder describes it in its config's
+    ``encoder``), or the encoder artifact's header; ``None`` if neither can be read."""
     if after is not None:
         try:
-            config = parse_config("stage1", after.config)
+            return parse_config(after.stage, after.config).encoder
         except ConfigError:
             return None
-        return config.encoder if isinstance(config, Stage1Config) else None
     if artifact is not None and artifact_path is not None:
         try:
             metadata = read_header(artifact_path(artifact)).metadata
@@ -164,18 +166,22 @@ def create_job(session: Session, body: JobCreate, memory_limit_bytes: int | None
     except ConfigError as exc:
         raise InvalidInput(str(exc)) from exc
     dataset = validate_dataset(body.dataset)
+    stage = STAGES[body.stage]  # parse_config has refused a name the registry lacks
 
-    if body.stage == "stage1" and (body.after is not None or body.encoder_artifact is not None):
-        raise InvalidInput("'after' and 'encoder_artifact' apply to stage2 jobs only.")
-    if body.stage == "stage2":
+    if not stage.needs_encoder and (body.after is not None or body.encoder_artifact is not None):
+        raise InvalidInput(f"'after' and 'encoder_artifact' apply to {stage_names(lambda s: s.needs_encoder)} "
+                           f"jobs only.")
+    if stage.needs_encoder:
+        producers = stage_names(lambda s: ArtifactKind.encoder in s.produces)
         if (body.after is None) == (body.encoder_artifact is None):
-            raise InvalidInput("A stage2 job needs exactly one of 'after' (a stage1 job id) or 'encoder_artifact'.")
+            raise InvalidInput(f"A {stage.name} job needs exactly one of 'after' (a {producers} job id) or "
+                               f"'encoder_artifact'.")
         if body.after is not None:
             after = session.get(Job, body.after)
             if after is None:
                 raise NotFound(f"Job {body.after} named in 'after' not found.")
-            if after.stage != "stage1":
-                raise InvalidInput(f"Job {body.after} named in 'after' is a {after.stage} job; expected a stage1 job.")
+            if after.stage not in STAGES or ArtifactKind.encoder not in STAGES[after.stage].produces:
+                raise InvalidInput(f"Job {body.after} named in 'after' is a {after.stage} job; expected a {producers} job.")
             if after.status in (JobStatus.failed, JobStatus.cancelled):
                 raise InvalidInput(f"Job {body.after} named in 'after' is {after.status.value}; it will produce no encoder.")
         if body.encoder_artifact is not None:
@@ -187,7 +193,7 @@ def create_job(session: Session, body: JobCreate, memory_limit_bytes: int | None
                     f"Artifact {artifact.id} is a {artifact.kind.value} artifact; 'encoder_artifact' needs an encoder."
                 )
     encoder = None
-    if body.stage == "stage2":
+    if stage.needs_encoder:
         encoder = _encoder_config_of(session.get(Job, body.after) if body.after is not None else None,
                                      session.get(Artifact, body.encoder_artifact)
                                      if body.encoder_artifact is not None else None, artifact_path)

@@ -40,8 +40,9 @@ from server.models import Artifact, Attempt, Job, JobEvent, JobStatus, WaitReaso
 from server.outcomes import Facts
 from server.settings import Settings
 from server.storage import ArtifactStore
-from trainer.config import parse_config, predict_gpu_bytes
+from trainer.memory_prediction import predict_gpu_bytes
 from trainer.protocol import LOG_FILENAME, SPEC_FILENAME, JobSpec
+from trainer.stages import STAGES, parse_config
 
 log = logging.getLogger("neurolens.scheduler")
 
@@ -234,7 +235,7 @@ class Scheduler:
             if self._retry_after.get(job.id, 0.0) > time.monotonic():
                 continue
             encoder_path: Path | None = None
-            if job.stage == "stage2":
+            if STAGES[job.stage].needs_encoder:
                 ready, encoder_path = self._stage2_encoder(session, job)
                 if not ready:
                     continue

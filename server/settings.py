@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ipaddress
-from functools import lru_cache
 from pathlib import Path
 
 from pydantic import Field
@@ -77,8 +76,3 @@ class Settings(BaseSettings):
     @property
     def cache_dir(self) -> Path:
         return self.data_dir / "cache"
-
-
-@lru_cache
-def get_settings() -> Settings:
-    return Settings()

@@ -7,7 +7,8 @@ import signal
 import time
 
 from tests.conftest import start_server
-from trainer.config import parse_config, predict_peak_bytes
+from trainer.memory_prediction import predict_peak_bytes
+from trainer.stages import parse_config
 from tests.test_faults import trainer_processes, wait_for_step
 
 MB = 1024**2

@@ -3,7 +3,7 @@
 Each case is a real ``python -m trainer run spec.json`` (offline) for a few optimizer steps on
 the synthetic dataset; its peak is the kernel's ``ru_maxrss`` of that child process, read with
 ``os.wait4`` (start-up, data, every step, the checkpoint, the export and the final evaluation).
-:func:`trainer.config.predict_peak_bytes` must be within :data:`TOLERANCE` of it.
+:func:`trainer.memory_prediction.predict_peak_bytes` must be within :data:`TOLERANCE` of it.
 
 The synthetic dataset is generated here, once per channel set, into a shared cache, as the
 server's ``cache_dir`` holds it for every job: generating it is a one-off per machine, not part
@@ -24,7 +24,8 @@ from pathlib import Path
 import pytest
 
 from tests.trainer_helpers import REPO, write_spec
-from trainer.config import CHANNELS_32, CHANNELS_8, Stage1Config, predict_peak_bytes
+from trainer.config import CHANNELS_32, CHANNELS_8, Stage1Config
+from trainer.memory_prediction import predict_peak_bytes
 from trainer.data.recordings import SYNTHETIC_SEED
 from trainer.data.synthetic import ensure_synthetic_dataset
 

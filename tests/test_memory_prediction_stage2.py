@@ -15,7 +15,8 @@ import sys
 import pytest
 
 from tests.trainer_helpers import REPO, run_trainer, write_spec
-from trainer.config import EncoderConfig, Stage2Config, predict_peak_bytes
+from trainer.config import EncoderConfig, Stage2Config
+from trainer.memory_prediction import predict_peak_bytes
 from trainer.protocol import EXIT_OK
 
 pytestmark = pytest.mark.slow

@@ -13,10 +13,13 @@ from server.db import alembic_config, upgrade_database
 from tests.conftest import REPO_ROOT
 
 
-def test_server_does_not_import_torch():
-    code = "import sys, server.app, server.__main__; sys.exit(1 if 'torch' in sys.modules else 0)"
+def test_server_does_not_import_torch_or_the_client_library():
+    # httpx is the clients' (and the trainer's): the server only serves the dashboard's files.
+    code = ("import sys, server.app, server.__main__; "
+            "print(' '.join(m for m in ('torch', 'httpx', 'clients') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True)
-    assert result.returncode == 0, "server imports torch: " + result.stderr
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "", "server imports " + result.stdout
 
 
 def test_migrations_build_and_remove_the_schema(tmp_path):

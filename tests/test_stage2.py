@@ -235,7 +235,8 @@ def test_a_stage2_prediction_counts_the_encoder_it_will_start_from(tmp_path):
     from server.jobs import _encoder_config_of
     from server.models import Artifact, Job
     from trainer import export
-    from trainer.config import EncoderConfig, Stage2Config, predict_peak_bytes
+    from trainer.config import EncoderConfig, Stage2Config
+    from trainer.memory_prediction import predict_peak_bytes
     from trainer.models.multiview import MultiViewEncoder
 
     after = Job(stage="stage1", dataset="synthetic", config={"preset": "large"})

@@ -22,11 +22,12 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from trainer.checkpoint import atomic_write_text
-from trainer.config import ConfigError, Stage1Config, Stage2Config, parse_config
+from trainer.config import ConfigError
 from trainer.distributed import World, shutdown, world_from_env
 from trainer.exceptions import TrainerError
 from trainer.protocol import EXIT_FAILED, EXIT_OK, EXIT_STOPPED, OUTCOME_FILENAME, JobSpec
 from trainer.reporter import Reporter
+from trainer.stages import get_stage, parse_config
 
 log = logging.getLogger("trainer")
 EXIT_CRASHED = 1
@@ -84,14 +85,7 @@ def run_job(spec: JobSpec, world: World) -> int:
             reporter.event("started", message=f"{spec.stage} attempt {spec.attempt} on {spec.dataset}{processes}")
             # Heartbeats from here on, so that loading a large dataset does not look like a hang.
             reporter.start_heartbeats()
-            if isinstance(config, Stage1Config):
-                from trainer import stage1
-
-                return stage1.run(spec, config, reporter, world)
-            assert isinstance(config, Stage2Config)
-            from trainer import stage2
-
-            return stage2.run(spec, config, reporter)
+            return get_stage(spec.stage).load_runner()(spec, config, reporter, world)
         except (TrainerError, ConfigError) as exc:
             log.error("%s", exc)
             reporter.event("error", message=str(exc))

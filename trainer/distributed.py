@@ -28,7 +28,6 @@ import os
 import signal
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Iterator
 
 import torch

@@ -17,19 +17,6 @@ PROBE_MAX_WORDS = 1500
 PROBE_RESPONSE_S = 0.5  # the part of a window after a word onset that the probe looks at
 
 
-@torch.no_grad()
-def embed_windows(encoder: MultiViewEncoder, x: np.ndarray, mask: np.ndarray, batch: int = 64,
-                  device: torch.device | str = "cpu") -> np.ndarray:
-    """``encoder.embed`` over many windows in batches; returns ``(n, P, D)`` float32."""
-    encoder.eval()
-    out = []
-    for i in range(0, len(x), batch):
-        xb = torch.from_numpy(np.ascontiguousarray(x[i:i + batch])).to(device)
-        mb = torch.from_numpy(np.ascontiguousarray(mask[i:i + batch])).to(device)
-        out.append(encoder.embed(xb, mb).float().cpu().numpy())
-    return np.concatenate(out) if out else np.zeros((0, encoder.config.n_patches, encoder.config.d_model), np.float32)
-
-
 def word_probe_data(recordings: list[Recording], config: EncoderConfig, max_words: int = PROBE_MAX_WORDS
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Windows starting at word onsets, their word labels and sentence groups.
@@ -85,11 +72,6 @@ def _ridge_predict(x_train: np.ndarray, y_train: np.ndarray, x_eval: np.ndarray,
     gram = (x_train @ x_train.T).astype(np.float64)
     alpha = np.linalg.solve(gram + ridge * np.eye(n), y_train)
     return (x_eval @ x_train.T).astype(np.float64) @ alpha
-
-
-def ridge_probe_accuracy(features: np.ndarray, labels: np.ndarray, groups: np.ndarray | None = None) -> float:
-    """Held-out accuracy of a ridge-regression classifier (one-hot targets); see :func:`ridge_probe_hits`."""
-    return float(ridge_probe_hits(features, labels, groups).mean())
 
 
 def ridge_probe_hits(features: np.ndarray, labels: np.ndarray, groups: np.ndarray | None = None) -> np.ndarray:
@@ -183,7 +165,7 @@ def probe_features(encoder: MultiViewEncoder, x: np.ndarray, mask: np.ndarray, n
 
 @dataclass
 class ProbeRun:
-    """A word probe halfway: the inputs, and the trained encoder's features (see :func:`word_probe`)."""
+    """A word probe halfway: the inputs, and the trained encoder's features (see :func:`word_probe_start`)."""
 
     config: EncoderConfig
     x: np.ndarray
@@ -197,10 +179,15 @@ class ProbeRun:
 
 def word_probe_start(encoder: MultiViewEncoder, recordings: list[Recording], device: torch.device | str = "cpu",
                      max_words: int = PROBE_MAX_WORDS, batch: int = 64) -> ProbeRun | None:
-    """First half of :func:`word_probe`: the trained encoder's features. ``None`` without words.
+    """Linear-probe word identity from frozen token states of word-onset windows, first half:
+    the trained encoder's features. ``None`` if fewer than 20 usable word annotations exist.
 
-    Splitting the probe lets Stage 1 release the trained encoder before
-    :func:`word_probe_finish` builds the random-init one, so two encoders never coexist.
+    The features are the per-channel states of the patches covering the first half second after
+    the onset (:func:`probe_features`). :func:`word_probe_finish` runs the same probe on a
+    randomly initialised encoder of the same architecture and on the raw signal of that half
+    second, so the trained number can be read against both: an encoder whose training helps
+    scores above its random init. Splitting the probe lets Stage 1 release the trained encoder
+    before :func:`word_probe_finish` builds the random-init one, so two encoders never coexist.
     ``batch`` windows go through an encoder at a time: Stage 1 passes its micro-batch size,
     which it already holds activations for (64 windows of the base preset's 512 tokens would
     need gigabytes of attention scores).
@@ -216,7 +203,19 @@ def word_probe_start(encoder: MultiViewEncoder, recordings: list[Recording], dev
 
 
 def word_probe_finish(run: ProbeRun, device: torch.device | str = "cpu") -> dict[str, float]:
-    """Second half of :func:`word_probe`: the random-init and raw-signal baselines, and the scores."""
+    """Second half of the probe (:func:`word_probe_start`): the random-init and raw-signal
+    baselines, and the scores.
+
+    Returns
+    -------
+    dict
+        ``probe_words`` (``probe_test_words`` of them held out); for the ridge probe
+        (``probe_``) and the nearest-centre probe (``probe_centroid_``, :func:`centroid_probe_hits`):
+        ``..._acc`` (trained), ``..._acc_random_init``, ``..._acc_raw`` (the raw signal),
+        ``..._gain_ci95_low`` / ``..._gain_ci95_high`` (95% paired bootstrap interval of trained
+        minus random-init accuracy, resampling held-out sentences); ``probe_chance`` (share of
+        the most frequent word among the held-out ones).
+    """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(12345)
         random_encoder = MultiViewEncoder(run.config).to(device)
@@ -236,26 +235,3 @@ def word_probe_finish(run: ProbeRun, device: torch.device | str = "cpu") -> dict
     metrics["probe_chance"] = float(np.bincount(run.labels[test]).max() / max(1, test.sum()))
     return metrics
 
-
-def word_probe(encoder: MultiViewEncoder, recordings: list[Recording], device: torch.device | str = "cpu",
-               max_words: int = PROBE_MAX_WORDS) -> dict[str, float] | None:
-    """Linear-probe word identity from frozen token states of word-onset windows.
-
-    The features are the per-channel states of the patches covering the first half second after
-    the onset (:func:`probe_features`). The same probe runs on a randomly initialised encoder of
-    the same architecture and on the raw signal of that half second, so the trained number can
-    be read against both: an encoder whose training helps scores above its random init.
-
-    Returns
-    -------
-    dict or None
-        ``probe_words`` (``probe_test_words`` of them held out); for the ridge probe
-        (``probe_``) and the nearest-centre probe (``probe_centroid_``, :func:`centroid_probe_hits`):
-        ``..._acc`` (trained), ``..._acc_random_init``, ``..._acc_raw`` (the raw signal),
-        ``..._gain_ci95_low`` / ``..._gain_ci95_high`` (95% paired bootstrap interval of trained
-        minus random-init accuracy, resampling held-out sentences); ``probe_chance`` (share of
-        the most frequent word among the held-out ones). ``None`` if fewer than 20 usable word
-        annotations exist.
-    """
-    run = word_probe_start(encoder, recordings, device, max_words)
-    return None if run is None else word_probe_finish(run, device)

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from trainer import export
-from trainer.config import embedding_batch
+from trainer.memory_prediction import embedding_batch
 
 log = logging.getLogger(__name__)
 

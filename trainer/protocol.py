@@ -10,8 +10,8 @@ only, authenticated by the per-job token in the spec:
   inside the job directory; the server hashes it and adds it to the artifact store.
 
 Its exit code tells the server how the run ended (:data:`EXIT_OK`, :data:`EXIT_STOPPED`,
-:data:`EXIT_FAILED`; anything else is a crash). Pydantic only: the server imports this module and
-must not pull in torch.
+:data:`EXIT_FAILED`; anything else is a crash). Pydantic and the torch-free stage registry
+only: the server imports this module and must not pull in torch.
 """
 
 from __future__ import annotations
@@ -19,8 +19,10 @@ from __future__ import annotations
 from enum import Enum
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 from sqlmodel import SQLModel
+
+from trainer.stages import get_stage
 
 EXIT_OK = 0
 """Training reached its configured step count; final artifacts are registered."""
@@ -53,9 +55,9 @@ class JobSpec(BaseModel):
     """Everything a trainer needs to run one job attempt."""
 
     job_id: int
-    stage: Literal["stage1", "stage2"]
+    stage: str = Field(description="A stage of the registry (trainer.stages), e.g. 'stage1'.")
     dataset: str = Field(description="A path on this machine, 'synthetic' or 'synthetic:null'.")
-    config: dict[str, Any] = Field(description="The stage config as POSTed, validated by trainer.config.")
+    config: dict[str, Any] = Field(description="The stage config as POSTed, validated by trainer.stages.parse_config.")
     job_dir: str = Field(description="Directory the trainer owns: checkpoints, caches, log.")
     api_url: str = Field(description="Base URL of the server, e.g. http://127.0.0.1:8000.")
     token: str = Field(description="Bearer token that may report for this job only.")
@@ -64,6 +66,12 @@ class JobSpec(BaseModel):
     resume_from: str | None = Field(None, description="A checkpoint file (an artifact) to start from while the job "
                                                       "directory has no checkpoint of its own.")
     attempt: int = 1
+
+    @field_validator("stage")
+    @classmethod
+    def _registered(cls, stage: str) -> str:
+        get_stage(stage)  # its ConfigError is a ValueError: pydantic reports it as invalid
+        return stage
 
 
 class MemoryFigures(SQLModel):

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
-import time
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +29,7 @@ from trainer.memory import FusedOptimizer
 from trainer.models.multiview import MultiViewEncoder, SSLHead, count_parameters, random_token_mask
 from trainer.protocol import EXIT_OK, EXIT_STOPPED, ArtifactKind, JobSpec
 from trainer.reporter import Reporter
-from trainer.training import (DataOrder, TrainState, load_training_checkpoint, lr_at, make_optimizer,
+from trainer.training import (DataOrder, TrainingRun, TrainState, load_training_checkpoint, make_optimizer,
                               pick_device, save_training_checkpoint, seed_everything)
 
 log = logging.getLogger(__name__)
@@ -77,7 +76,7 @@ class SSLObjective(nn.Module):
         return loss
 
 
-def run(spec: JobSpec, config: Stage1Config, reporter: Reporter, world: World = World()) -> int:
+def run(spec: JobSpec, config: Stage1Config, reporter: Reporter, world: World) -> int:
     """Train the encoder for ``spec`` as rank ``world.rank``; returns the exit code (OK or STOPPED)."""
     job_dir = Path(spec.job_dir)
     device = pick_device(config.device, world)
@@ -129,36 +128,25 @@ def run(spec: JobSpec, config: Stage1Config, reporter: Reporter, world: World = 
                                   f"delete it or use the preset it was trained with.")
         log.info("resumed from %s at step %d", latest, state.step)
     order = DataOrder(len(train_x), config.seed, state)
-    last_saved = state.step if own else -1
-    checkpoint_path = latest if own else None
     trained = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) \
         if world.distributed else model
 
     def save() -> Path | None:
         if not world.is_main:  # every rank holds the same weights and state: rank 0 writes them
             return None
-        path = save_training_checkpoint(job_dir, model, optimizer, state, {"mask": mask_generator}, metadata)
-        reporter.event("checkpoint", step=state.step, message=str(path.relative_to(job_dir)))
-        return path
+        return save_training_checkpoint(job_dir, model, optimizer, state, {"mask": mask_generator}, metadata)
+
+    # A paused Stage 1 run registers its checkpoint, so that it can be resumed on another machine.
+    training = TrainingRun(job_dir, config, state, reporter, save, resumed=latest if own else None,
+                           publish_paused=True)
 
     # -- loop --------------------------------------------------------------------------------------
-    reporter.update(step=state.step, total=config.steps)
-    reporter.start_heartbeats()
+    training.begin()
     model.train()
     while state.step < config.steps:
-        stop = distributed.agree_on_stop(world, reporter.stop_requested, device)
-        if stop:
-            if last_saved != state.step:
-                checkpoint_path = save()
-            if checkpoint_path is not None and stop == "pause":  # a paused run can be moved elsewhere
-                reporter.register(ArtifactKind.checkpoint, str(checkpoint_path.relative_to(job_dir)))
-            log.info("stopping at step %d (%s requested)", state.step, stop)
+        if training.stopped(distributed.agree_on_stop(world, reporter.stop_requested, device)):
             return EXIT_STOPPED
-        started = time.perf_counter()
-        lr = lr_at(state.step, config)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        optimizer.zero_grad(set_to_none=True)
+        training.start_step(optimizer)
         # Every rank draws the same global batch and masks, then trains on its own slice of them:
         # N processes see exactly the samples one process would.
         batch = order.next(config.batch_size)
@@ -185,14 +173,7 @@ def run(spec: JobSpec, config: Stage1Config, reporter: Reporter, world: World = 
         if not isinstance(optimizer, FusedOptimizer):  # fused: no global norm is taken (see FusedOptimizer)
             nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-        step_loss = distributed.mean_over_ranks(step_loss, world, device)
-        state.step += 1
-        state.record(step_loss)
-        reporter.update(step=state.step, loss=step_loss, lr=lr,
-                        samples_per_s=config.batch_size / max(time.perf_counter() - started, 1e-9))
-        if state.step % config.checkpoint_every == 0 or state.step == config.steps:
-            checkpoint_path = save()
-            last_saved = state.step
+        training.end_step(distributed.mean_over_ranks(step_loss, world, device))
 
     # Training is over for every rank: release DDP (its reducer sits in a reference cycle with the
     # fused optimizer's hooks, so it must be collected before its process group goes) and leave the
@@ -214,12 +195,8 @@ def run(spec: JobSpec, config: Stage1Config, reporter: Reporter, world: World = 
     }
     probe = (word_probe_start(encoder, recordings, device, config.probe_words, batch=config.micro_batch_size)
              if config.probe_words else None)
-    encoder_path = export.save_encoder(encoder, job_dir / FINAL_DIRNAME / ENCODER_FILENAME)
-    reporter.register(ArtifactKind.encoder, str(encoder_path.relative_to(job_dir)))
-    if checkpoint_path is None:
-        checkpoint_path = find_latest_checkpoint(job_dir)
-    if checkpoint_path is not None:
-        reporter.register(ArtifactKind.checkpoint, str(checkpoint_path.relative_to(job_dir)))
+    training.register(ArtifactKind.encoder, export.save_encoder(encoder, job_dir / FINAL_DIRNAME / ENCODER_FILENAME))
+    training.register_checkpoint()
     if probe is not None:
         # The trained weights are saved and no longer needed: release them (the fused
         # optimizer's hooks make a reference cycle, hence the collect) before the probe builds
@@ -227,6 +204,4 @@ def run(spec: JobSpec, config: Stage1Config, reporter: Reporter, world: World = 
         del model, encoder, head, optimizer
         gc.collect()
         metrics.update(word_probe_finish(probe, device))
-    reporter.event("finished", step=state.step, loss=metrics["train_loss"], metrics=metrics)
-    log.info("stage 1 finished: %s", metrics)
-    return EXIT_OK
+    return training.finish(metrics, "stage 1")

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from pathlib import Path
 from typing import Iterator
 
@@ -29,15 +28,15 @@ from trainer.config import EncoderConfig, Stage2Config
 from trainer.data.recordings import Recording, cut, load_dataset
 from trainer.data.text import split_by_text
 from trainer.data.tokenizer import tokenizer_from_json, tokenizer_json, train_tokenizer
-from trainer.distributed import autocast, autocast_dtype
+from trainer.distributed import World, autocast, autocast_dtype
 from trainer.exceptions import CheckpointError, DatasetError, TrainerError
 from trainer.feature_cache import cached_features, feature_statistics
 from trainer.memory import FusedOptimizer
 from trainer.models.bridge import EEGToText, bart_config
-from trainer.protocol import EXIT_OK, EXIT_STOPPED, ArtifactKind, JobSpec
+from trainer.protocol import EXIT_STOPPED, ArtifactKind, JobSpec
 from trainer.reporter import Reporter
 from trainer.text_eval import DECODE_BATCH, evaluate
-from trainer.training import (DataOrder, TrainState, load_training_checkpoint, lr_at, make_optimizer,
+from trainer.training import (DataOrder, TrainingRun, TrainState, load_training_checkpoint, make_optimizer,
                               pick_device, save_training_checkpoint, seed_everything)
 
 log = logging.getLogger(__name__)
@@ -122,10 +121,14 @@ def extend_optimizer(old, model: EEGToText, config: Stage2Config):
     return new
 
 
-def run(spec: JobSpec, config: Stage2Config, reporter: Reporter) -> int:
-    """Train the EEG-to-text model for ``spec``; returns the exit code (OK or STOPPED)."""
+def run(spec: JobSpec, config: Stage2Config, reporter: Reporter, world: World) -> int:
+    """Train the EEG-to-text model for ``spec``; returns the exit code (OK or STOPPED).
+
+    ``world`` is one process: Stage 2 does not train in data parallel (its config refuses
+    ``devices`` above 1).
+    """
     job_dir = Path(spec.job_dir)
-    device = pick_device(config.device)
+    device = pick_device(config.device, world)
     amp_dtype = autocast_dtype(config.precision, device)  # bfloat16 on a GPU that has it, else float32
     if not spec.encoder_path:
         raise TrainerError("Stage 2 needs an encoder: the job spec has no encoder_path.")
@@ -163,15 +166,13 @@ def run(spec: JobSpec, config: Stage2Config, reporter: Reporter) -> int:
         state, _ = load_training_checkpoint(latest, model, optimizer, {})
         log.info("resumed from %s at step %d (phase %d)", latest, state.step, metadata["phase"])
     order = DataOrder(len(index["train"]), config.seed, state)
-    last_saved = state.step if latest is not None else -1
-    checkpoint_path = latest
     log.info("BART %s: %d parameters, vocabulary %d", config.pretrained_dir or config.preset,
              sum(p.numel() for p in model.bart.parameters()), len(tokenizer))
 
     def save() -> Path:
-        path = save_training_checkpoint(job_dir, model, optimizer, state, {}, metadata)
-        reporter.event("checkpoint", step=state.step, message=str(path.relative_to(job_dir)))
-        return path
+        return save_training_checkpoint(job_dir, model, optimizer, state, {}, metadata)
+
+    training = TrainingRun(job_dir, config, state, reporter, save, resumed=latest)
 
     def batch_inputs(rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor | None]:
         if model.encoder is None:
@@ -179,14 +180,10 @@ def run(spec: JobSpec, config: Stage2Config, reporter: Reporter) -> int:
         return torch.from_numpy(x[rows]).to(device), torch.from_numpy(mask[rows]).to(device)
 
     # -- loop -----------------------------------------------------------------------------------------
-    reporter.update(step=state.step, total=config.steps)
-    reporter.start_heartbeats()
+    training.begin()
     model.train()
     while state.step < config.steps:
-        if reporter.stop_requested:
-            if last_saved != state.step:
-                save()
-            log.info("stopping at step %d (%s requested)", state.step, reporter.stop_requested)
+        if training.stopped(reporter.stop_requested):
             return EXIT_STOPPED
         if state.step >= config.frozen_steps and model.encoder is None:
             attach_encoder(model, encoder_path, config, device)
@@ -194,11 +191,7 @@ def run(spec: JobSpec, config: Stage2Config, reporter: Reporter) -> int:
             metadata["phase"] = 2
             reporter.event("log", message=f"phase 2 from step {state.step}: encoder unfrozen")
         fused = isinstance(optimizer, FusedOptimizer)
-        started = time.perf_counter()
-        lr = lr_at(state.step, config)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        optimizer.zero_grad(set_to_none=True)
+        training.start_step(optimizer)
         step_loss = 0.0
         for micro in range(config.accumulation_steps):
             if fused:  # the hooks step the parameters during the last micro-batch's backward
@@ -212,13 +205,7 @@ def run(spec: JobSpec, config: Stage2Config, reporter: Reporter) -> int:
         if not fused:
             nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-        state.step += 1
-        state.record(step_loss)
-        reporter.update(step=state.step, loss=step_loss, lr=lr,
-                        samples_per_s=config.batch_size / max(time.perf_counter() - started, 1e-9))
-        if state.step % config.checkpoint_every == 0 or state.step == config.steps:
-            checkpoint_path = save()
-            last_saved = state.step
+        training.end_step(step_loss)
 
     # -- evaluation: free-running generation on the test split, EEG vs noise vs shuffled EEG ------------
     if isinstance(optimizer, FusedOptimizer):
@@ -257,13 +244,8 @@ def run(spec: JobSpec, config: Stage2Config, reporter: Reporter) -> int:
     model_path = export.save_model(final / MODEL_FILENAME, encoder_path, encoder_config, model,
                                    tokenizer_json(tokenizer))
     report_path = atomic_write_text(final / REPORT_FILENAME, json.dumps(report, indent=2))
-    reporter.register(ArtifactKind.model, str(model_path.relative_to(job_dir)))
-    reporter.register(ArtifactKind.report, str(report_path.relative_to(job_dir)))
-    if checkpoint_path is None:
-        checkpoint_path = find_latest_checkpoint(job_dir)
-    if checkpoint_path is not None:
-        reporter.register(ArtifactKind.checkpoint, str(checkpoint_path.relative_to(job_dir)))
-    reporter.event("finished", step=state.step, loss=metrics["train_loss"], metrics=metrics)
-    log.info("stage 2 finished: %s", metrics)
+    training.register(ArtifactKind.model, model_path)
+    training.register(ArtifactKind.report, report_path)
+    training.register_checkpoint()
     cache.close()
-    return EXIT_OK
+    return training.finish(metrics, "stage 2")

@@ -1,5 +1,6 @@
 """Pieces both stages' training loops share: device, optimizer, LR schedule, data order,
-RNG capture, and the checkpoint round trip of a whole training state.
+RNG capture, the checkpoint round trip of a whole training state, and what happens around each
+step and at the end (:class:`TrainingRun`: reports, checkpoints, stop requests, registration).
 
 The loops themselves live in :mod:`trainer.stage1` and :mod:`trainer.stage2` and read top to
 bottom; what is here is the bookkeeping that must be identical in both for resume to be exact.
@@ -7,11 +8,13 @@ bottom; what is here is the bookkeeping that must be identical in both for resum
 
 from __future__ import annotations
 
+import logging
 import math
 import random
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -21,6 +24,10 @@ from trainer.config import TrainConfigBase
 from trainer.distributed import pick_device  # noqa: F401  (the loops import it from here)
 from trainer.exceptions import TrainerError
 from trainer.memory import FusedOptimizer
+from trainer.protocol import EXIT_OK, ArtifactKind
+from trainer.reporter import Reporter
+
+log = logging.getLogger(__name__)
 
 LOSS_TAIL = 50  # losses kept in the checkpoint so a resumed run can report a smoothed loss
 
@@ -182,3 +189,111 @@ def load_training_checkpoint(path: Path, model: torch.nn.Module, optimizer: torc
     restore_host_rng_state(trainer_state.pop("rng"))
     state = TrainState(**{k: trainer_state[k] for k in ("step", "epoch", "position", "losses")})
     return state, meta
+
+
+# -- around each step, and at the end ---------------------------------------------------------------
+class TrainingRun:
+    """What both loops do around each optimizer step and after the last: the learning rate, the
+    progress report, a checkpoint every ``checkpoint_every`` steps and at the end, a stop request
+    honoured after a checkpoint, and the registration of what the run produced.
+
+    A loop reads::
+
+        training = TrainingRun(job_dir, config, state, reporter, save, resumed=own_checkpoint)
+        training.begin()
+        while state.step < config.steps:
+            if training.stopped(reporter.stop_requested):
+                return EXIT_STOPPED
+            training.start_step(optimizer)
+            ...  # forward, backward, optimizer.step()
+            training.end_step(loss)
+        ...  # evaluation and export; training.register(kind, path) for each file
+        training.register_checkpoint()
+        return training.finish(metrics, "stage 1")
+
+    Parameters
+    ----------
+    job_dir : Path
+        The job's directory; artifacts are registered by their path inside it.
+    config : TrainConfigBase
+        Gives ``steps``, ``checkpoint_every``, ``batch_size`` and the learning-rate schedule.
+    state : TrainState
+        The run's state; :meth:`end_step` advances it.
+    reporter : Reporter
+        Where progress, checkpoint and finished events go.
+    save : callable
+        Writes a checkpoint of the current state and returns its path, or ``None`` on a
+        data-parallel rank that does not write.
+    resumed : Path or None
+        The job's own checkpoint the run resumed from: it counts as saved at ``state.step``.
+        ``None`` for a fresh start, and for a start from another job's checkpoint, which is not
+        this job's to register.
+    publish_paused : bool
+        Register the checkpoint as an artifact when a pause stops the run, so that the paused
+        run can be moved to another machine (a stage whose jobs resume from ``checkpoint_artifact``).
+    """
+
+    def __init__(self, job_dir: Path, config: TrainConfigBase, state: TrainState, reporter: Reporter,
+                 save: Callable[[], Path | None], resumed: Path | None, publish_paused: bool = False) -> None:
+        self.job_dir, self.config, self.state, self.reporter = job_dir, config, state, reporter
+        self._write, self._publish_paused = save, publish_paused
+        self._checkpoint = resumed  # the newest checkpoint of this job's own, if any
+        self._saved_step = state.step if resumed is not None else -1
+        self._lr, self._started = 0.0, 0.0
+
+    def begin(self) -> None:
+        """Report the step the loop starts from (a resumed run's), with heartbeats from here on."""
+        self.reporter.update(step=self.state.step, total=self.config.steps)
+        self.reporter.start_heartbeats()
+
+    def _save(self) -> None:
+        """Write a checkpoint of the current step and report it."""
+        path = self._write()
+        if path is not None:
+            self.reporter.event("checkpoint", step=self.state.step, message=str(path.relative_to(self.job_dir)))
+        self._checkpoint, self._saved_step = path, self.state.step
+
+    def stopped(self, request: str | None) -> bool:
+        """Whether ``request`` (a pause or cancel, or ``None``) ends the loop here; it has then
+        checkpointed the current step, unless that step is saved already."""
+        if not request:
+            return False
+        if self._saved_step != self.state.step:
+            self._save()
+        if self._publish_paused and request == "pause" and self._checkpoint is not None:
+            self.register(ArtifactKind.checkpoint, self._checkpoint)
+        log.info("stopping at step %d (%s requested)", self.state.step, request)
+        return True
+
+    def start_step(self, optimizer: torch.optim.Optimizer | FusedOptimizer) -> None:
+        """Start the step's clock, set its learning rate and clear the gradients."""
+        self._started = time.perf_counter()
+        self._lr = lr_at(self.state.step, self.config)
+        for group in optimizer.param_groups:
+            group["lr"] = self._lr
+        optimizer.zero_grad(set_to_none=True)
+
+    def end_step(self, loss: float) -> None:
+        """Count the step and report it; checkpoint every ``checkpoint_every`` steps and at the last."""
+        self.state.step += 1
+        self.state.record(loss)
+        elapsed = max(time.perf_counter() - self._started, 1e-9)
+        self.reporter.update(step=self.state.step, loss=loss, lr=self._lr, samples_per_s=self.config.batch_size / elapsed)
+        if self.state.step % self.config.checkpoint_every == 0 or self.state.step == self.config.steps:
+            self._save()
+
+    def register(self, kind: ArtifactKind, path: Path) -> None:
+        """Register a file the run wrote in its job directory as an artifact."""
+        self.reporter.register(kind, str(path.relative_to(self.job_dir)))
+
+    def register_checkpoint(self) -> None:
+        """Register the newest checkpoint: the run's own, else the newest the job directory holds."""
+        path = self._checkpoint or ckpt.find_latest_checkpoint(self.job_dir)
+        if path is not None:
+            self.register(ArtifactKind.checkpoint, path)
+
+    def finish(self, metrics: dict[str, Any], label: str) -> int:
+        """Send the ``finished`` event with the final ``metrics``; returns the exit code."""
+        self.reporter.event("finished", step=self.state.step, loss=metrics["train_loss"], metrics=metrics)
+        log.info("%s finished: %s", label, metrics)
+        return EXIT_OK

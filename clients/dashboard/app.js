@@ -31,6 +31,7 @@ const state = {
   jobsEtag: null,
   jobsSignature: null,
   encoderArtifacts: null, // every encoder artifact, imported ones too; read only while that choice is shown
+  stages: null,       // GET api/presets: the server's stage registry, by stage name
   events: [],
   lastEventId: 0,
   timer: null,
@@ -284,10 +285,17 @@ async function loadEncoderArtifacts() {
   renderStage2Sources();
 }
 
+// Jobs of a stage that produces an encoder (any job while the registry is unknown: the server
+// names the stages it expects if the choice is wrong).
+function makesEncoder(job) {
+  const stage = state.stages && state.stages[job.stage];
+  return !state.stages || Boolean(stage && (stage.produces || []).includes("encoder"));
+}
+
 function renderStage2Sources() {
-  const stage1 = state.jobs.filter((j) => j.stage === "stage1" && !["failed", "cancelled"].includes(j.status));
+  const producers = state.jobs.filter((j) => makesEncoder(j) && !["failed", "cancelled"].includes(j.status));
   fillSelect(document.getElementById("stage2-after"),
-    stage1.map((j) => [j.id, `Job ${j.id} · ${j.status} · ${j.dataset}`]), "No Stage 1 jobs yet");
+    producers.map((j) => [j.id, `Job ${j.id} · ${j.status} · ${j.dataset}`]), "No Stage 1 jobs yet");
   const encoders = [];
   const describe = (art) => [art.id, `Artifact ${art.id} · ${art.job_id == null ? "imported" : `job ${art.job_id}`} · ${art.filename}`];
   if (state.encoderArtifacts) {
@@ -698,7 +706,7 @@ async function submitJob(event, stage) {
   // Sent as typed (a number when it parses) so the server's validator gives its own message.
   config.steps = /^-?\d+$/.test(stepsText) ? Number(stepsText) : stepsText;
   const body = { stage, dataset: String(values.get("dataset") || "").trim(), config };
-  if (stage === "stage2") {
+  if (form.elements.source) { // a stage that starts from an encoder: a Stage 1 job or an artifact
     const source = values.get("source");
     const raw = values.get(source);
     if (!raw) {
@@ -723,20 +731,25 @@ async function submitJob(event, stage) {
   }
 }
 
+// Each form names its stage (data-stage); the server's registry gives its title, description,
+// presets and default steps.
 async function loadPresets() {
   try {
     const { data } = await api("api/presets");
-    for (const stage of ["stage1", "stage2"]) {
-      const info = data[stage];
-      if (!info || !info.presets) continue;
-      const select = document.getElementById(`${stage}-preset`);
+    state.stages = data;
+    for (const [stage, info] of Object.entries(data)) {
+      const form = document.querySelector(`form[data-stage="${stage}"]`);
+      if (!form || !info.presets) continue;
+      if (info.title && info.description) form.querySelector("legend").textContent = `${info.title}: ${info.description}`;
+      const select = form.elements.preset;
       fillSelect(select, info.presets.map((p) => [p, p]), "tiny");
       select.value = info.presets.includes("tiny") ? "tiny" : info.presets[0];
       const steps = (info.fields || []).find((f) => f.name === "steps");
-      if (steps && steps.default != null) document.getElementById(`${stage}-steps`).value = steps.default;
+      if (steps && steps.default != null) form.elements.steps.value = steps.default;
     }
+    renderStage2Sources();
   } catch (error) {
-    // The built-in preset lists in index.html still work; the server validates either way.
+    // The built-in forms in index.html still work; the server validates either way.
   }
 }
 
@@ -751,8 +764,10 @@ async function loadLogs() {
 }
 
 function init() {
-  document.getElementById("stage1-form").addEventListener("submit", (e) => submitJob(e, "stage1"));
-  document.getElementById("stage2-form").addEventListener("submit", (e) => submitJob(e, "stage2"));
+  for (const form of document.querySelectorAll("form[data-stage]")) {
+    // Not form.dataset: a form's named fields shadow its properties, and these have a "dataset".
+    form.addEventListener("submit", (e) => submitJob(e, form.getAttribute("data-stage")));
+  }
   for (const radio of document.querySelectorAll('#stage2-form input[name="source"]')) {
     radio.addEventListener("change", () => {
       for (const field of document.querySelectorAll("#stage2-form [data-source]")) {

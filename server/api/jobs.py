@@ -20,8 +20,9 @@ from server.models import (
     ArtifactPublic, Job, JobCreate, JobEvent, JobEventsPublic, JobPublic, JobsPublic, JobStatus,
 )
 from server.storage import StorageError, resolve_inside, sha256_of
-from trainer.config import STAGES
+from trainer.config import ConfigError
 from trainer.protocol import LOG_FILENAME, ArtifactRegistration, EventReply, TrainerEvent
+from trainer.stages import get_stage
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
@@ -61,8 +62,10 @@ def list_jobs(
         query = query.where(Job.status == status)
         count_query = count_query.where(Job.status == status)
     if stage is not None:
-        if stage not in STAGES:
-            raise InvalidInput(f"Invalid stage {stage!r}; expected 'stage1' or 'stage2'.")
+        try:
+            get_stage(stage)
+        except ConfigError as exc:
+            raise InvalidInput(str(exc)) from exc
         query = query.where(Job.stage == stage)
         count_query = count_query.where(Job.stage == stage)
     found = session.exec(query.order_by(Job.id.desc()).limit(limit)).all()

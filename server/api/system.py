@@ -12,7 +12,8 @@ from server import __version__
 from server.db import SessionDep
 from server.gpus import list_gpus
 from server.models import Job, JobStatus
-from trainer.config import BART_PRESETS, EncoderConfig, config_fields
+from trainer.config import config_fields
+from trainer.stages import STAGES
 
 router = APIRouter(tags=["system"])
 
@@ -43,8 +44,13 @@ def system(session: SessionDep) -> dict:
 
 @router.get("/presets")
 def presets() -> dict:
-    """Preset names and config fields of each stage, for forms and clients."""
+    """Each registered stage (:mod:`trainer.stages`): its presets, config fields, what it is, what
+    a job of it starts from and what it produces; for forms and clients."""
     return {
-        "stage1": {"presets": list(EncoderConfig.PRESETS), "fields": config_fields("stage1")},
-        "stage2": {"presets": list(BART_PRESETS), "fields": config_fields("stage2")},
+        stage.name: {
+            "presets": list(stage.presets), "fields": config_fields(stage.config), "title": stage.title,
+            "description": stage.description, "needs_encoder": stage.needs_encoder, "resumable": stage.resumable,
+            "produces": list(stage.produces),
+        }
+        for stage in STAGES.values()
     }
