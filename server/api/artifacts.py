@@ -42,10 +42,13 @@ from server.artifacts import add_artifact, check_filename, check_sha256, check_s
 from server.db import SessionDep
 from server.exceptions import Conflict, InvalidInput, NotFound, PayloadTooLarge
 from server.models import DB_INT_MAX, Artifact, ArtifactPublic, ArtifactsPublic
-from server.uploads import UploadSession, UploadStore, write_stream
+from server.uploads import UploadSession, UploadStore, raise_if_disk_full, write_stream
 from trainer.protocol import ArtifactKind
 
 router = APIRouter(prefix="/artifacts", tags=["artifacts"])
+
+# check_sha256 accepts either case and lower-cases it.
+SHA256_PATTERN = r"^[0-9a-fA-F]{64}$"
 
 BINARY_BODY = {"requestBody": {"required": True, "content": {
     "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}}
@@ -158,10 +161,16 @@ def create_upload(body: UploadCreate, settings: SettingsDep, request: Request) -
 
 
 @router.get("/uploads", response_model=UploadsPublic)
-def list_uploads(request: Request, sha256: str | None = None) -> UploadsPublic:
-    """Unfinished uploads, oldest first; ``sha256`` finds the one to resume for a given file."""
-    found = get_uploads(request).list(check_sha256(sha256) if sha256 is not None else None)
-    return UploadsPublic(data=[_public_upload(s) for s in found], count=len(found))
+def list_uploads(
+    request: Request,
+    sha256: Annotated[str | None, Query(pattern=SHA256_PATTERN, description="Only uploads of this file.")] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    offset: Annotated[int, Query(ge=0, le=DB_INT_MAX, description="Uploads to skip (paging).")] = 0,
+) -> UploadsPublic:
+    """Unfinished uploads, oldest first, a page at a time (``count`` is all of them);
+    ``sha256`` finds the one to resume for a given file."""
+    found, count = get_uploads(request).list(check_sha256(sha256) if sha256 is not None else None, limit, offset)
+    return UploadsPublic(data=[_public_upload(s) for s in found], count=count)
 
 
 @router.get("/uploads/{upload_id}", response_model=UploadPublic, responses=ERRORS)
@@ -251,9 +260,10 @@ async def upload_artifact(
     digest = check_sha256(sha256)
     name = check_filename(filename, kind)
     declared = _declared_length(content_length)
+    uploads = get_uploads(request)
     if declared is not None:  # refused before a single byte is read
         check_size(declared, settings.max_upload_bytes)
-    uploads = get_uploads(request)
+        uploads.check_room(declared)
     path = uploads.oneshot_path()
     hasher = hashlib.sha256()
     try:
@@ -268,6 +278,9 @@ async def upload_artifact(
                                    "nothing was stored.") from None
         sha, size = await verify(path, kind, digest, declared, received=(hasher.hexdigest(), received))
         return await run_in_threadpool(add_artifact, session, store, path, kind, name, sha, size, move=True)
+    except OSError as exc:  # a full disk is the server's condition (507), not a crash
+        raise_if_disk_full(exc, "uploaded file")
+        raise
     finally:
         path.unlink(missing_ok=True)
 
