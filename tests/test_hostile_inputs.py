@@ -218,3 +218,11 @@ def test_a_one_shot_upload_on_a_full_disk_is_a_507(tmp_path: Path, encoder_file:
     finally:
         server.stop()
         subprocess.run(["umount", "-l", str(artifacts)], capture_output=True)
+
+
+def test_log_every_s_below_its_floor_is_a_422(shared_server: RunningServer) -> None:
+    with shared_server.client() as client:
+        count = client.get("/api/jobs").json()["count"]
+        response = client.post("/api/jobs", json={"stage": "stage1", "config": {"preset": "tiny", "log_every_s": 0.001}})
+        assert_refused(response, 422, "log_every_s 0.001", "at least 0.2")
+        assert client.get("/api/jobs").json()["count"] == count
