@@ -11,6 +11,7 @@ from pydantic import field_validator
 from sqlmodel import Field, SQLModel
 
 from trainer.protocol import MEMORY_FIGURES, PEAK_FIGURES, ArtifactKind, MemoryFigures, merge_memory
+from trainer.stages import STAGES
 
 
 def utcnow() -> datetime:
@@ -72,7 +73,8 @@ MAX_NAME_BYTES = 255
 class JobCreate(SQLModel):
     """Body of ``POST /api/jobs``."""
 
-    stage: str = Field(description="'stage1' or 'stage2'.", max_length=64)
+    # The enum documents the registry's names; parse_config refuses others with its own message.
+    stage: str = Field(description="'stage1' or 'stage2'.", schema_extra={"json_schema_extra": {"enum": list(STAGES)}})
     dataset: str = Field("synthetic", max_length=MAX_PATH_BYTES,
                          description="A path on the server, 'synthetic' or 'synthetic:null'.")
     config: dict[str, Any] = Field(default_factory=dict, description="Stage config: preset, steps, ...")

@@ -257,16 +257,22 @@ def test_upload_limit_and_expiry_of_abandoned_uploads(tmp_path: Path, encoder_fi
         server.stop()
 
 
-def declaring(path: Path, **changes: object) -> bytes:
-    """The encoder file's bytes, its tensors unchanged, its declared config changed by ``changes``."""
+def with_encoder_config(path: Path, encoder_config: object) -> bytes:
+    """The encoder file's bytes with its tensors unchanged and another declared ``encoder_config``."""
     from trainer.artifact_format import encode_header, read_header
 
     header = read_header(path)
     tensors = sorted(header.tensors.items(), key=lambda item: item[1].begin)
-    config = {**json.loads(header.metadata["encoder_config"]), **changes}
     prefix = encode_header([(name, t.dtype, t.shape) for name, t in tensors],
-                           {**header.metadata, "encoder_config": json.dumps(config)})
+                           {**header.metadata, "encoder_config": json.dumps(encoder_config)})
     return prefix + path.read_bytes()[header.data_offset:]
+
+
+def declaring(path: Path, **changes: object) -> bytes:
+    """The encoder file's bytes, its declared config changed by ``changes``."""
+    from trainer.artifact_format import read_header
+
+    return with_encoder_config(path, {**json.loads(read_header(path).metadata["encoder_config"]), **changes})
 
 
 def test_a_small_file_declaring_a_huge_encoder_is_refused_within_seconds(shared_server: RunningServer,

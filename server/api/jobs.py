@@ -22,7 +22,7 @@ from server.models import (
 from server.storage import StorageError, resolve_inside, sha256_of
 from trainer.config import ConfigError
 from trainer.protocol import LOG_FILENAME, ArtifactRegistration, EventReply, TrainerEvent
-from trainer.stages import get_stage
+from trainer.stages import STAGES, get_stage
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
@@ -52,7 +52,7 @@ def list_jobs(
     session: SessionDep,
     response: Response,
     status: JobStatus | None = None,
-    stage: str | None = None,
+    stage: Annotated[str | None, Query(json_schema_extra={"enum": list(STAGES)})] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 200,
     if_none_match: Annotated[str | None, Header()] = None,
 ):
