@@ -7,8 +7,12 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
+from fastapi.routing import APIRoute
+from pydantic import BaseModel
+from starlette.routing import Match
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 from sqlmodel import Session, func, select
@@ -41,8 +45,28 @@ DEMO_CONFIGS = {
 }
 
 
+class ErrorMessage(BaseModel):
+    """Every error this API sends: one sentence naming the problem, or FastAPI's list of field
+    errors for a request that fails validation."""
+
+    detail: str | list[dict[str, Any]]
+
+
+# Documented on every operation, so that a client (and schemathesis) knows each error's shape.
+# The schema is inline (not a model) so that it stays JSON on routes whose success is text.
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    code: {"description": text, "content": {"application/json": {"schema": ErrorMessage.model_json_schema()}}}
+    for code, text in {
+        400: "Malformed header (Range, Content-Length)", 401: "Token missing or wrong", 404: "No such job, artifact or upload",
+        409: "The request does not fit the resource's state", 413: "Body over the request or upload limit",
+        422: "Invalid value: the detail names it and what is allowed", 507: "Not enough free disk on the server",
+    }.items()}
+# A request HTTP itself cannot parse (a malformed Content-Length) is refused by uvicorn, in text.
+ERROR_RESPONSES[400]["content"]["text/plain"] = {"schema": {"type": "string"}}
+
+
 def api_router() -> APIRouter:
-    router = APIRouter(prefix="/api")
+    router = APIRouter(prefix="/api", responses=ERROR_RESPONSES)
     router.include_router(system.router)
     router.include_router(jobs.router)
     router.include_router(artifacts.router)
@@ -96,6 +120,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.exception_handler(NeuroLensServerError)
     async def _known_error(_request: Request, exc: NeuroLensServerError) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=exc.status_code)
+
+    @app.exception_handler(405)
+    async def _method_not_allowed(request: Request, _exc: Exception) -> JSONResponse:
+        # Starlette's Allow names the methods of the first route on the path only; a path such
+        # as /api/jobs has one route per method.
+        allowed = sorted({method for route in app.router.routes if isinstance(route, APIRoute)
+                          and route.matches(request.scope)[0] == Match.PARTIAL for method in route.methods})
+        return JSONResponse({"detail": f"Method {request.method} not allowed here; use {', '.join(allowed)}."},
+                            status_code=405, headers={"Allow": ", ".join(allowed)})
 
     app.add_middleware(RequestLimitMiddleware, max_bytes=settings.max_request_bytes)
     app.add_middleware(TokenMiddleware, token=settings.token)

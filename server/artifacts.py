@@ -19,11 +19,13 @@ An upload becomes an artifact only after three checks pass:
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import re
 import subprocess
 import sys
+import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 from sqlmodel import Session
@@ -33,11 +35,21 @@ from server import jobs as job_rules
 from server.exceptions import InvalidArtifactFile, InvalidInput, PayloadTooLarge, ValidatorCrashed
 from server.models import Artifact, ArtifactPublic, Job
 from server.storage import ArtifactStore, sha256_of
-from trainer.artifact_format import DEFAULT_FILENAMES, ArtifactFormatError, read_header
+from trainer.artifact_format import (
+    DEFAULT_FILENAMES, ArtifactFormatError, check_declared_size, declared_configs, parse_json, read_header,
+)
 from trainer.protocol import ArtifactKind
 
 # A report is read whole to parse it; real ones are a few KB.
 MAX_REPORT_BYTES = 64 * 1024 * 1024
+# A validator imports torch (and transformers for BART) and builds the declared modules on the
+# meta device: about 415 MB peak RSS for any encoder, 450 MB with transformers (measured on
+# CPU, torch 2.13, see docs/notes/security.md), rounded up. Its time grows with the declared
+# size, bounded by the config's limits; the base covers importing torch on a slow laptop.
+VALIDATOR_PEAK_BYTES = {ArtifactKind.encoder: 512 * 1024**2, ArtifactKind.checkpoint: 768 * 1024**2,
+                        ArtifactKind.model: 768 * 1024**2}
+VALIDATE_BASE_TIMEOUT_S = 60.0
+VALIDATE_S_PER_PARAMETER = 1e-7  # 1 s per 10M declared parameters
 VALIDATE_TIMEOUT_S = 300.0
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -125,23 +137,79 @@ def check_report(path: Path) -> None:
     if size > MAX_REPORT_BYTES:
         raise InvalidArtifactFile(f"A report is a JSON file of at most {MAX_REPORT_BYTES} bytes; this one has {size}.")
     try:
-        report = json.loads(path.read_bytes())
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise InvalidArtifactFile(f"A report must be a JSON object; this file is not valid JSON ({exc}).") from exc
+        report = parse_json(path.read_bytes(), "A report must be a JSON object; this file")
+    except ArtifactFormatError as exc:
+        raise InvalidArtifactFile(str(exc)) from exc
     if not isinstance(report, dict):
         raise InvalidArtifactFile("A report must be a JSON object.")
 
 
-def check_header(path: Path, kind: ArtifactKind) -> None:
-    """The file's safetensors header is whole and names ``kind``'s format."""
+def check_header(path: Path, kind: ArtifactKind) -> int:
+    """Check what can be checked without torch; return the parameters the file's configs declare.
+
+    The safetensors header must be whole and name ``kind``'s format, and its declared configs
+    must pass the job-config rules and fit the file's size, so that no validator ever builds a
+    model from a config a job could not have.
+    """
     try:
-        read_header(path).require_format(kind)
+        header = read_header(path)
+        header.require_format(kind)
+        check_declared_size(header)
+        encoder, bart = declared_configs(header)
     except ArtifactFormatError as exc:
-        raise InvalidArtifactFile(str(exc)) from exc
+        raise InvalidArtifactFile(f"Invalid {kind.value} file: {exc}") from exc
+    return encoder.approx_parameters() + (bart.approx_parameters() if bart is not None else 0)
 
 
-async def run_validator(kind: ArtifactKind, path: Path) -> None:
-    """Compare the tensors with the declared config in ``python -m trainer.validate``."""
+class ValidatorGate:
+    """Lets one validator run at a time and tells admission what it may take.
+
+    Validators queue on an asyncio lock in the server's event loop; the scheduler's thread
+    reads :attr:`reserved_bytes` (the running one's predicted peak) and counts it like a
+    running job's prediction, so a validation never pushes a training into the OOM killer.
+    One per process: validators share the machine's memory whatever app they serve.
+    """
+
+    def __init__(self) -> None:
+        self._turn: asyncio.Lock | None = None
+        self._reserved = 0
+        self._guard = threading.Lock()
+
+    @property
+    def reserved_bytes(self) -> int:
+        with self._guard:
+            return self._reserved
+
+    @asynccontextmanager
+    async def turn(self, predicted_bytes: int) -> AsyncIterator[None]:
+        if self._turn is None:
+            self._turn = asyncio.Lock()
+        async with self._turn:
+            with self._guard:
+                self._reserved = predicted_bytes
+            try:
+                yield
+            finally:
+                with self._guard:
+                    self._reserved = 0
+
+
+VALIDATORS = ValidatorGate()
+
+
+def validate_timeout_s(declared_parameters: int) -> float:
+    """Seconds a validator may take: a base plus a share of the declared size, at most 300."""
+    return min(VALIDATE_BASE_TIMEOUT_S + declared_parameters * VALIDATE_S_PER_PARAMETER, VALIDATE_TIMEOUT_S)
+
+
+async def run_validator(kind: ArtifactKind, path: Path, declared_parameters: int = 0) -> None:
+    """Compare the tensors with the declared config in ``python -m trainer.validate``, one
+    validator at a time (later ones wait their turn) and within :func:`validate_timeout_s`."""
+    async with VALIDATORS.turn(VALIDATOR_PEAK_BYTES[kind]):
+        await _run_validator(kind, path, validate_timeout_s(declared_parameters))
+
+
+async def _run_validator(kind: ArtifactKind, path: Path, timeout_s: float) -> None:
     from server.executors.local import SOURCE_ROOT
 
     env = dict(os.environ)
@@ -150,11 +218,15 @@ async def run_validator(kind: ArtifactKind, path: Path) -> None:
         sys.executable, "-m", "trainer.validate", kind.value, str(path),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=str(SOURCE_ROOT))
     try:
-        stdout, stderr = await asyncio.wait_for(process.communicate(), VALIDATE_TIMEOUT_S)
+        stdout, stderr = await asyncio.wait_for(process.communicate(), timeout_s)
     except asyncio.TimeoutError:
         process.kill()
         await process.wait()
-        raise ValidatorCrashed(f"Checking the {kind.value} file took longer than {VALIDATE_TIMEOUT_S:g} s.") from None
+        raise ValidatorCrashed(f"Checking the {kind.value} file took longer than {timeout_s:g} s.") from None
+    except asyncio.CancelledError:  # the client went away: the checker must not outlive the request
+        process.kill()
+        await process.wait()
+        raise
     lines = stderr.decode(errors="replace").strip().splitlines()
     if process.returncode == 2 and lines:
         raise InvalidArtifactFile(f"Invalid {kind.value} file: {lines[-1]}")
@@ -185,6 +257,6 @@ async def verify(path: Path, kind: ArtifactKind, sha256: str, size: int | None,
     if kind == ArtifactKind.report:
         await run_in_threadpool(check_report, path)
         return actual_sha, actual_size
-    await run_in_threadpool(check_header, path, kind)
-    await run_validator(kind, path)
+    declared = await run_in_threadpool(check_header, path, kind)
+    await run_validator(kind, path, declared)
     return actual_sha, actual_size

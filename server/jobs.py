@@ -16,7 +16,7 @@ import secrets
 from pathlib import Path
 from typing import Any, Callable
 
-from sqlalchemy import func, update
+from sqlalchemy import delete, func, update
 from sqlmodel import Session, select
 
 from server.exceptions import Conflict, InvalidInput, NotFound
@@ -318,11 +318,15 @@ def reattached(session: Session, attempt: Attempt) -> None:
 
 
 def record_event(session: Session, job: Job, attempt: Attempt, event: TrainerEvent, *,
-                 reported_rss_is_ground_truth: bool = False) -> str | None:
+                 reported_rss_is_ground_truth: bool = False,
+                 max_progress_events: int | None = None) -> str | None:
     """Store a trainer report, refresh the job's progress; return the pending stop request.
 
     The trainer's own RSS covers its own process only; where the executor measures the whole
     process tree (``reported_rss_is_ground_truth`` False) that measurement is the one kept.
+    A job sends a progress event every few seconds, for days: past ``max_progress_events``
+    (``None``: no limit) its progress events are thinned (:func:`_thin_progress`), so its log
+    stays bounded; every other kind of event is kept.
     """
     now = utcnow()
     session.add(JobEvent(job_id=job.id, **event.model_dump()))
@@ -356,8 +360,22 @@ def record_event(session: Session, job: Job, attempt: Attempt, event: TrainerEve
     job.eta_s = _eta_seconds(job, attempt, now)
     touch(job)
     session.add_all([job, attempt])
+    if event.kind == "progress" and max_progress_events is not None:
+        session.flush()
+        _thin_progress(session, job.id, max_progress_events)
     session.commit()
     return attempt.stop_request
+
+
+def _thin_progress(session: Session, job_id: int, limit: int) -> None:
+    """Past ``limit``, drop every second progress event but the first and the newest: each
+    thinning halves the older record evenly, recent progress stays whole, and the cost (one
+    count per event, a delete every ``limit / 2`` events) stays small."""
+    progress = (JobEvent.job_id == job_id, JobEvent.kind == "progress")
+    if session.exec(select(func.count()).select_from(JobEvent).where(*progress)).one() <= limit:
+        return
+    ids = session.exec(select(JobEvent.id).where(*progress).order_by(JobEvent.id)).all()
+    session.exec(delete(JobEvent).where(JobEvent.id.in_(ids[1:-1:2])))
 
 
 def _eta_seconds(job: Job, attempt: Attempt, now) -> float | None:

@@ -7,9 +7,11 @@ from enum import Enum
 from typing import Any
 
 from sqlalchemy import JSON, Column, UniqueConstraint
+from pydantic import field_validator
 from sqlmodel import Field, SQLModel
 
 from trainer.protocol import MEMORY_FIGURES, PEAK_FIGURES, ArtifactKind, MemoryFigures, merge_memory
+from trainer.stages import STAGES
 
 
 def utcnow() -> datetime:
@@ -62,11 +64,19 @@ class AttemptOutcome(str, Enum):
 # --- Jobs ---------------------------------------------------------------------------------
 
 
+# Longest path and path component file systems take (Linux's PATH_MAX and NAME_MAX, in bytes):
+# a longer dataset path could only fail with ENAMETOOLONG.
+MAX_PATH_BYTES = 4096
+MAX_NAME_BYTES = 255
+
+
 class JobCreate(SQLModel):
     """Body of ``POST /api/jobs``."""
 
-    stage: str = Field(description="'stage1' or 'stage2'.")
-    dataset: str = Field("synthetic", description="A path on the server, 'synthetic' or 'synthetic:null'.")
+    # The enum documents the registry's names; parse_config refuses others with its own message.
+    stage: str = Field(description="'stage1' or 'stage2'.", schema_extra={"json_schema_extra": {"enum": list(STAGES)}})
+    dataset: str = Field("synthetic", max_length=MAX_PATH_BYTES,
+                         description="A path on the server, 'synthetic' or 'synthetic:null'.")
     config: dict[str, Any] = Field(default_factory=dict, description="Stage config: preset, steps, ...")
     after: int | None = Field(None, ge=1, le=DB_INT_MAX, description="Stage 2: the Stage 1 job whose encoder to start from.")
     encoder_artifact: int | None = Field(None, ge=1, le=DB_INT_MAX, description="Stage 2: an encoder artifact to start from.")
@@ -74,6 +84,18 @@ class JobCreate(SQLModel):
         None, ge=1, le=DB_INT_MAX,
         description="Stage 1: resume from this checkpoint artifact (written by a job of the same preset, on any "
                     "machine, device or number of processes) and train on to this job's steps.")
+
+    @field_validator("dataset")
+    @classmethod
+    def _fits_a_file_system(cls, dataset: str) -> str:
+        if len(dataset.encode("utf-8", "surrogatepass")) > MAX_PATH_BYTES:
+            raise ValueError(f"dataset path is longer than {MAX_PATH_BYTES} bytes")
+        for part in dataset.replace("\\", "/").split("/"):
+            size = len(part.encode("utf-8", "surrogatepass"))
+            if size > MAX_NAME_BYTES:
+                raise ValueError(f"dataset path component {part[:40]!r}... is {size} bytes; "
+                                 f"file names are at most {MAX_NAME_BYTES} bytes")
+        return dataset
 
 
 class Job(SQLModel, table=True):

@@ -32,6 +32,7 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
 from server import jobs
+from server.artifacts import VALIDATORS
 from server.executors import make_executor
 from server.executors.base import Exit, Run, last_log_line
 from server.gpus import Gpu, list_gpus
@@ -249,13 +250,15 @@ class Scheduler:
 
     def _fits_in_memory(self, session: Session, job: Job) -> bool:
         """Whether the job's predicted peak fits in free memory and in the budget left, and, for a
-        job that will run on GPUs, whether each of its GPUs has room for its share."""
+        job that will run on GPUs, whether each of its GPUs has room for its share. A running
+        upload validator's predicted peak counts as taken (it may not have allocated yet)."""
+        validating = VALIDATORS.reserved_bytes
         needed = job.predicted_peak_bytes or 0
-        if needed > psutil.virtual_memory().available - self.settings.memory_margin_bytes:
+        if needed + validating > psutil.virtual_memory().available - self.settings.memory_margin_bytes:
             return False
         if self.settings.memory_budget_bytes:
-            committed = session.exec(select(func.coalesce(func.sum(Job.predicted_peak_bytes), 0))
-                                     .where(Job.status == JobStatus.running)).one()
+            committed = validating + session.exec(select(func.coalesce(func.sum(Job.predicted_peak_bytes), 0))
+                                                  .where(Job.status == JobStatus.running)).one()
             if committed + needed > self.settings.memory_budget_bytes:
                 return False
         return self._fits_on_gpus(session, job)

@@ -14,8 +14,15 @@ import secrets
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-# Artifact uploads stream to disk under their own, larger limit (settings.max_upload_bytes).
-UPLOAD_PATH = re.compile(r"^/api/(artifacts|uploads)(/.*)?$")
+# The two bodies that are files, streamed to disk under their own, larger limit
+# (settings.max_upload_bytes): a one-shot upload and a PATCH of an upload session. Every other
+# body (JSON, the upload sessions' own included) is held to the request limit.
+UPLOAD_BODIES = {"POST": re.compile(r"^/api/artifacts/?$"), "PATCH": re.compile(r"^/api/artifacts/uploads/[^/]+/?$")}
+
+
+def is_upload_body(scope: Scope) -> bool:
+    pattern = UPLOAD_BODIES.get(scope["method"])
+    return pattern is not None and pattern.match(scope["path"]) is not None
 # The trainer's endpoints authenticate with the job's own token instead of the server token.
 TRAINER_PATH = re.compile(r"^/api/jobs/\d+/(events|artifacts/register)$")
 SAFE_METHODS = {"GET", "HEAD", "OPTIONS"}
@@ -44,7 +51,7 @@ class RequestLimitMiddleware:
         self.max_bytes = max_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or UPLOAD_PATH.match(scope["path"]):
+        if scope["type"] != "http" or is_upload_body(scope):
             await self.app(scope, receive, send)
             return
         headers = dict(scope["headers"])

@@ -28,6 +28,8 @@ class Settings(BaseSettings):
     upload_expiry_s: float = Field(7 * 24 * 3600.0, gt=0,
                                    description="An unfinished upload untouched this long is deleted.")
     max_request_bytes: int = Field(1024**2, gt=0, description="Largest body accepted by any endpoint but uploads.")
+    max_progress_events: int = Field(2000, ge=10, description="Progress events kept per job; older ones are thinned "
+                                                              "evenly past this, other events are all kept.")
     token: str = Field("", description="Bearer token every mutating request needs; required off loopback.")
     memory_budget_bytes: int = Field(0, ge=0, description="Cap on the predicted peak memory of all running jobs together; 0 means no cap.")
     memory_pause_share: float = Field(0.9, gt=0, le=1, description="A trainer past this share of its memory allowance is checkpointed and paused.")

@@ -23,7 +23,9 @@ import secrets
 import shutil
 import time
 from collections.abc import AsyncIterator
-from dataclasses import asdict, dataclass
+import errno
+import threading
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from server.exceptions import Conflict, InsufficientStorage, NotFound, PayloadTooLarge
@@ -38,6 +40,26 @@ ONESHOT_PREFIX = "oneshot-"
 WRITE_BATCH_BYTES = 1 << 20
 
 _UPLOAD_ID = re.compile(r"^[0-9a-f]{32}$")
+# Open sessions at once; each holds a folder and a promise of disk space.
+MAX_SESSIONS = 1000
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+def raise_if_disk_full(exc: OSError, what: str) -> None:
+    """Answer a full disk with 507 naming what could not be written; other errors are not ours."""
+    if exc.errno in DISK_FULL_ERRNOS:
+        raise InsufficientStorage(f"The server's disk is full: the {what} could not be written. "
+                                  f"Free disk space on the server and try again.") from exc
+
+
+def _last_touched(directory: Path) -> float:
+    """When a session last changed: its data's modification time, else its folder's."""
+    for path in (directory / DATA_FILENAME, directory):
+        try:
+            return path.stat().st_mtime
+        except OSError:
+            continue
+    return 0.0
 
 
 # -- sessions ----------------------------------------------------------------------------------
@@ -61,6 +83,9 @@ class UploadSession:
 class UploadStore:
     """Upload sessions and one-shot temporaries under ``<artifact store>/.uploads``.
 
+    The sessions on disk are read once, at start; after that an in-memory index answers
+    listings, disk reservations and expiry without scanning the folder.
+
     Parameters
     ----------
     artifacts_root : Path
@@ -80,9 +105,24 @@ class UploadStore:
         # Running sha256 of each session whose bytes all arrived while this process ran, with the
         # byte count it has seen; lost on restart, when the file is simply hashed at the end.
         self.hashers: dict[str, tuple[int, "hashlib._Hash"]] = {}
-        # No request is running yet, so any one-shot temporary is a leftover of a crash.
+        # Sync routes run in worker threads: creating, listing and discarding share the index.
+        self._lock = threading.Lock()
+        self._sessions: dict[str, UploadSession] = {}
+        self._touched: dict[str, float] = {}
+        # No request is running yet, so any one-shot temporary or half-made session is a
+        # leftover of a crash.
         for leftover in self.root.glob(f"{ONESHOT_PREFIX}*"):
             leftover.unlink(missing_ok=True)
+        for leftover in self.root.glob(".tmp-*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+        for directory in self.root.iterdir():
+            if _UPLOAD_ID.match(directory.name):
+                try:
+                    session = self.get(directory.name)
+                except NotFound:
+                    continue
+                self._sessions[session.id] = session
+                self._touched[session.id] = _last_touched(directory)
 
     # paths
     def _dir(self, upload_id: str) -> Path:
@@ -93,22 +133,48 @@ class UploadStore:
     def data_path(self, upload_id: str) -> Path:
         return self._dir(upload_id) / DATA_FILENAME
 
+    # disk
+    def reserved_bytes(self) -> int:
+        """Bytes the open sessions have declared but not yet received: promised disk."""
+        with self._lock:
+            return sum(max(s.size_bytes - s.offset, 0) for s in self._sessions.values())
+
+    def check_room(self, size: int) -> None:
+        """Refuse (507) ``size`` more bytes unless they fit beside what open sessions still await."""
+        free = shutil.disk_usage(self.root).free
+        reserved = self.reserved_bytes()
+        if size + reserved > free:
+            promised = f", {reserved} of them promised to unfinished uploads" if reserved else ""
+            raise InsufficientStorage(f"Upload of {size} bytes does not fit: {free} bytes free on the server"
+                                      f"{promised}. Finish or delete uploads (GET /api/artifacts/uploads), "
+                                      f"or free disk space.")
+
     # sessions
     def create(self, kind: ArtifactKind, sha256: str, size: int, filename: str) -> UploadSession:
         self.expire()
-        free = shutil.disk_usage(self.root).free
-        if size > free:
-            raise InsufficientStorage(f"Upload of {size} bytes does not fit: {free} bytes free on the server.")
+        with self._lock:
+            if len(self._sessions) >= MAX_SESSIONS:
+                raise InsufficientStorage(f"{len(self._sessions)} uploads are unfinished, the most this server "
+                                          f"keeps; finish or delete some (GET /api/artifacts/uploads) first.")
+        self.check_room(size)
         session = UploadSession(id=secrets.token_hex(16), kind=kind, sha256=sha256, size_bytes=size,
                                 filename=filename, created_at=time.time())
         directory = self.root / session.id
         tmp = self.root / f".tmp-{session.id}"
-        tmp.mkdir()
-        (tmp / DATA_FILENAME).touch()
-        meta = session.public()
-        meta.pop("offset")
-        (tmp / META_FILENAME).write_text(json.dumps(meta))
-        os.replace(tmp, directory)  # a session is complete (meta and data) or absent
+        try:
+            tmp.mkdir()
+            (tmp / DATA_FILENAME).touch()
+            meta = session.public()
+            meta.pop("offset")
+            (tmp / META_FILENAME).write_text(json.dumps(meta))
+            os.replace(tmp, directory)  # a session is complete (meta and data) or absent
+        except OSError as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise_if_disk_full(exc, f"upload session of {size} bytes")
+            raise
+        with self._lock:
+            self._sessions[session.id] = session
+            self._touched[session.id] = session.created_at
         return session
 
     def get(self, upload_id: str) -> UploadSession:
@@ -122,45 +188,40 @@ class UploadStore:
                              size_bytes=meta["size_bytes"], filename=meta["filename"],
                              created_at=meta["created_at"], offset=offset)
 
-    def list(self, sha256: str | None = None) -> list[UploadSession]:
+    def list(self, sha256: str | None = None, limit: int = 100, offset: int = 0) -> tuple[list[UploadSession], int]:
+        """One page of the open sessions, oldest first, and how many there are in all."""
         self.expire()
-        found = []
-        for directory in self.root.iterdir():
-            if _UPLOAD_ID.match(directory.name):
-                try:
-                    session = self.get(directory.name)
-                except NotFound:
-                    continue
-                if sha256 is None or session.sha256 == sha256:
-                    found.append(session)
-        return sorted(found, key=lambda s: s.created_at)
+        with self._lock:
+            found = sorted((s for s in self._sessions.values() if sha256 is None or s.sha256 == sha256),
+                           key=lambda s: s.created_at)
+        return [replace(s) for s in found[offset:offset + limit]], len(found)
 
     def discard(self, upload_id: str) -> None:
+        with self._lock:
+            self._sessions.pop(upload_id, None)
+            self._touched.pop(upload_id, None)
         self.hashers.pop(upload_id, None)
         shutil.rmtree(self._dir(upload_id), ignore_errors=True)
 
     def expire(self) -> None:
-        """Delete sessions untouched for ``expiry_s``.
+        """Delete sessions untouched for ``expiry_s`` (by the index's times: no folder scan).
 
-        Only session directories are considered: a one-shot temporary belongs to a request in
-        flight (leftovers of a crash are removed at start-up), and a ``.tmp-`` directory exists
-        only inside :meth:`create`.
+        A session receiving bytes is never expired; a one-shot temporary is not a session.
         """
         cutoff = time.time() - self.expiry_s
-        for directory in self.root.iterdir():
-            if not _UPLOAD_ID.match(directory.name) or directory.name in self.busy:
-                continue
-            try:
-                touched = directory.stat().st_mtime
-            except OSError:
-                continue  # removed meanwhile
-            try:
-                touched = max(touched, (directory / DATA_FILENAME).stat().st_mtime)
-            except OSError:
-                pass  # a session without data is judged by its directory's age
-            if touched < cutoff:
-                log.info("removing expired upload %s", directory.name)
-                shutil.rmtree(directory, ignore_errors=True)
+        with self._lock:
+            expired = [upload_id for upload_id, touched in self._touched.items()
+                       if touched < cutoff and upload_id not in self.busy]
+        for upload_id in expired:
+            log.info("removing expired upload %s", upload_id)
+            self.discard(upload_id)
+
+    def _received(self, upload_id: str, offset: int) -> None:
+        """Record in the index that a session now holds ``offset`` bytes."""
+        with self._lock:
+            if upload_id in self._sessions:
+                self._sessions[upload_id].offset = offset
+                self._touched[upload_id] = time.time()
 
     async def append(self, session: UploadSession, offset: int, chunks: AsyncIterator[bytes]) -> int:
         """Write ``chunks`` at ``offset`` (which must be the bytes received so far).
@@ -203,9 +264,21 @@ class UploadStore:
         except PayloadTooLarge:
             hasher = None  # it saw bytes that were cut off again
             raise
+        except OSError as exc:
+            if exc.errno in DISK_FULL_ERRNOS:
+                hasher = None
+                # What this request wrote may be torn; the client resends it from the old offset.
+                with open(path, "r+b") as fh:
+                    fh.truncate(offset)
+            raise_if_disk_full(exc, f"upload {session.id}'s bytes from offset {offset}")
+            raise
         finally:
             if hasher is not None:
                 self.hashers[session.id] = (offset + written, hasher)
+            try:
+                self._received(session.id, path.stat().st_size)
+            except OSError:
+                pass  # discarded meanwhile
             self.busy.discard(session.id)
 
     def received_digest(self, session: UploadSession) -> tuple[str, int] | None:

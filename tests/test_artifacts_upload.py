@@ -255,3 +255,144 @@ def test_upload_limit_and_expiry_of_abandoned_uploads(tmp_path: Path, encoder_fi
             assert not any(p.is_file() for p in (server.data_dir / "artifacts").rglob("*"))
     finally:
         server.stop()
+
+
+def with_encoder_config(path: Path, encoder_config: object) -> bytes:
+    """The encoder file's bytes with its tensors unchanged and another declared ``encoder_config``."""
+    from trainer.artifact_format import encode_header, read_header
+
+    header = read_header(path)
+    tensors = sorted(header.tensors.items(), key=lambda item: item[1].begin)
+    prefix = encode_header([(name, t.dtype, t.shape) for name, t in tensors],
+                           {**header.metadata, "encoder_config": json.dumps(encoder_config)})
+    return prefix + path.read_bytes()[header.data_offset:]
+
+
+def declaring(path: Path, **changes: object) -> bytes:
+    """The encoder file's bytes, its declared config changed by ``changes``."""
+    from trainer.artifact_format import read_header
+
+    return with_encoder_config(path, {**json.loads(read_header(path).metadata["encoder_config"]), **changes})
+
+
+def test_a_small_file_declaring_a_huge_encoder_is_refused_within_seconds(shared_server: RunningServer,
+                                                                         encoder_file: Path) -> None:
+    import psutil
+
+    server_process = psutil.Process(shared_server.process.pid)
+    before = store_snapshot(shared_server)
+    rss_before = server_process.memory_info().rss
+    with shared_server.client() as client:
+        # Beyond the config bounds; within them, but far more than the file's tensors can hold.
+        for changes, message in [({"n_layers": 20000}, "Invalid n_layers 20000; expected a whole number from 1 to 96"),
+                                 ({"n_layers": 96, "d_model": 1024, "d_ff": 4096}, "but its tensors hold only")]:
+            data = declaring(encoder_file, **changes)
+            started = time.monotonic()
+            response = upload(client, data, "encoder", sha256(data))
+            assert time.monotonic() - started < 2.0, changes  # no validator was started
+            assert response.status_code == 422 and message in response.json()["detail"], response.text
+    assert server_process.memory_info().rss - rss_before < 50 * 1024**2
+    assert store_snapshot(shared_server) == before
+
+
+def test_two_validations_at_once_run_one_after_the_other(shared_server: RunningServer, encoder_file: Path) -> None:
+    import threading
+
+    import psutil
+
+    data = encoder_file.read_bytes()
+    server_process = psutil.Process(shared_server.process.pid)
+    seen: set[int] = set()
+    most_at_once = 0
+    done = threading.Event()
+
+    def watch() -> None:
+        nonlocal most_at_once
+        while not done.is_set():
+            validators = [p.pid for p in server_process.children(recursive=True)
+                          if "trainer.validate" in " ".join(_cmdline(p))]
+            seen.update(validators)
+            most_at_once = max(most_at_once, len(validators))
+            time.sleep(0.02)
+
+    def send(name: str, answers: list[int]) -> None:
+        with shared_server.client(timeout=300) as client:
+            answers.append(upload(client, data, "encoder", sha256(data), filename=name).status_code)
+
+    answers: list[int] = []
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    senders = [threading.Thread(target=send, args=(f"twin-{i}.safetensors", answers)) for i in range(2)]
+    for sender in senders:
+        sender.start()
+    for sender in senders:
+        sender.join()
+    done.set()
+    watcher.join()
+    assert answers == [201, 201]
+    assert len(seen) == 2 and most_at_once == 1, (seen, most_at_once)
+
+
+def _cmdline(process) -> list[str]:
+    import psutil
+
+    try:
+        return process.cmdline()
+    except psutil.Error:
+        return []
+
+
+def test_json_bodies_of_upload_routes_are_held_to_the_request_limit(tmp_path: Path, encoder_file: Path) -> None:
+    server = start_server(tmp_path / "data", env={"NEUROLENS_MAX_REQUEST_BYTES": "65536"})
+    try:
+        data = encoder_file.read_bytes()
+        assert len(data) > 65536
+        with server.client() as client:
+            huge = {"kind": "encoder", "sha256": sha256(data), "size_bytes": len(data), "filename": "x" * 100_000}
+            response = client.post("/api/artifacts/uploads", json=huge)
+            assert response.status_code == 413 and "limit of 65536 bytes" in response.json()["detail"]
+            # The two bodies that are files keep the upload limit.
+            assert upload(client, data, "encoder", sha256(data)).status_code == 201
+            created = client.post("/api/artifacts/uploads", json={"kind": "encoder", "sha256": sha256(data),
+                                                                  "size_bytes": len(data)}).json()
+            patched = client.patch(f"/api/artifacts/uploads/{created['id']}", content=data,
+                                   headers={"Upload-Offset": "0"})
+            assert patched.status_code == 200 and patched.json()["offset"] == len(data)
+            assert client.post(f"/api/artifacts/uploads/{created['id']}/complete").status_code == 201
+    finally:
+        server.stop()
+
+
+def test_upload_sessions_reserve_disk_and_are_listed_a_page_at_a_time(tmp_path: Path) -> None:
+    import shutil
+
+    data_dir = tmp_path / "data"
+    server = start_server(data_dir, env={"NEUROLENS_MAX_UPLOAD_BYTES": str(2**60)})
+    try:
+        with server.client() as client:
+            def create(size: int) -> httpx.Response:
+                return client.post("/api/artifacts/uploads", json={"kind": "encoder", "sha256": "a" * 64,
+                                                                   "size_bytes": size})
+
+            share = int(shutil.disk_usage(data_dir).free * 0.6)
+            first = create(share)
+            assert first.status_code == 201, first.text
+            second = create(share)  # fits the disk alone, not beside the first one's promise
+            assert second.status_code == 507 and "promised to unfinished uploads" in second.json()["detail"]
+            assert client.delete(f"/api/artifacts/uploads/{first.json()['id']}").status_code == 204
+            second = create(share)
+            assert second.status_code == 201
+            assert client.delete(f"/api/artifacts/uploads/{second.json()['id']}").status_code == 204
+
+            ids = [create(1000 + i).json()["id"] for i in range(5)]
+            page = client.get("/api/artifacts/uploads", params={"limit": 2}).json()
+            assert page["count"] == 5 and [u["id"] for u in page["data"]] == ids[:2]
+            page = client.get("/api/artifacts/uploads", params={"limit": 2, "offset": 4}).json()
+            assert page["count"] == 5 and [u["id"] for u in page["data"]] == ids[4:]
+            assert client.get("/api/artifacts/uploads", params={"limit": 0}).status_code == 422
+        server.stop()
+        server = start_server(data_dir, env={"NEUROLENS_MAX_UPLOAD_BYTES": str(2**60)})
+        with server.client() as client:  # the index is rebuilt from disk at start
+            assert [u["id"] for u in client.get("/api/artifacts/uploads").json()["data"]] == ids
+    finally:
+        server.stop()

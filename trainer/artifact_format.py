@@ -19,11 +19,13 @@ from __future__ import annotations
 import json
 import math
 import struct
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from trainer.config import BartPreset, ConfigError, EncoderConfig, check_bart_config
 from trainer.protocol import ArtifactKind
 
 ENCODER_FORMAT = "neurolens.encoder/1"
@@ -51,13 +53,33 @@ DTYPE_SIZES = {
     "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
 }
 # safetensors itself refuses headers above 100 MB; a NeuroLens header (tensor table plus JSON
-# configs and a tokenizer) is a few hundred KB.
-MAX_HEADER_BYTES = 100 * 1024 * 1024
+# configs and a tokenizer) is a few hundred KB to a few MB. Parsing a header costs the server
+# several times its size in memory, so a much larger one is refused unread.
+MAX_HEADER_BYTES = 16 * 1024 * 1024
+# A declared config may predict somewhat more parameters than it builds (the counts are
+# approximate); a file whose tensors hold far fewer elements than that cannot match it.
+DECLARED_PARAMETERS_SLACK = 1.5
+DECLARED_PARAMETERS_FLOOR = 1 << 20
 METADATA_KEY = "__metadata__"
 
 
 class ArtifactFormatError(ValueError):
     """A file is not a valid artifact of the kind it should be; the message says what is wrong."""
+
+
+def parse_json(raw: bytes | str, what: str) -> Any:
+    """JSON from an untrusted file, every failure an :class:`ArtifactFormatError` naming ``what``.
+
+    Nesting deeper than the interpreter's recursion limit (about 1000 levels) is refused like
+    any other malformed JSON: no NeuroLens file nests more than a few levels.
+    """
+    try:
+        return json.loads(raw)
+    except RecursionError:
+        raise ArtifactFormatError(f"{what} nests too deeply (more than about {sys.getrecursionlimit()} levels); "
+                                  f"NeuroLens files nest a few levels.") from None
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ArtifactFormatError(f"{what} is not valid JSON ({exc}).") from exc
 
 
 @dataclass(frozen=True)
@@ -109,10 +131,7 @@ class SafetensorsHeader:
         """
         if key not in self.metadata:
             raise ArtifactFormatError(f"metadata has no {key!r}")
-        try:
-            return json.loads(self.metadata[key])
-        except ValueError as exc:
-            raise ArtifactFormatError(f"metadata {key!r} is not valid JSON: {exc}") from exc
+        return parse_json(self.metadata[key], f"metadata {key!r}")
 
     def json_metadata(self) -> dict[str, Any]:
         """Every metadata value but ``format``, decoded from JSON (how checkpoints store theirs)."""
@@ -165,10 +184,7 @@ def read_header(path: Path) -> SafetensorsHeader:
                 f"Not a safetensors file (or truncated): header length {header_len} does not fit "
                 f"in a file of {size} bytes.")
         raw = fh.read(header_len)
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise ArtifactFormatError(f"Not a safetensors file: the header is not valid JSON ({exc}).") from exc
+    header = parse_json(raw, "Not a safetensors file: the header")
     if not isinstance(header, dict):
         raise ArtifactFormatError("Not a safetensors file: the header is not a JSON object.")
     metadata = header.pop(METADATA_KEY, None) or {}
@@ -210,6 +226,47 @@ def _check_tiling(tensors: dict[str, TensorInfo], data_len: int) -> None:
             f"but only {data_len} follow the header.")
     if position < data_len:
         raise ArtifactFormatError(f"Invalid safetensors file: {data_len - position} bytes follow the last tensor.")
+
+
+def declared_configs(header: SafetensorsHeader) -> tuple[EncoderConfig, BartPreset | None]:
+    """The encoder config a file declares, and its BART's size if it has a ``bart_config``.
+
+    Judged by the same rules as a job's config (:mod:`trainer.config`), without torch: the
+    server runs this before any model is built from the file.
+
+    Raises
+    ------
+    ArtifactFormatError
+        A config is missing, not JSON, or out of bounds; the message names the field.
+    """
+    try:
+        encoder = EncoderConfig.from_dict(header.json_field("encoder_config"))
+    except ConfigError as exc:
+        raise ArtifactFormatError(f"invalid encoder_config: {exc}") from exc
+    if "bart_config" not in header.metadata:
+        return encoder, None
+    try:
+        return encoder, check_bart_config(header.json_field("bart_config"))
+    except ConfigError as exc:
+        raise ArtifactFormatError(str(exc)) from exc
+
+
+def check_declared_size(header: SafetensorsHeader) -> None:
+    """Refuse a file whose tensors are far too few for the parameters its configs declare.
+
+    Every artifact holds at least its model's weights (a checkpoint holds optimizer state too),
+    so this costs nothing and stops a small file that declares a huge model before anything
+    builds that model.
+    """
+    encoder, bart = declared_configs(header)
+    # A Stage 2 checkpoint holds the encoder's weights only once phase 2 trains it.
+    holds_encoder = bart is None or header.format != CHECKPOINT_FORMAT or header.metadata.get("phase") == "2"
+    declared = (encoder.approx_parameters() if holds_encoder else 0) + (bart.approx_parameters() if bart else 0)
+    stored = sum(math.prod(t.shape) for t in header.tensors.values())
+    if declared > DECLARED_PARAMETERS_SLACK * stored + DECLARED_PARAMETERS_FLOOR:
+        raise ArtifactFormatError(
+            f"its configs declare about {declared:,} parameters (encoder {encoder.n_layers} layers of width "
+            f"{encoder.d_model}{'' if bart is None else ' plus BART'}), but its tensors hold only {stored:,} values.")
 
 
 def layout_differences(found: Mapping[str, Any], expected: Mapping[str, Any], compared: str,

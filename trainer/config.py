@@ -55,6 +55,20 @@ def _expect_positive(name: str, value: Any, *, integer: bool = True, allow_zero:
         raise ConfigError(f"Invalid {name} {value!r}; it must be at most {MAX_COUNT}.")
 
 
+def _expect_in_range(name: str, value: Any, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ConfigError(f"Invalid {name} {_short(value)}; expected a whole number from {low} to {high}.")
+
+
+def _short(value: Any) -> str:
+    """``repr`` of a value for a message, cut short: declared configs come from untrusted files."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+MIN_LOG_EVERY_S = 0.2
+"""Shortest interval between progress events: each one is a database row and a job update."""
+
 MAX_DEVICES = 64
 """Most data-parallel processes a job may ask for (a sanity bound, not a tested scale)."""
 
@@ -92,7 +106,36 @@ class EncoderConfig:
         "large": dict(channels=CHANNELS_32, d_model=1024, n_layers=21, n_heads=16, d_ff=4096),
     }
 
+    # What a declared config (an uploaded file's, above all) may ask for: well above the large
+    # preset, and small enough that building the modules, even on torch's meta device, costs
+    # seconds and little memory. Each is a field of the dataclass, with its inclusive range.
+    BOUNDS: ClassVar[dict[str, tuple[int, int]]] = {
+        "patch_samples": (1, 4096), "d_model": (1, 8192), "n_layers": (1, 96), "n_heads": (1, 256),
+        "d_ff": (1, 65536),
+    }
+    MAX_CHANNELS: ClassVar[int] = 256
+    MAX_WINDOW_SAMPLES: ClassVar[int] = 1 << 16
+    MAX_TOKENS: ClassVar[int] = 1 << 16
+    """Most (channel, patch) tokens in one window."""
+
     def __post_init__(self) -> None:
+        if not isinstance(self.name, str):
+            raise ConfigError(f"Invalid encoder name {self.name!r}; expected a string.")
+        if (not isinstance(self.channels, tuple) or not 1 <= len(self.channels) <= self.MAX_CHANNELS
+                or not all(isinstance(ch, str) and 0 < len(ch) <= 32 for ch in self.channels)):
+            raise ConfigError(f"Invalid channels {_short(self.channels)}; expected 1 to {self.MAX_CHANNELS} "
+                              f"electrode names (strings of at most 32 characters).")
+        if len(set(self.channels)) != len(self.channels):
+            raise ConfigError(f"Invalid channels {_short(self.channels)}; each electrode may appear once.")
+        for name, (low, high) in self.BOUNDS.items():
+            _expect_in_range(name, getattr(self, name), low, high)
+        _expect_positive("sfreq", self.sfreq, integer=False)
+        _expect_positive("window_s", self.window_s, integer=False)
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
+            raise ConfigError(f"Invalid dropout {self.dropout!r}; expected a number from 0 up to (not including) 1.")
+        if not 1 <= self.window_samples <= self.MAX_WINDOW_SAMPLES:
+            raise ConfigError(f"Invalid window: {self.window_s!r} s at {self.sfreq!r} Hz is {self.window_samples} "
+                              f"samples; expected 1 to {self.MAX_WINDOW_SAMPLES}.")
         if self.d_model % self.n_heads:
             raise ConfigError(f"d_model {self.d_model} must be divisible by n_heads {self.n_heads}.")
         if self.window_samples % self.patch_samples:
@@ -100,6 +143,9 @@ class EncoderConfig:
                 f"window of {self.window_samples} samples is not a whole number of "
                 f"{self.patch_samples}-sample patches."
             )
+        if len(self.channels) * self.n_patches > self.MAX_TOKENS:
+            raise ConfigError(f"Invalid encoder: {len(self.channels)} channels x {self.n_patches} patches is more "
+                              f"than {self.MAX_TOKENS} tokens per window.")
 
     @classmethod
     def from_name(cls, name: str) -> "EncoderConfig":
@@ -107,10 +153,21 @@ class EncoderConfig:
         return cls(name=name, **cls.PRESETS[name])
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "EncoderConfig":
+    def from_dict(cls, data: Any) -> "EncoderConfig":
+        """The config a saved ``encoder_config`` object describes (unknown keys are ignored).
+
+        Raises
+        ------
+        ConfigError
+            ``data`` is not an object, or a value is out of range; the message names it.
+        """
+        if not isinstance(data, dict):
+            raise ConfigError(f"Invalid encoder config {_short(data)}; expected a JSON object of encoder fields.")
         known = {f.name for f in dataclasses.fields(cls)}
         values = {k: v for k, v in data.items() if k in known}
         if "channels" in values:
+            if not isinstance(values["channels"], list | tuple):
+                raise ConfigError(f"Invalid channels {_short(values['channels'])}; expected a list of electrode names.")
             values["channels"] = tuple(values["channels"])
         return cls(**values)
 
@@ -153,6 +210,38 @@ class BartPreset:
         layers = self.encoder_layers + self.decoder_layers * 1.5  # decoder blocks add cross-attention
         per_block = 4 * self.d_model * self.d_model + 2 * self.d_model * self.ffn_dim
         return int(layers * per_block + self.vocab_size * self.d_model)
+
+
+# What a saved ``bart_config`` (a transformers BartConfig as JSON) may declare, checked before
+# transformers builds anything from it: the field, its inclusive range.
+BART_BOUNDS: dict[str, tuple[int, int]] = {
+    "vocab_size": (1, 1_000_000), "d_model": (1, 8192), "encoder_layers": (1, 64), "decoder_layers": (1, 64),
+    "encoder_attention_heads": (1, 256), "decoder_attention_heads": (1, 256), "encoder_ffn_dim": (1, 65536),
+    "decoder_ffn_dim": (1, 65536), "max_position_embeddings": (1, 65536),
+}
+
+
+def check_bart_config(data: Any) -> BartPreset:
+    """The size a saved ``bart_config`` declares, each field within :data:`BART_BOUNDS`.
+
+    Raises
+    ------
+    ConfigError
+        ``data`` is not an object, lacks a field, or a value is out of range.
+    """
+    if not isinstance(data, dict):
+        raise ConfigError(f"Invalid bart_config {_short(data)}; expected a JSON object (a BartConfig).")
+    for name, (low, high) in BART_BOUNDS.items():
+        if name not in data:
+            raise ConfigError(f"Invalid bart_config: it has no {name!r}.")
+        _expect_in_range(f"bart_config {name}", data[name], low, high)
+    for side in ("encoder", "decoder"):
+        if data["d_model"] % data[f"{side}_attention_heads"]:
+            raise ConfigError(f"Invalid bart_config: d_model {data['d_model']} must be divisible by "
+                              f"{side}_attention_heads {data[f'{side}_attention_heads']}.")
+    return BartPreset(d_model=data["d_model"], encoder_layers=data["encoder_layers"],
+                      decoder_layers=data["decoder_layers"], attention_heads=data["encoder_attention_heads"],
+                      ffn_dim=max(data["encoder_ffn_dim"], data["decoder_ffn_dim"]), vocab_size=data["vocab_size"])
 
 
 BART_PRESETS: dict[str, BartPreset] = {
@@ -226,6 +315,9 @@ class TrainConfigBase:
         expect_choice("optimizer", self.optimizer, ("adamw", "adafactor"))
         _expect_positive("checkpoint_every", self.checkpoint_every)
         _expect_positive("log_every_s", self.log_every_s, integer=False)
+        if self.log_every_s < MIN_LOG_EVERY_S:
+            raise ConfigError(f"Invalid log_every_s {self.log_every_s!r}; it must be at least {MIN_LOG_EVERY_S} "
+                              f"(seconds between progress events).")
         _expect_positive("seed", self.seed, allow_zero=True)
         expect_choice("device", self.device, ("auto", "cpu", "cuda"))
         expect_choice("precision", self.precision, ("auto", "float32", "bfloat16"))
@@ -372,6 +464,6 @@ def config_fields(cls: type[TrainConfigBase]) -> list[dict[str, Any]]:
 
 
 __all__ = [
-    "BART_PRESETS", "CHANNELS_32", "CHANNELS_8", "ConfigError", "EncoderConfig", "Stage1Config",
-    "Stage2Config", "TrainConfigBase", "config_fields", "expect_choice",
+    "BART_BOUNDS", "BART_PRESETS", "CHANNELS_32", "CHANNELS_8", "ConfigError", "EncoderConfig", "MIN_LOG_EVERY_S",
+    "Stage1Config", "Stage2Config", "TrainConfigBase", "check_bart_config", "config_fields", "expect_choice",
 ]

@@ -74,6 +74,11 @@ class JobSpec(BaseModel):
         return stage
 
 
+# The largest value an integer column holds (SQLite's INTEGER, PostgreSQL's BIGINT): a reported
+# count past it is refused by validation, not by the database.
+INT64_MAX = 2**63 - 1
+
+
 class MemoryFigures(SQLModel):
     """The memory figures a trainer reports and the server stores, declared once.
 
@@ -82,12 +87,18 @@ class MemoryFigures(SQLModel):
     with ``peak`` in it is a high-water mark (merged by maximum); the others are the value now.
     """
 
-    rss_bytes: int | None = Field(None, description="Resident memory of the trainer's processes now.")
-    peak_rss_bytes: int | None = Field(None, description="Peak resident memory of this attempt's trainer.")
-    gpu_allocated_bytes: int | None = Field(None, description="CUDA memory held by tensors now (rank 0's GPU).")
-    gpu_reserved_bytes: int | None = Field(None, description="CUDA memory held by the caching allocator now.")
-    gpu_peak_allocated_bytes: int | None = Field(None, description="Peak of gpu_allocated_bytes in this attempt.")
-    gpu_peak_reserved_bytes: int | None = Field(None, description="Peak of gpu_reserved_bytes in this attempt.")
+    rss_bytes: int | None = Field(None, ge=0, le=INT64_MAX,
+                                 description="Resident memory of the trainer's processes now.")
+    peak_rss_bytes: int | None = Field(None, ge=0, le=INT64_MAX,
+                                      description="Peak resident memory of this attempt's trainer.")
+    gpu_allocated_bytes: int | None = Field(None, ge=0, le=INT64_MAX,
+                                           description="CUDA memory held by tensors now (rank 0's GPU).")
+    gpu_reserved_bytes: int | None = Field(None, ge=0, le=INT64_MAX,
+                                          description="CUDA memory held by the caching allocator now.")
+    gpu_peak_allocated_bytes: int | None = Field(None, ge=0, le=INT64_MAX,
+                                                description="Peak of gpu_allocated_bytes in this attempt.")
+    gpu_peak_reserved_bytes: int | None = Field(None, ge=0, le=INT64_MAX,
+                                               description="Peak of gpu_reserved_bytes in this attempt.")
 
 
 MEMORY_FIGURES = tuple(MemoryFigures.model_fields)
@@ -109,8 +120,8 @@ class TrainerEvent(MemoryFigures):
     """One report from the trainer. ``progress`` events double as heartbeats."""
 
     kind: Literal["started", "progress", "log", "checkpoint", "finished", "error"] = "progress"
-    step: int | None = None
-    total: int | None = None
+    step: int | None = Field(None, ge=0, le=INT64_MAX)
+    total: int | None = Field(None, ge=0, le=INT64_MAX)
     loss: float | None = None
     lr: float | None = None
     samples_per_s: float | None = None

@@ -23,9 +23,11 @@ from typing import Any
 
 import torch
 
-from trainer.artifact_format import ArtifactFormatError, SafetensorsHeader, layout_differences, read_header
+from trainer.artifact_format import (
+    ArtifactFormatError, SafetensorsHeader, check_declared_size, declared_configs, layout_differences, read_header,
+)
 from trainer.checkpoint import SAFETENSORS_DTYPES
-from trainer.config import ConfigError, EncoderConfig
+from trainer.config import EncoderConfig
 from trainer.protocol import ArtifactKind
 
 EXIT_INVALID = 2
@@ -48,18 +50,17 @@ def expected_layout(module: torch.nn.Module, prefix: str = "") -> Layout:
             for k, v in module.state_dict().items()}
 
 
-def _encoder_config(value: Any) -> EncoderConfig:
-    try:
-        return EncoderConfig.from_dict(value)
-    except (ConfigError, TypeError, ValueError, KeyError) as exc:
-        raise ArtifactFormatError(f"invalid encoder_config: {exc}") from exc
+def _encoder_config(header: SafetensorsHeader) -> EncoderConfig:
+    """The declared encoder config, judged by the job-config rules and checked against the
+    file's size before any module is built (a huge declared model is refused in milliseconds)."""
+    check_declared_size(header)
+    return declared_configs(header)[0]
 
 
 def _bart(config_dict: Any) -> torch.nn.Module:
+    """BART on the meta device; ``config_dict`` has passed :func:`trainer.config.check_bart_config`."""
     from transformers import BartConfig, BartForConditionalGeneration
 
-    if not isinstance(config_dict, dict):
-        raise ArtifactFormatError("bart_config is not a JSON object")
     try:
         config = BartConfig.from_dict(config_dict)
         with torch.device("meta"):
@@ -96,7 +97,7 @@ def validate_encoder(path: Path) -> dict[str, Any]:
     from trainer.models.multiview import MultiViewEncoder
 
     header, found = read_layout(path, ArtifactKind.encoder)
-    config = _encoder_config(header.json_field("encoder_config"))
+    config = _encoder_config(header)
     with torch.device("meta"):
         encoder = MultiViewEncoder(config)
     compare(found, expected_layout(encoder))
@@ -108,7 +109,7 @@ def validate_model(path: Path) -> dict[str, Any]:
     from trainer.models.multiview import MultiViewEncoder
 
     header, found = read_layout(path, ArtifactKind.model)
-    config = _encoder_config(header.json_field("encoder_config"))
+    config = _encoder_config(header)
     bart = _bart(header.json_field("bart_config"))
     if not header.metadata.get("loader", "").strip():
         raise ArtifactFormatError("metadata has no 'loader' (the standalone loader's source)")
@@ -128,7 +129,7 @@ def validate_checkpoint(path: Path) -> dict[str, Any]:
     from trainer.models.multiview import MultiViewEncoder, SSLHead
 
     header, found = read_layout(path, ArtifactKind.checkpoint)
-    config = _encoder_config(header.json_field("encoder_config"))
+    config = _encoder_config(header)
     state = header.json_field("trainer_state")
     if not isinstance(state, dict) or not isinstance(state.get("step"), int):
         raise ArtifactFormatError("metadata 'trainer_state' has no integer 'step'")

@@ -42,10 +42,14 @@ from server.artifacts import add_artifact, check_filename, check_sha256, check_s
 from server.db import SessionDep
 from server.exceptions import Conflict, InvalidInput, NotFound, PayloadTooLarge
 from server.models import DB_INT_MAX, Artifact, ArtifactPublic, ArtifactsPublic
-from server.uploads import UploadSession, UploadStore, write_stream
+from server.uploads import UploadSession, UploadStore, raise_if_disk_full, write_stream
 from trainer.protocol import ArtifactKind
 
 router = APIRouter(prefix="/artifacts", tags=["artifacts"])
+
+# Documented in the schema only: check_sha256 enforces it with a message of our own (and
+# lower-cases the digest).
+SHA256_SCHEMA = {"pattern": r"^[0-9a-fA-F]{64}$"}
 
 BINARY_BODY = {"requestBody": {"required": True, "content": {
     "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}}
@@ -89,8 +93,9 @@ class UploadCreate(BaseModel):
     """Body of ``POST /api/artifacts/uploads``."""
 
     kind: ArtifactKind = Field(description="encoder, checkpoint, model or report.")
-    sha256: str = Field(description="Hex sha256 the complete file must have.")
-    size_bytes: int = Field(description="Length of the complete file in bytes.")
+    sha256: str = Field(description="Hex sha256 the complete file must have.", json_schema_extra=SHA256_SCHEMA)
+    size_bytes: int = Field(ge=0, le=DB_INT_MAX, strict=True, description="Length of the complete file in bytes (at most the "
+                                                              "server's NEUROLENS_MAX_UPLOAD_BYTES).")
     filename: str | None = Field(None, description="Stored file name; defaults to the kind's usual name.")
 
 
@@ -158,10 +163,16 @@ def create_upload(body: UploadCreate, settings: SettingsDep, request: Request) -
 
 
 @router.get("/uploads", response_model=UploadsPublic)
-def list_uploads(request: Request, sha256: str | None = None) -> UploadsPublic:
-    """Unfinished uploads, oldest first; ``sha256`` finds the one to resume for a given file."""
-    found = get_uploads(request).list(check_sha256(sha256) if sha256 is not None else None)
-    return UploadsPublic(data=[_public_upload(s) for s in found], count=len(found))
+def list_uploads(
+    request: Request,
+    sha256: Annotated[str | None, Query(json_schema_extra=SHA256_SCHEMA, description="Only uploads of this file.")] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    offset: Annotated[int, Query(ge=0, le=DB_INT_MAX, description="Uploads to skip (paging).")] = 0,
+) -> UploadsPublic:
+    """Unfinished uploads, oldest first, a page at a time (``count`` is all of them);
+    ``sha256`` finds the one to resume for a given file."""
+    found, count = get_uploads(request).list(check_sha256(sha256) if sha256 is not None else None, limit, offset)
+    return UploadsPublic(data=[_public_upload(s) for s in found], count=count)
 
 
 @router.get("/uploads/{upload_id}", response_model=UploadPublic, responses=ERRORS)
@@ -175,7 +186,7 @@ def read_upload(upload_id: str, request: Request, response: Response) -> UploadP
 @router.patch("/uploads/{upload_id}", response_model=UploadPublic, responses=ERRORS, openapi_extra=BINARY_BODY)
 async def append_upload(
     upload_id: str, request: Request, response: Response,
-    upload_offset: Annotated[int, Header(description="Bytes already received: the session's offset.")],
+    upload_offset: Annotated[int, Header(ge=0, le=DB_INT_MAX, description="Bytes already received: the session's offset.")],
     content_length: Annotated[str | None, Header()] = None,
 ) -> UploadPublic:
     """Append the body at ``Upload-Offset``. Bytes received before a dropped connection are kept."""
@@ -240,7 +251,7 @@ def delete_upload(upload_id: str, request: Request) -> Response:
 async def upload_artifact(
     request: Request, session: SessionDep, store: StoreDep, settings: SettingsDep,
     kind: Annotated[ArtifactKind, Query(description="encoder, checkpoint, model or report.")],
-    sha256: Annotated[str, Query(description="Hex sha256 the file must have.")],
+    sha256: Annotated[str, Query(json_schema_extra=SHA256_SCHEMA, description="Hex sha256 the file must have.")],
     filename: Annotated[str | None, Query(description="Stored file name.")] = None,
     content_length: Annotated[str | None, Header()] = None,
 ) -> ArtifactPublic:
@@ -251,9 +262,10 @@ async def upload_artifact(
     digest = check_sha256(sha256)
     name = check_filename(filename, kind)
     declared = _declared_length(content_length)
+    uploads = get_uploads(request)
     if declared is not None:  # refused before a single byte is read
         check_size(declared, settings.max_upload_bytes)
-    uploads = get_uploads(request)
+        uploads.check_room(declared)
     path = uploads.oneshot_path()
     hasher = hashlib.sha256()
     try:
@@ -268,6 +280,9 @@ async def upload_artifact(
                                    "nothing was stored.") from None
         sha, size = await verify(path, kind, digest, declared, received=(hasher.hexdigest(), received))
         return await run_in_threadpool(add_artifact, session, store, path, kind, name, sha, size, move=True)
+    except OSError as exc:  # a full disk is the server's condition (507), not a crash
+        raise_if_disk_full(exc, "uploaded file")
+        raise
     finally:
         path.unlink(missing_ok=True)
 
@@ -279,7 +294,8 @@ def list_artifacts(
     session: SessionDep,
     job_id: Annotated[int | None, Query(ge=1, le=DB_INT_MAX)] = None,
     kind: ArtifactKind | None = None,
-    sha256: Annotated[str | None, Query(description="Only artifacts with this content.")] = None,
+    sha256: Annotated[str | None, Query(json_schema_extra=SHA256_SCHEMA,
+                                        description="Only artifacts with this content.")] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 500,
 ) -> ArtifactsPublic:
     query = select(Artifact)

@@ -17,12 +17,12 @@ from server.artifacts import add_artifact
 from server.db import SessionDep
 from server.exceptions import InvalidInput, NotFound
 from server.models import (
-    ArtifactPublic, Job, JobCreate, JobEvent, JobEventsPublic, JobPublic, JobsPublic, JobStatus,
+    DB_INT_MAX, ArtifactPublic, Job, JobCreate, JobEvent, JobEventsPublic, JobPublic, JobsPublic, JobStatus,
 )
 from server.storage import StorageError, resolve_inside, sha256_of
 from trainer.config import ConfigError
 from trainer.protocol import LOG_FILENAME, ArtifactRegistration, EventReply, TrainerEvent
-from trainer.stages import get_stage
+from trainer.stages import STAGES, get_stage
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
@@ -52,7 +52,7 @@ def list_jobs(
     session: SessionDep,
     response: Response,
     status: JobStatus | None = None,
-    stage: str | None = None,
+    stage: Annotated[str | None, Query(json_schema_extra={"enum": list(STAGES)})] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 200,
     if_none_match: Annotated[str | None, Header()] = None,
 ):
@@ -114,7 +114,7 @@ def resume_job(job_id: JobId, session: SessionDep, scheduler: SchedulerDep) -> J
 def list_events(
     job_id: JobId,
     session: SessionDep,
-    after_id: Annotated[int, Query(ge=0)] = 0,
+    after_id: Annotated[int, Query(ge=0, le=DB_INT_MAX, description="Only events with a larger id.")] = 0,
     limit: Annotated[int, Query(ge=1, le=5000)] = 500,
 ) -> JobEventsPublic:
     job_rules.get_job(session, job_id)
@@ -142,10 +142,11 @@ def read_logs(job_id: JobId, session: SessionDep, settings: SettingsDep,
 
 @router.post("/{job_id}/events", response_model=EventReply, tags=["trainer"])
 def post_event(event: TrainerEvent, job: TrainerJobDep, attempt: TrainerAttemptDep, session: SessionDep,
-               scheduler: SchedulerDep) -> EventReply:
+               scheduler: SchedulerDep, settings: SettingsDep) -> EventReply:
     """A progress report (also the heartbeat); the reply carries a pending stop request."""
     stop = job_rules.record_event(session, job, attempt, event,
-                                  reported_rss_is_ground_truth=not scheduler.executor.measures_memory)
+                                  reported_rss_is_ground_truth=not scheduler.executor.measures_memory,
+                                  max_progress_events=settings.max_progress_events)
     return EventReply(stop=stop)
 
 
