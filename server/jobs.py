@@ -2,7 +2,7 @@
 
 The API and the scheduler change a job only through the named operations below (create it,
 start an attempt, record an event or a memory sample, ask it to stop, pause it for memory,
-resume it, make it wait, end an attempt). Each one writes the job and its side effects in one
+resume or retry it, make it wait, end an attempt). Each one writes the job and its side effects in one
 transaction. A status change goes through :func:`update_if_status`, which applies only while
 the job still has the status the caller read, so the scheduler never starts a job a user
 cancelled a moment before. What an attempt's end means is decided in :mod:`server.outcomes`.
@@ -405,7 +405,7 @@ def end_attempt(session: Session, job: Job, attempt: Attempt, facts: Facts, max_
     Raises :class:`StaleJob`, having written nothing, if the job is no longer running.
     """
     failures = session.exec(select(func.count()).select_from(Attempt).where(
-        Attempt.job_id == job.id, Attempt.id != attempt.id,
+        Attempt.job_id == job.id, Attempt.id != attempt.id, Attempt.number > job.retry_budget_from,
         Attempt.outcome.in_([o for o in AttemptOutcome if o.spends_retry]))).one()
     decision = decide(facts, config=job.config, job_error=job.error, job_reason=job.reason,
                       attempts=job.attempts, failures=failures, max_attempts=max_attempts)
@@ -494,3 +494,39 @@ def _resume(session: Session, job: Job) -> Job:
     if job.status != JobStatus.paused:
         raise Conflict(f"Job {job.id} is {job.status.value}; only a paused job can be resumed.")
     return update_if_status(session, job, JobStatus.paused, **_status_values(JobStatus.queued))
+
+
+def retry(session: Session, job: Job) -> Job:
+    """Queue a failed or cancelled job again with a fresh retry budget.
+
+    Its trainer resumes from the newest complete checkpoint in the job's directory, as after a
+    crash; its attempts so far stay in its history but no longer count against
+    ``max_attempts``. A Stage 2 job whose Stage 1 job failed is refused until that job is
+    retried; retrying a Stage 1 job also queues the jobs that failed waiting on it (never
+    started), so a pipeline continues with one request.
+    """
+    return _retry_stale(_retry, session, job)
+
+
+def _retry(session: Session, job: Job) -> Job:
+    if job.status not in (JobStatus.failed, JobStatus.cancelled):
+        raise Conflict(f"Job {job.id} is {job.status.value}; only a failed or cancelled job can be retried "
+                       f"(resume a paused one).")
+    after = session.get(Job, job.after_job_id) if job.after_job_id is not None else None
+    if after is not None and after.status in (JobStatus.failed, JobStatus.cancelled):
+        raise Conflict(f"Job {job.id} starts from the encoder of job {after.id}, which is {after.status.value}; "
+                       f"retry job {after.id} first.")
+    # Dependents that failed only because this job did: they never started.
+    waiting = list(session.exec(select(Job).where(Job.after_job_id == job.id, Job.status == JobStatus.failed,
+                                                  Job.attempts == 0)))
+    values = _status_values(JobStatus.queued, error=None, finished_at=None)
+    update_if_status(session, job, job.status, commit=False, retry_budget_from=job.attempts, **values)
+    for dependent in waiting:
+        session.execute(update(Job).where(Job.id == dependent.id, Job.status == JobStatus.failed)
+                        .values(version=Job.version + 1, **values))
+    session.add(JobEvent(job_id=job.id, kind="log", step=job.step,
+                         message=f"retried by a user after {job.attempts} attempts; resumes from the newest "
+                                 f"checkpoint with a fresh retry budget"))
+    session.commit()
+    session.refresh(job)
+    return job

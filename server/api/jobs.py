@@ -110,6 +110,14 @@ def resume_job(job_id: JobId, session: SessionDep, scheduler: SchedulerDep) -> J
     return job_rules.to_public(session, job)
 
 
+@router.post("/{job_id}/retry", response_model=JobPublic)
+def retry_job(job_id: JobId, session: SessionDep, scheduler: SchedulerDep) -> JobPublic:
+    """Queue a failed or cancelled job again: it resumes from its newest checkpoint, with a fresh retry budget."""
+    job = job_rules.retry(session, job_rules.get_job(session, job_id))
+    scheduler.wake()
+    return job_rules.to_public(session, job)
+
+
 @router.get("/{job_id}/events", response_model=JobEventsPublic)
 def list_events(
     job_id: JobId,
