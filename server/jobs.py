@@ -12,11 +12,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import secrets
+import threading
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable
 
 from sqlalchemy import func, update
+from sqlalchemy.exc import OperationalError
 from sqlmodel import Session, select
 
 from server.exceptions import Conflict, InvalidInput, NotFound
@@ -31,6 +35,8 @@ from trainer.protocol import ArtifactKind, TrainerEvent, merge_memory
 from trainer.stages import STAGES, parse_config, stage_names
 
 SYNTHETIC_DATASETS = ("synthetic", "synthetic:null")
+
+log = logging.getLogger("neurolens.jobs")
 
 
 def hash_token(token: str) -> str:
@@ -358,6 +364,91 @@ def record_event(session: Session, job: Job, attempt: Attempt, event: TrainerEve
     session.add_all([job, attempt])
     session.commit()
     return attempt.stop_request
+
+
+class EventBacklog:
+    """Trainer events the database could not take yet, kept in memory until a write lands.
+
+    SQLite on a full disk refuses writes ("database or disk is full") exactly when the trainer
+    reports the disk full. Losing that report left the job running for minutes and then
+    blamed "a signal from outside NeuroLens"; so the report is kept here, the trainer is
+    answered as if it were stored (it can stop at once), reads of the job show the kept error
+    (:meth:`error_of`), and the scheduler writes the backlog before it ends the attempt.
+
+    Progress reports are heartbeats, not history: of those only the newest per job is kept, so
+    a disk that stays full for hours costs a few events of memory, not one per report.
+    """
+
+    MAX_PER_JOB = 64
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._events: dict[int, OrderedDict[int, tuple[int, TrainerEvent]]] = {}
+        self._serial = 0
+
+    def keep(self, job_id: int, attempt_id: int, event: TrainerEvent) -> None:
+        with self._lock:
+            events = self._events.setdefault(job_id, OrderedDict())
+            if event.kind == "progress":
+                for key in [k for k, (_, kept) in events.items() if kept.kind == "progress"]:
+                    del events[key]
+            self._serial += 1
+            events[self._serial] = (attempt_id, event)
+            while len(events) > self.MAX_PER_JOB:
+                events.popitem(last=False)
+
+    def has(self, job_id: int) -> bool:
+        with self._lock:
+            return bool(self._events.get(job_id))
+
+    def error_of(self, job_id: int) -> str | None:
+        """The message of the newest kept ``error`` event of the job, if any."""
+        with self._lock:
+            errors = [e.message for _, e in self._events.get(job_id, {}).values() if e.kind == "error" and e.message]
+        return errors[-1] if errors else None
+
+    def flush(self, session: Session, job_id: int) -> None:
+        """Write the job's kept events, oldest first; raises ``OperationalError`` (keeping what is
+        not written) while the database still cannot write."""
+        while True:
+            with self._lock:
+                events = self._events.get(job_id)
+                if not events:
+                    self._events.pop(job_id, None)
+                    return
+                key, (attempt_id, event) = next(iter(events.items()))
+            job, attempt = session.get(Job, job_id), session.get(Attempt, attempt_id)
+            if job is not None and attempt is not None:
+                if attempt.ended_at is None:
+                    record_event(session, job, attempt, event)
+                else:  # its attempt was closed meanwhile: the story still belongs in the log
+                    session.add(JobEvent(job_id=job_id, **event.model_dump()))
+                    session.commit()
+            with self._lock:
+                self._events.get(job_id, {}).pop(key, None)
+
+    def show(self, public: JobPublic) -> JobPublic:
+        """A job as read, with the error a kept event reports (its row cannot say so yet)."""
+        error = self.error_of(public.id)
+        if error is not None:
+            public.error = error
+        return public
+
+
+def report_event(session: Session, backlog: EventBacklog, job: Job, attempt: Attempt, event: TrainerEvent, *,
+                 reported_rss_is_ground_truth: bool = False) -> str | None:
+    """:func:`record_event` after any events kept in ``backlog``; when the database cannot write,
+    the event joins the backlog and the stop request last read is returned all the same."""
+    stop = attempt.stop_request
+    try:
+        backlog.flush(session, job.id)
+        return record_event(session, job, attempt, event, reported_rss_is_ground_truth=reported_rss_is_ground_truth)
+    except OperationalError as exc:
+        session.rollback()
+        log.warning("job %s: the database cannot store the trainer's %s event (%s); kept in memory until it can",
+                    job.id, event.kind, exc.orig)
+        backlog.keep(job.id, attempt.id, event)
+        return stop
 
 
 def _eta_seconds(job: Job, attempt: Attempt, now) -> float | None:

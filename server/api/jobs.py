@@ -51,6 +51,7 @@ def list_etag_of(found: list[Job], count: int, query: str) -> str:
 def list_jobs(
     session: SessionDep,
     response: Response,
+    scheduler: SchedulerDep,
     status: JobStatus | None = None,
     stage: str | None = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 200,
@@ -72,22 +73,25 @@ def list_jobs(
     count = session.exec(count_query).one()
     # The dashboard polls this every few seconds for hours; an unchanged listing costs one small
     # query and a 304 instead of every job with its artifacts.
-    etag = list_etag_of(found, count, f"{status}|{stage}|{limit}")
+    kept = [job.id for job in found if scheduler.backlog.has(job.id)]
+    etag = list_etag_of(found, count, f"{status}|{stage}|{limit}|{kept}")
     if if_none_match and etag in [tag.strip() for tag in if_none_match.split(",")]:
         return Response(status_code=304, headers={"ETag": etag})
     response.headers["ETag"] = etag
-    return JobsPublic(data=job_rules.to_public_many(session, found), count=count)
+    return JobsPublic(data=[scheduler.backlog.show(job) for job in job_rules.to_public_many(session, found)],
+                      count=count)
 
 
 @router.get("/{job_id}", response_model=JobPublic, responses={304: {"description": "Unchanged since the ETag given"}})
-def read_job(job_id: JobId, session: SessionDep, response: Response,
+def read_job(job_id: JobId, session: SessionDep, response: Response, scheduler: SchedulerDep,
              if_none_match: Annotated[str | None, Header()] = None):
     job = job_rules.get_job(session, job_id)
-    etag = etag_of(job)
+    # Events the database has not taken yet (a full disk) change what the job shows.
+    etag = etag_of(job)[:-1] + ('-kept"' if scheduler.backlog.has(job.id) else '"')
     if if_none_match and etag in [tag.strip() for tag in if_none_match.split(",")]:
         return Response(status_code=304, headers={"ETag": etag})
     response.headers["ETag"] = etag
-    return job_rules.to_public(session, job)
+    return scheduler.backlog.show(job_rules.to_public(session, job))
 
 
 @router.post("/{job_id}/cancel", response_model=JobPublic)
@@ -152,7 +156,7 @@ def read_logs(job_id: JobId, session: SessionDep, settings: SettingsDep,
 def post_event(event: TrainerEvent, job: TrainerJobDep, attempt: TrainerAttemptDep, session: SessionDep,
                scheduler: SchedulerDep) -> EventReply:
     """A progress report (also the heartbeat); the reply carries a pending stop request."""
-    stop = job_rules.record_event(session, job, attempt, event,
+    stop = job_rules.report_event(session, scheduler.backlog, job, attempt, event,
                                   reported_rss_is_ground_truth=not scheduler.executor.measures_memory)
     return EventReply(stop=stop)
 
