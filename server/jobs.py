@@ -14,6 +14,8 @@ import hashlib
 import json
 import logging
 import secrets
+import subprocess
+import sys
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -94,7 +96,13 @@ def encoder_of(session: Session, job_id: int) -> Artifact | None:
     ).first()
 
 
-def validate_dataset(dataset: str) -> str:
+def validate_dataset(dataset: str, roots: tuple[Path, ...] = ()) -> str:
+    """The dataset value to store: a synthetic name, or the resolved path of one that exists.
+
+    With ``roots`` (resolved folders) a path must resolve, symlinks followed, inside one of
+    them; outside, it is refused with the same words whether it exists or not, so the answer
+    tells nothing about the server's files.
+    """
     if not isinstance(dataset, str) or not dataset.strip():
         raise InvalidInput("Invalid dataset ''; expected a path on the server, 'synthetic' or 'synthetic:null'.")
     dataset = dataset.strip()
@@ -102,9 +110,34 @@ def validate_dataset(dataset: str) -> str:
         if dataset not in SYNTHETIC_DATASETS:
             raise InvalidInput(f"Invalid dataset {dataset!r}; expected 'synthetic' or 'synthetic:null'.")
         return dataset
+    if roots and not any(Path(dataset).expanduser().resolve().is_relative_to(root) for root in roots):
+        raise InvalidInput(f"Dataset path {dataset!r} is not inside the server's dataset roots "
+                           f"({', '.join(map(str, roots))}); NEUROLENS_DATASET_ROOTS names the folders allowed.")
     if not Path(dataset).expanduser().exists():
         raise InvalidInput(f"Dataset path {dataset!r} does not exist on the server.")
     return str(Path(dataset).expanduser().resolve())
+
+
+def check_recordings(dataset: str, encoder: EncoderConfig, timeout_s: float) -> None:
+    """Refuse a dataset the trainer could not train on: every recording is opened (headers only)
+    by ``python -m trainer.check_dataset`` in a subprocess with a time limit, so a malformed file
+    can neither hang nor crash the server, and MNE never loads here."""
+    try:
+        result = subprocess.run([sys.executable, "-m", "trainer.check_dataset",
+                                 json.dumps({"dataset": dataset, "channels": list(encoder.channels)})],
+                                capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired as exc:
+        raise InvalidInput(f"Dataset {dataset!r} could not be checked within {timeout_s:g} s (reading the headers "
+                           f"of its recordings); point it at fewer or smaller files.") from exc
+    try:
+        answer = json.loads(result.stdout.strip().splitlines()[-1])
+    except (IndexError, ValueError):
+        answer = {}
+    if "recordings" in answer:
+        return
+    lines = (result.stderr or "").strip().splitlines()
+    raise InvalidInput(answer.get("error") or f"Dataset {dataset!r} could not be checked: the checker exited with "
+                                              f"code {result.returncode}: {lines[-1] if lines else 'no output'}")
 
 
 def check_resume_checkpoint(session: Session, body: JobCreate, config: TrainConfigBase,
@@ -159,19 +192,21 @@ def _encoder_config_of(after: Job | None, artifact: Artifact | None,
 
 
 def create_job(session: Session, body: JobCreate, memory_limit_bytes: int | None = None,
-               artifact_path: Callable[[Artifact], Path] | None = None) -> Job:
+               artifact_path: Callable[[Artifact], Path] | None = None, dataset_roots: tuple[Path, ...] = (),
+               dataset_check_timeout_s: float | None = None) -> Job:
     """Validate a job request and queue it; nothing is written when any part is invalid.
 
     ``memory_limit_bytes`` is the most any one job may ever use here (the memory budget, or the
     machine's RAM): a job predicted to need more could only wait forever, so it is refused.
     ``artifact_path`` locates an artifact's file, so that a Stage 2 job's prediction can read
-    the size of the encoder artifact it names.
+    the size of the encoder artifact it names. ``dataset_roots`` confine dataset paths; with
+    ``dataset_check_timeout_s`` every recording is opened first (:func:`check_recordings`).
     """
     try:
         config = parse_config(body.stage, body.config)
     except ConfigError as exc:
         raise InvalidInput(str(exc)) from exc
-    dataset = validate_dataset(body.dataset)
+    dataset = validate_dataset(body.dataset, dataset_roots)
     stage = STAGES[body.stage]  # parse_config has refused a name the registry lacks
 
     if not stage.needs_encoder and (body.after is not None or body.encoder_artifact is not None):
@@ -213,6 +248,9 @@ def create_job(session: Session, body: JobCreate, memory_limit_bytes: int | None
 
     if body.checkpoint_artifact is not None:
         check_resume_checkpoint(session, body, config, artifact_path)
+    if dataset_check_timeout_s is not None and dataset not in SYNTHETIC_DATASETS:
+        # Last, as the slowest check: a second or so per dataset, to spare a queued job failing hours later.
+        check_recordings(dataset, encoder or config.encoder, dataset_check_timeout_s)
 
     job = Job(
         stage=body.stage,

@@ -36,7 +36,9 @@ def create_job(body: JobCreate, session: SessionDep, scheduler: SchedulerDep, se
                store: StoreDep) -> JobPublic:
     limit = settings.memory_budget_bytes or psutil.virtual_memory().total
     job = job_rules.create_job(session, body, memory_limit_bytes=limit,
-                               artifact_path=lambda artifact: store.path_of(artifact.storage_path))
+                               artifact_path=lambda artifact: store.path_of(artifact.storage_path),
+                               dataset_roots=settings.dataset_root_paths,
+                               dataset_check_timeout_s=settings.dataset_check_timeout_s)
     scheduler.wake()
     return job_rules.to_public(session, job)
 
