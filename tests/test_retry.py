@@ -6,10 +6,14 @@ from __future__ import annotations
 import signal
 import time
 
+import pytest
+
 from tests.conftest import start_server
 from tests.test_faults import JOB, resumed_steps, trainer_processes, wait_for_step
 
 
+@pytest.mark.slow
+@pytest.mark.ci
 def test_a_failed_job_is_retried_from_its_checkpoint_and_keeps_its_history(tmp_path):
     server = start_server(tmp_path / "data", env={"NEUROLENS_MAX_ATTEMPTS": "1"})
     try:
