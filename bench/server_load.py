@@ -5,7 +5,8 @@ submits a tiny Stage 1 job with far more steps than the benchmark needs so that 
 busy the whole time, waits until it runs, then hits ``GET /api/jobs/{id}`` from ``--clients``
 concurrent clients (each its own connection) for ``--seconds``, and the same load against
 ``GET /api/health``. It prints requests/s, p50 and p99 latency of both and their ratio, then
-cancels the job and stops the server and trainer.
+cancels the job and stops the server and trainer. It also reports the largest gap between the
+trainer's progress events while job reads ran: load must not starve the trainer's heartbeat.
 
     .venv/bin/python bench/server_load.py --clients 16 --seconds 20
 """
@@ -147,14 +148,50 @@ def stop_everything(process: subprocess.Popen, base_url: str, job_id: int | None
     psutil.wait_procs(descendants, timeout=5)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--clients", type=int, default=16, help="concurrent clients (default 16)")
-    parser.add_argument("--seconds", type=float, default=20.0, help="seconds of load per endpoint (default 20)")
-    args = parser.parse_args(argv)
-    if args.clients < 1 or args.seconds <= 0:
-        parser.error("--clients must be at least 1 and --seconds greater than 0")
+@dataclass
+class Measurement:
+    job: LoadResult
+    health: LoadResult
+    largest_progress_gap_s: float
+    status: str
+    cpus: int
 
+    def lines(self) -> list[str]:
+        ratio = self.job.rps / self.health.rps if self.health.rps else float("nan")
+        lines = [self.job.line(), self.health.line(),
+                 f"job reads / health: {ratio:.2f}x throughput, "
+                 f"p99 {self.job.percentile_ms(99) / self.health.percentile_ms(99):.2f}x latency",
+                 f"largest gap between the trainer's progress events under job-read load: "
+                 f"{self.largest_progress_gap_s:.2f} s (it reports every {LOG_EVERY_S:g} s)"]
+        if self.status != "running":
+            lines.append(f"warning: the job was {self.status!r}, not running, by the end of the job-read load")
+        return lines
+
+
+# The trainer's report interval: a gap much longer than this under load is the server starving it.
+LOG_EVERY_S = 0.5
+
+
+def largest_progress_gap(base_url: str, job_id: int, start: float, end: float) -> float:
+    """The longest wait between the trainer's consecutive progress events stored in [start, end]
+    (POSIX seconds): how long the load kept the trainer's reports out."""
+    from datetime import datetime
+    stamps, after = [], 0
+    while True:
+        events = httpx.get(f"{base_url}/api/jobs/{job_id}/events", params={"after_id": after, "limit": 5000},
+                           timeout=10).json()["data"]
+        if not events:
+            break
+        after = events[-1]["id"]
+        stamps += [datetime.fromisoformat(e["created_at"].replace("Z", "+00:00")).timestamp()
+                   for e in events if e["kind"] == "progress"]
+    inside = [t for t in stamps if start <= t <= end]
+    edges = [start, *inside, end]
+    return max(b - a for a, b in zip(edges, edges[1:]))
+
+
+def measure(clients: int, seconds: float) -> Measurement:
+    """Start a server and a tiny training, load job reads then /api/health; stop everything."""
     port = free_port()
     base_url = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryDirectory(prefix="neurolens-bench-") as tmp:
@@ -166,35 +203,41 @@ def main(argv: list[str] | None = None) -> int:
                        30, "the server to answer /api/health", process)
             response = httpx.post(f"{base_url}/api/jobs", timeout=10, json={
                 "stage": "stage1", "dataset": "synthetic",
-                "config": {"preset": "tiny", "steps": TRAINER_STEPS, "checkpoint_every": TRAINER_STEPS},
+                "config": {"preset": "tiny", "steps": TRAINER_STEPS, "checkpoint_every": TRAINER_STEPS,
+                           "log_every_s": LOG_EVERY_S},
             })
             response.raise_for_status()
             job_id = response.json()["id"]
             job_url = f"{base_url}/api/jobs/{job_id}"
-            wait_until(lambda: httpx.get(job_url, timeout=5).json()["status"] == "running",
-                       120, f"job {job_id} to start running", process)
-            system = httpx.get(f"{base_url}/api/system", timeout=5).json()
-            print(f"server {base_url}, job {job_id} running; {system['cpu_count']} CPUs; "
-                  f"{args.clients} clients x {args.seconds:g} s per endpoint")
-
-            job_result = asyncio.run(run_load(f"GET /api/jobs/{job_id}", job_url, args.clients, args.seconds))
+            # Running and past its start-up: its progress reports come at their steady rate.
+            wait_until(lambda: httpx.get(job_url, timeout=5).json()["progress"]["step"] > 0,
+                       180, f"job {job_id} to take its first step", process)
+            cpus = httpx.get(f"{base_url}/api/system", timeout=5).json()["cpu_count"]
+            started = time.time()
+            job_result = asyncio.run(run_load(f"GET /api/jobs/{job_id}", job_url, clients, seconds))
+            gap = largest_progress_gap(base_url, job_id, started, time.time())
             status = httpx.get(job_url, timeout=5).json()["status"]
-            health_result = asyncio.run(run_load("GET /api/health", f"{base_url}/api/health",
-                                                 args.clients, args.seconds))
+            health_result = asyncio.run(run_load("GET /api/health", f"{base_url}/api/health", clients, seconds))
         except Exception:
             print(f"--- server log ---\n{log_path.read_text(errors='replace')[-4000:]}", file=sys.stderr)
             raise
         finally:
             stop_everything(process, base_url, job_id)
+    return Measurement(job_result, health_result, gap, status, cpus)
 
-    print(job_result.line())
-    print(health_result.line())
-    if status != "running":
-        print(f"warning: the job was {status!r}, not running, by the end of the job-read load")
-    ratio = job_result.rps / health_result.rps if health_result.rps else float("nan")
-    print(f"job reads / health: {ratio:.2f}x throughput, "
-          f"p99 {job_result.percentile_ms(99) / health_result.percentile_ms(99):.2f}x latency")
-    return 0 if job_result.errors == 0 and health_result.errors == 0 else 1
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", type=int, default=16, help="concurrent clients (default 16)")
+    parser.add_argument("--seconds", type=float, default=20.0, help="seconds of load per endpoint (default 20)")
+    args = parser.parse_args(argv)
+    if args.clients < 1 or args.seconds <= 0:
+        parser.error("--clients must be at least 1 and --seconds greater than 0")
+    print(f"{args.clients} clients x {args.seconds:g} s per endpoint, against a running tiny training")
+    result = measure(args.clients, args.seconds)
+    print(f"{result.cpus} CPUs")
+    print("\n".join(result.lines()))
+    return 0 if result.job.errors == 0 and result.health.errors == 0 else 1
 
 
 if __name__ == "__main__":

@@ -304,6 +304,12 @@ def resume(ctx: typer.Context, job_id: Annotated[int, typer.Argument(help="Job i
     _transition(ctx, job_id, "resume")
 
 
+@app.command()
+def retry(ctx: typer.Context, job_id: Annotated[int, typer.Argument(help="Job id.")]) -> None:
+    """Queue a failed or cancelled job again; it continues from its newest checkpoint with fresh retries."""
+    _transition(ctx, job_id, "retry")
+
+
 # -- artifacts ---------------------------------------------------------------------------------
 
 def _artifact_table(artifacts: list[dict[str, Any]]) -> Table:

@@ -245,6 +245,10 @@ class NeuroLensClient:
         """Put a paused job back in the queue; it continues from its newest checkpoint."""
         return self._json("POST", f"/api/jobs/{job_id}/resume")
 
+    def retry_job(self, job_id: int) -> dict[str, Any]:
+        """Queue a failed or cancelled job again from its newest checkpoint, with a fresh retry budget."""
+        return self._json("POST", f"/api/jobs/{job_id}/retry")
+
     def events(self, job_id: int, *, after_id: int = 0, limit: int = 500) -> list[dict[str, Any]]:
         """Return up to ``limit`` events of a job with ids above ``after_id``, oldest first.
 

@@ -2,7 +2,7 @@
 
 The API and the scheduler change a job only through the named operations below (create it,
 start an attempt, record an event or a memory sample, ask it to stop, pause it for memory,
-resume it, make it wait, end an attempt). Each one writes the job and its side effects in one
+resume or retry it, make it wait, end an attempt). Each one writes the job and its side effects in one
 transaction. A status change goes through :func:`update_if_status`, which applies only while
 the job still has the status the caller read, so the scheduler never starts a job a user
 cancelled a moment before. What an attempt's end means is decided in :mod:`server.outcomes`.
@@ -12,11 +12,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import secrets
+import subprocess
+import sys
+import threading
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable
 
 from sqlalchemy import delete, func, update
+from sqlalchemy.exc import OperationalError
 from sqlmodel import Session, select
 
 from server.exceptions import Conflict, InvalidInput, NotFound
@@ -31,6 +37,8 @@ from trainer.protocol import ArtifactKind, TrainerEvent, merge_memory
 from trainer.stages import STAGES, parse_config, stage_names
 
 SYNTHETIC_DATASETS = ("synthetic", "synthetic:null")
+
+log = logging.getLogger("neurolens.jobs")
 
 
 def hash_token(token: str) -> str:
@@ -88,7 +96,13 @@ def encoder_of(session: Session, job_id: int) -> Artifact | None:
     ).first()
 
 
-def validate_dataset(dataset: str) -> str:
+def validate_dataset(dataset: str, roots: tuple[Path, ...] = ()) -> str:
+    """The dataset value to store: a synthetic name, or the resolved path of one that exists.
+
+    With ``roots`` (resolved folders) a path must resolve, symlinks followed, inside one of
+    them; outside, it is refused with the same words whether it exists or not, so the answer
+    tells nothing about the server's files.
+    """
     if not isinstance(dataset, str) or not dataset.strip():
         raise InvalidInput("Invalid dataset ''; expected a path on the server, 'synthetic' or 'synthetic:null'.")
     dataset = dataset.strip()
@@ -96,9 +110,34 @@ def validate_dataset(dataset: str) -> str:
         if dataset not in SYNTHETIC_DATASETS:
             raise InvalidInput(f"Invalid dataset {dataset!r}; expected 'synthetic' or 'synthetic:null'.")
         return dataset
+    if roots and not any(Path(dataset).expanduser().resolve().is_relative_to(root) for root in roots):
+        raise InvalidInput(f"Dataset path {dataset!r} is not inside the server's dataset roots "
+                           f"({', '.join(map(str, roots))}); NEUROLENS_DATASET_ROOTS names the folders allowed.")
     if not Path(dataset).expanduser().exists():
         raise InvalidInput(f"Dataset path {dataset!r} does not exist on the server.")
     return str(Path(dataset).expanduser().resolve())
+
+
+def check_recordings(dataset: str, encoder: EncoderConfig, timeout_s: float) -> None:
+    """Refuse a dataset the trainer could not train on: every recording is opened (headers only)
+    by ``python -m trainer.check_dataset`` in a subprocess with a time limit, so a malformed file
+    can neither hang nor crash the server, and MNE never loads here."""
+    try:
+        result = subprocess.run([sys.executable, "-m", "trainer.check_dataset",
+                                 json.dumps({"dataset": dataset, "channels": list(encoder.channels)})],
+                                capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired as exc:
+        raise InvalidInput(f"Dataset {dataset!r} could not be checked within {timeout_s:g} s (reading the headers "
+                           f"of its recordings); point it at fewer or smaller files.") from exc
+    try:
+        answer = json.loads(result.stdout.strip().splitlines()[-1])
+    except (IndexError, ValueError):
+        answer = {}
+    if "recordings" in answer:
+        return
+    lines = (result.stderr or "").strip().splitlines()
+    raise InvalidInput(answer.get("error") or f"Dataset {dataset!r} could not be checked: the checker exited with "
+                                              f"code {result.returncode}: {lines[-1] if lines else 'no output'}")
 
 
 def check_resume_checkpoint(session: Session, body: JobCreate, config: TrainConfigBase,
@@ -153,19 +192,21 @@ def _encoder_config_of(after: Job | None, artifact: Artifact | None,
 
 
 def create_job(session: Session, body: JobCreate, memory_limit_bytes: int | None = None,
-               artifact_path: Callable[[Artifact], Path] | None = None) -> Job:
+               artifact_path: Callable[[Artifact], Path] | None = None, dataset_roots: tuple[Path, ...] = (),
+               dataset_check_timeout_s: float | None = None) -> Job:
     """Validate a job request and queue it; nothing is written when any part is invalid.
 
     ``memory_limit_bytes`` is the most any one job may ever use here (the memory budget, or the
     machine's RAM): a job predicted to need more could only wait forever, so it is refused.
     ``artifact_path`` locates an artifact's file, so that a Stage 2 job's prediction can read
-    the size of the encoder artifact it names.
+    the size of the encoder artifact it names. ``dataset_roots`` confine dataset paths; with
+    ``dataset_check_timeout_s`` every recording is opened first (:func:`check_recordings`).
     """
     try:
         config = parse_config(body.stage, body.config)
     except ConfigError as exc:
         raise InvalidInput(str(exc)) from exc
-    dataset = validate_dataset(body.dataset)
+    dataset = validate_dataset(body.dataset, dataset_roots)
     stage = STAGES[body.stage]  # parse_config has refused a name the registry lacks
 
     if not stage.needs_encoder and (body.after is not None or body.encoder_artifact is not None):
@@ -207,6 +248,9 @@ def create_job(session: Session, body: JobCreate, memory_limit_bytes: int | None
 
     if body.checkpoint_artifact is not None:
         check_resume_checkpoint(session, body, config, artifact_path)
+    if dataset_check_timeout_s is not None and dataset not in SYNTHETIC_DATASETS:
+        # Last, as the slowest check: a second or so per dataset, to spare a queued job failing hours later.
+        check_recordings(dataset, encoder or config.encoder, dataset_check_timeout_s)
 
     job = Job(
         stage=body.stage,
@@ -376,6 +420,90 @@ def _thin_progress(session: Session, job_id: int, limit: int) -> None:
         return
     ids = session.exec(select(JobEvent.id).where(*progress).order_by(JobEvent.id)).all()
     session.exec(delete(JobEvent).where(JobEvent.id.in_(ids[1:-1:2])))
+class EventBacklog:
+    """Trainer events the database could not take yet, kept in memory until a write lands.
+
+    SQLite on a full disk refuses writes ("database or disk is full") exactly when the trainer
+    reports the disk full. Losing that report left the job running for minutes and then
+    blamed "a signal from outside NeuroLens"; so the report is kept here, the trainer is
+    answered as if it were stored (it can stop at once), reads of the job show the kept error
+    (:meth:`error_of`), and the scheduler writes the backlog before it ends the attempt.
+
+    Progress reports are heartbeats, not history: of those only the newest per job is kept, so
+    a disk that stays full for hours costs a few events of memory, not one per report.
+    """
+
+    MAX_PER_JOB = 64
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._events: dict[int, OrderedDict[int, tuple[int, TrainerEvent]]] = {}
+        self._serial = 0
+
+    def keep(self, job_id: int, attempt_id: int, event: TrainerEvent) -> None:
+        with self._lock:
+            events = self._events.setdefault(job_id, OrderedDict())
+            if event.kind == "progress":
+                for key in [k for k, (_, kept) in events.items() if kept.kind == "progress"]:
+                    del events[key]
+            self._serial += 1
+            events[self._serial] = (attempt_id, event)
+            while len(events) > self.MAX_PER_JOB:
+                events.popitem(last=False)
+
+    def has(self, job_id: int) -> bool:
+        with self._lock:
+            return bool(self._events.get(job_id))
+
+    def error_of(self, job_id: int) -> str | None:
+        """The message of the newest kept ``error`` event of the job, if any."""
+        with self._lock:
+            errors = [e.message for _, e in self._events.get(job_id, {}).values() if e.kind == "error" and e.message]
+        return errors[-1] if errors else None
+
+    def flush(self, session: Session, job_id: int) -> None:
+        """Write the job's kept events, oldest first; raises ``OperationalError`` (keeping what is
+        not written) while the database still cannot write."""
+        while True:
+            with self._lock:
+                events = self._events.get(job_id)
+                if not events:
+                    self._events.pop(job_id, None)
+                    return
+                key, (attempt_id, event) = next(iter(events.items()))
+            job, attempt = session.get(Job, job_id), session.get(Attempt, attempt_id)
+            if job is not None and attempt is not None:
+                if attempt.ended_at is None:
+                    record_event(session, job, attempt, event)
+                else:  # its attempt was closed meanwhile: the story still belongs in the log
+                    session.add(JobEvent(job_id=job_id, **event.model_dump()))
+                    session.commit()
+            with self._lock:
+                self._events.get(job_id, {}).pop(key, None)
+
+    def show(self, public: JobPublic) -> JobPublic:
+        """A job as read, with the error a kept event reports (its row cannot say so yet)."""
+        error = self.error_of(public.id)
+        if error is not None:
+            public.error = error
+        return public
+
+
+def report_event(session: Session, backlog: EventBacklog, job: Job, attempt: Attempt, event: TrainerEvent, *,
+                 reported_rss_is_ground_truth: bool = False, max_progress_events: int | None = None) -> str | None:
+    """:func:`record_event` after any events kept in ``backlog``; when the database cannot write,
+    the event joins the backlog and the stop request last read is returned all the same."""
+    stop = attempt.stop_request
+    try:
+        backlog.flush(session, job.id)
+        return record_event(session, job, attempt, event, reported_rss_is_ground_truth=reported_rss_is_ground_truth,
+                            max_progress_events=max_progress_events)
+    except OperationalError as exc:
+        session.rollback()
+        log.warning("job %s: the database cannot store the trainer's %s event (%s); kept in memory until it can",
+                    job.id, event.kind, exc.orig)
+        backlog.keep(job.id, attempt.id, event)
+        return stop
 
 
 def _eta_seconds(job: Job, attempt: Attempt, now) -> float | None:
@@ -423,7 +551,7 @@ def end_attempt(session: Session, job: Job, attempt: Attempt, facts: Facts, max_
     Raises :class:`StaleJob`, having written nothing, if the job is no longer running.
     """
     failures = session.exec(select(func.count()).select_from(Attempt).where(
-        Attempt.job_id == job.id, Attempt.id != attempt.id,
+        Attempt.job_id == job.id, Attempt.id != attempt.id, Attempt.number > job.retry_budget_from,
         Attempt.outcome.in_([o for o in AttemptOutcome if o.spends_retry]))).one()
     decision = decide(facts, config=job.config, job_error=job.error, job_reason=job.reason,
                       attempts=job.attempts, failures=failures, max_attempts=max_attempts)
@@ -512,3 +640,39 @@ def _resume(session: Session, job: Job) -> Job:
     if job.status != JobStatus.paused:
         raise Conflict(f"Job {job.id} is {job.status.value}; only a paused job can be resumed.")
     return update_if_status(session, job, JobStatus.paused, **_status_values(JobStatus.queued))
+
+
+def retry(session: Session, job: Job) -> Job:
+    """Queue a failed or cancelled job again with a fresh retry budget.
+
+    Its trainer resumes from the newest complete checkpoint in the job's directory, as after a
+    crash; its attempts so far stay in its history but no longer count against
+    ``max_attempts``. A Stage 2 job whose Stage 1 job failed is refused until that job is
+    retried; retrying a Stage 1 job also queues the jobs that failed waiting on it (never
+    started), so a pipeline continues with one request.
+    """
+    return _retry_stale(_retry, session, job)
+
+
+def _retry(session: Session, job: Job) -> Job:
+    if job.status not in (JobStatus.failed, JobStatus.cancelled):
+        raise Conflict(f"Job {job.id} is {job.status.value}; only a failed or cancelled job can be retried "
+                       f"(resume a paused one).")
+    after = session.get(Job, job.after_job_id) if job.after_job_id is not None else None
+    if after is not None and after.status in (JobStatus.failed, JobStatus.cancelled):
+        raise Conflict(f"Job {job.id} starts from the encoder of job {after.id}, which is {after.status.value}; "
+                       f"retry job {after.id} first.")
+    # Dependents that failed only because this job did: they never started.
+    waiting = list(session.exec(select(Job).where(Job.after_job_id == job.id, Job.status == JobStatus.failed,
+                                                  Job.attempts == 0)))
+    values = _status_values(JobStatus.queued, error=None, finished_at=None)
+    update_if_status(session, job, job.status, commit=False, retry_budget_from=job.attempts, **values)
+    for dependent in waiting:
+        session.execute(update(Job).where(Job.id == dependent.id, Job.status == JobStatus.failed)
+                        .values(version=Job.version + 1, **values))
+    session.add(JobEvent(job_id=job.id, kind="log", step=job.step,
+                         message=f"retried by a user after {job.attempts} attempts; resumes from the newest "
+                                 f"checkpoint with a fresh retry budget"))
+    session.commit()
+    session.refresh(job)
+    return job

@@ -118,6 +118,9 @@ class Job(SQLModel, table=True):
     predicted_peak_bytes: int | None = None
     # Attempts started so far; the newest is the one running, if any.
     attempts: int = 0
+    # Only attempts numbered above this spend the job's retries: a user's retry sets it to the
+    # attempts made so far, which gives the job a fresh budget and keeps its history.
+    retry_budget_from: int = 0
     error: str | None = None
     # Bumped on every change, the job's attempts included; the job's ETag.
     version: int = 1

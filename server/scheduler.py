@@ -29,6 +29,7 @@ from pathlib import Path
 import psutil
 from sqlalchemy import func
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import OperationalError
 from sqlmodel import Session, select
 
 from server import jobs
@@ -73,6 +74,9 @@ class Scheduler:
         self._last_sample = 0.0
         # Crashed jobs wait a little before their retry, so a crash loop cannot spin the CPU.
         self._retry_after: dict[int, float] = {}
+        # Trainer events the database could not take (a full disk); written before the attempt ends.
+        self.backlog = jobs.EventBacklog()
+        self._db_warned_at = 0.0
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -109,6 +113,8 @@ class Scheduler:
         while not self._stopping.is_set():
             try:
                 self.tick()
+            except OperationalError as exc:  # a full disk: every tick retries, one warning a minute
+                self._warn_database(exc)
             except Exception:  # one bad tick must not end supervision of every other job
                 log.exception("scheduler tick failed")
             self._wake.wait(TICK_S)
@@ -154,7 +160,18 @@ class Scheduler:
                 self._end(session, job_id, ended)
             except StaleJob:
                 log.warning("job %s changed while its attempt ended; left as it is", job_id)
+            except OperationalError as exc:
+                # The database cannot write (a full disk): keep the run, so the next tick, half a
+                # second on, tries to end its attempt again; the exit is not lost meanwhile.
+                session.rollback()
+                self._warn_database(exc)
+                continue
             del self.runs[job_id]
+
+    def _warn_database(self, exc: OperationalError) -> None:
+        if time.monotonic() - self._db_warned_at > 60:
+            self._db_warned_at = time.monotonic()
+            log.warning("the database cannot write (%s); retrying every tick", exc.orig)
 
     def _end(self, session: Session, job_id: int, ended: Exit, *, shutting_down: bool = False) -> None:
         """Close the job's open attempt with what is known of how its trainer ended."""
@@ -164,6 +181,9 @@ class Scheduler:
         attempt = jobs.open_attempt(session, job_id)
         if attempt is None:
             return
+        # The trainer's last words (a full disk, an error) come first: the decision reads them.
+        self.backlog.flush(session, job_id)
+        session.refresh(job)
         last = session.exec(select(JobEvent.kind).where(JobEvent.job_id == job_id)
                             .order_by(JobEvent.id.desc())).first()
         facts = Facts(exit=ended, stop_request=attempt.stop_request, killed_by_us=attempt.killed_by_us,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 from pathlib import Path
 
 from pydantic import Field
@@ -33,6 +34,10 @@ class Settings(BaseSettings):
     token: str = Field("", description="Bearer token every mutating request needs; required off loopback.")
     memory_budget_bytes: int = Field(0, ge=0, description="Cap on the predicted peak memory of all running jobs together; 0 means no cap.")
     memory_pause_share: float = Field(0.9, gt=0, le=1, description="A trainer past this share of its memory allowance is checkpointed and paused.")
+    dataset_roots: str = Field("", description="Folders dataset paths must lie in, os.pathsep-separated (':' on "
+                                               "Linux); empty allows any path. Required off loopback.")
+    dataset_check_timeout_s: float = Field(60.0, gt=0, description="Time allowed to open every recording of a "
+                                                                  "dataset (headers only) before a job is queued.")
     memory_margin_bytes: int = Field(256 * 1024**2, ge=0, description="Free memory kept back for the OS and the user's other work.")
 
     @property
@@ -52,6 +57,16 @@ class Settings(BaseSettings):
                 f"Refusing to listen on {self.host!r} without a token: set NEUROLENS_TOKEN (or --token) "
                 "so that every mutating request must carry 'Authorization: Bearer <token>'."
             )
+        if not self.is_loopback and not self.dataset_roots:
+            raise ValueError(
+                f"Refusing to listen on {self.host!r} without dataset roots: set NEUROLENS_DATASET_ROOTS to the "
+                "folders jobs may read datasets from, so that no request can point a job at any file on the server."
+            )
+
+    @property
+    def dataset_root_paths(self) -> tuple[Path, ...]:
+        """The dataset roots, resolved (a symlinked root is judged by where it leads)."""
+        return tuple(Path(part).expanduser().resolve() for part in self.dataset_roots.split(os.pathsep) if part.strip())
 
     @property
     def resolved_database_url(self) -> str:

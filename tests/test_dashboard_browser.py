@@ -314,6 +314,8 @@ def test_cancel_a_running_job_with_the_keyboard_only(shared_server, open_page):
     # Nothing left to stop: all three buttons are disabled, and say so to assistive technology too.
     for action in ("pause", "resume", "cancel"):
         sync_api.expect(page.get_by_test_id(f"job-{action}")).to_be_disabled()
+    # ... but it can be retried from its checkpoint.
+    sync_api.expect(page.get_by_test_id("job-retry")).to_be_enabled()
 
 
 def test_polling_slows_down_in_a_hidden_tab(shared_server, open_page):

@@ -1,5 +1,5 @@
-"""A really full disk (a small tmpfs mounted over the job directory) and kills that land while
-checkpoints are being written."""
+"""A really full disk (a small tmpfs mounted over the job directory, or the whole data
+directory with its database) and kills that land while checkpoints are being written."""
 
 from __future__ import annotations
 
@@ -54,6 +54,60 @@ def test_disk_full_while_saving_pauses_and_keeps_the_previous_checkpoint(tmp_pat
     finally:
         server.stop()
         subprocess.run(["umount", "-l", str(job_dir)], capture_output=True)
+
+
+def fill_disk(path) -> None:
+    """Write ``path`` until the filesystem under it has no byte left."""
+    chunk = b"\0" * 65536
+    with open(path, "wb", buffering=0) as fh:
+        try:
+            while True:
+                fh.write(chunk)
+        except OSError:
+            pass
+        try:
+            while True:
+                fh.write(b"\0")
+        except OSError:
+            pass
+
+
+@pytest.mark.slow
+def test_a_full_disk_under_the_database_too_is_reported_as_a_full_disk_within_seconds(tmp_path):
+    """Finding 5: the disk under the database fills as the trainer checkpoints; SQLite cannot
+    store the trainer's disk-full report. It is kept in memory and shown at once, and lands (with
+    the pause) as soon as the database can write again."""
+    data_dir = tmp_path / "data"
+    mount_tmpfs(data_dir, 64 * 2**20)
+    server = start_server(data_dir)
+    filler = data_dir / "filler"
+    try:
+        with server.client() as client:
+            config = {"preset": "tiny", "steps": 100000, "checkpoint_every": 10, "log_every_s": 0.3,
+                      "probe_words": 0, "val_windows": 16}
+            job = client.post("/api/jobs", json={"stage": "stage1", "config": config}).json()
+            wait_for_step(server, job["id"], 12)  # its first checkpoint is on disk
+            fill_disk(filler)
+            deadline = time.monotonic() + 60
+            while "Disk full" not in (client.get(f"/api/jobs/{job['id']}").json()["error"] or ""):
+                assert time.monotonic() < deadline, "the full disk was not reported"
+                time.sleep(0.2)
+            reported = time.monotonic()
+            assert "cannot store the trainer's error event" in server.log(), "the database could still write: not the fault"
+            # Nothing could be written: the row still says running, and the error came from memory.
+            assert client.get(f"/api/jobs/{job['id']}").json()["status"] == "running"
+
+            filler.unlink()
+            job = server.wait_for_job(job["id"], {"paused"}, timeout=30)
+            assert time.monotonic() - reported < 10
+            assert "Disk full" in job["error"] and "outside NeuroLens" not in job["error"]
+            assert job["attempt_history"][-1]["outcome"] == "stopped"
+            events = client.get(f"/api/jobs/{job['id']}/events", params={"limit": 5000}).json()["data"]
+            assert any(e["kind"] == "error" and "Disk full" in e["message"] for e in events)
+            assert client.post(f"/api/jobs/{job['id']}/cancel").status_code == 200
+    finally:
+        server.stop()
+        subprocess.run(["umount", "-l", str(data_dir)], capture_output=True)
 
 
 @pytest.mark.slow

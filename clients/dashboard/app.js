@@ -20,6 +20,7 @@ const ACTIONS_ALLOWED = {
   pause: ["queued", "running"],
   resume: ["paused"],
   cancel: ["queued", "running", "paused"],
+  retry: ["failed", "cancelled"],
 };
 
 const state = {

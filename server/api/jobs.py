@@ -36,7 +36,9 @@ def create_job(body: JobCreate, session: SessionDep, scheduler: SchedulerDep, se
                store: StoreDep) -> JobPublic:
     limit = settings.memory_budget_bytes or psutil.virtual_memory().total
     job = job_rules.create_job(session, body, memory_limit_bytes=limit,
-                               artifact_path=lambda artifact: store.path_of(artifact.storage_path))
+                               artifact_path=lambda artifact: store.path_of(artifact.storage_path),
+                               dataset_roots=settings.dataset_root_paths,
+                               dataset_check_timeout_s=settings.dataset_check_timeout_s)
     scheduler.wake()
     return job_rules.to_public(session, job)
 
@@ -51,6 +53,7 @@ def list_etag_of(found: list[Job], count: int, query: str) -> str:
 def list_jobs(
     session: SessionDep,
     response: Response,
+    scheduler: SchedulerDep,
     status: JobStatus | None = None,
     stage: Annotated[str | None, Query(json_schema_extra={"enum": list(STAGES)})] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 200,
@@ -72,22 +75,25 @@ def list_jobs(
     count = session.exec(count_query).one()
     # The dashboard polls this every few seconds for hours; an unchanged listing costs one small
     # query and a 304 instead of every job with its artifacts.
-    etag = list_etag_of(found, count, f"{status}|{stage}|{limit}")
+    kept = [job.id for job in found if scheduler.backlog.has(job.id)]
+    etag = list_etag_of(found, count, f"{status}|{stage}|{limit}|{kept}")
     if if_none_match and etag in [tag.strip() for tag in if_none_match.split(",")]:
         return Response(status_code=304, headers={"ETag": etag})
     response.headers["ETag"] = etag
-    return JobsPublic(data=job_rules.to_public_many(session, found), count=count)
+    return JobsPublic(data=[scheduler.backlog.show(job) for job in job_rules.to_public_many(session, found)],
+                      count=count)
 
 
 @router.get("/{job_id}", response_model=JobPublic, responses={304: {"description": "Unchanged since the ETag given"}})
-def read_job(job_id: JobId, session: SessionDep, response: Response,
+def read_job(job_id: JobId, session: SessionDep, response: Response, scheduler: SchedulerDep,
              if_none_match: Annotated[str | None, Header()] = None):
     job = job_rules.get_job(session, job_id)
-    etag = etag_of(job)
+    # Events the database has not taken yet (a full disk) change what the job shows.
+    etag = etag_of(job)[:-1] + ('-kept"' if scheduler.backlog.has(job.id) else '"')
     if if_none_match and etag in [tag.strip() for tag in if_none_match.split(",")]:
         return Response(status_code=304, headers={"ETag": etag})
     response.headers["ETag"] = etag
-    return job_rules.to_public(session, job)
+    return scheduler.backlog.show(job_rules.to_public(session, job))
 
 
 @router.post("/{job_id}/cancel", response_model=JobPublic)
@@ -106,6 +112,14 @@ def pause_job(job_id: JobId, session: SessionDep) -> JobPublic:
 @router.post("/{job_id}/resume", response_model=JobPublic)
 def resume_job(job_id: JobId, session: SessionDep, scheduler: SchedulerDep) -> JobPublic:
     job = job_rules.resume(session, job_rules.get_job(session, job_id))
+    scheduler.wake()
+    return job_rules.to_public(session, job)
+
+
+@router.post("/{job_id}/retry", response_model=JobPublic)
+def retry_job(job_id: JobId, session: SessionDep, scheduler: SchedulerDep) -> JobPublic:
+    """Queue a failed or cancelled job again: it resumes from its newest checkpoint, with a fresh retry budget."""
+    job = job_rules.retry(session, job_rules.get_job(session, job_id))
     scheduler.wake()
     return job_rules.to_public(session, job)
 
@@ -144,7 +158,7 @@ def read_logs(job_id: JobId, session: SessionDep, settings: SettingsDep,
 def post_event(event: TrainerEvent, job: TrainerJobDep, attempt: TrainerAttemptDep, session: SessionDep,
                scheduler: SchedulerDep, settings: SettingsDep) -> EventReply:
     """A progress report (also the heartbeat); the reply carries a pending stop request."""
-    stop = job_rules.record_event(session, job, attempt, event,
+    stop = job_rules.report_event(session, scheduler.backlog, job, attempt, event,
                                   reported_rss_is_ground_truth=not scheduler.executor.measures_memory,
                                   max_progress_events=settings.max_progress_events)
     return EventReply(stop=stop)

@@ -175,7 +175,27 @@ class _Plan:
         return (x * 1e6).astype(np.float32)
 
 
-def _plan(path: Path, encoder: EncoderConfig, min_channel_share: float) -> _Plan:
+def open_recording(path: Path, encoder: EncoderConfig,
+                   min_channel_share: float = 0.5) -> tuple[mne.io.BaseRaw, list[str], list[int | None], list[str]]:
+    """Open a recording's header (no signal is read) and map its EEG channels onto the encoder's.
+
+    The one place that decides whether a recording can be trained on: the trainer calls it
+    before preprocessing, and ``python -m trainer.check_dataset`` before a job is queued.
+
+    Returns
+    -------
+    raw, eeg_names, mapping, extras
+        The unloaded recording, its EEG channels (bad ones left out), and :func:`map_channels`'
+        result for them.
+
+    Raises
+    ------
+    RecordingError
+        MNE cannot read the file.
+    ChannelError
+        Fewer than ``min_channel_share`` of the encoder's channels are among its EEG channels;
+        the message names the channels found and the ones needed.
+    """
     try:
         raw = mne.io.read_raw(path, preload=False, verbose="error")
     except Exception as exc:  # MNE raises many types for broken files; all mean "unreadable"
@@ -186,10 +206,18 @@ def _plan(path: Path, encoder: EncoderConfig, min_channel_share: float) -> _Plan
     n_found = sum(i is not None for i in mapping)
     needed = int(np.ceil(min_channel_share * len(encoder.channels)))
     if n_found < needed:
-        raise ChannelError(
-            f"Recording {path} has {n_found} of the encoder's {len(encoder.channels)} channels; "
-            f"at least {needed} are needed."
-        )
+        wanted = f"at least {needed} are needed ({', '.join(encoder.channels)})"
+        if not eeg_names:
+            others = ", ".join(f"{name} ({kind})" for name, kind in zip(raw.ch_names[:40], raw.get_channel_types()))
+            raise ChannelError(f"Recording {path} has no EEG channels (found: {others or 'none'}); of the encoder's "
+                               f"{len(encoder.channels)} channels {wanted}.")
+        raise ChannelError(f"Recording {path} has {n_found} of the encoder's {len(encoder.channels)} channels; "
+                           f"{wanted}; its EEG channels: {', '.join(eeg_names[:40])}.")
+    return raw, eeg_names, mapping, extras
+
+
+def _plan(path: Path, encoder: EncoderConfig, min_channel_share: float) -> _Plan:
+    raw, eeg_names, mapping, extras = open_recording(path, encoder, min_channel_share)
     missing = [ch for ch, i in zip(encoder.channels, mapping) if i is None]
     if missing:
         log.info("%s: %d channels missing, zero-filled and masked: %s", path.name, len(missing), ", ".join(missing))
