@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -28,10 +28,33 @@ class Settings(BaseSettings):
     upload_expiry_s: float = Field(7 * 24 * 3600.0, gt=0,
                                    description="An unfinished upload untouched this long is deleted.")
     max_request_bytes: int = Field(1024**2, gt=0, description="Largest body accepted by any endpoint but uploads.")
-    token: str = Field("", description="Bearer token every mutating request needs; required off loopback.")
+    token: str = Field("", description="Bearer token every /api request but /api/health needs; required off loopback. "
+                                        "Prefer token_file or the environment: a flag shows in `ps`.")
+    token_file: Path | None = Field(None, description="File holding the token (first line); read at start.")
+    allowed_hosts: str = Field("", description="Comma-separated host names served besides loopback names and the "
+                                               "bound address (any other Host header is refused: DNS rebinding).")
     memory_budget_bytes: int = Field(0, ge=0, description="Cap on the predicted peak memory of all running jobs together; 0 means no cap.")
     memory_pause_share: float = Field(0.9, gt=0, le=1, description="A trainer past this share of its memory allowance is checkpointed and paused.")
     memory_margin_bytes: int = Field(256 * 1024**2, ge=0, description="Free memory kept back for the OS and the user's other work.")
+
+    @model_validator(mode="after")
+    def _read_token_file(self) -> "Settings":
+        if self.token_file is None:
+            return self
+        try:
+            from_file = self.token_file.read_text().strip().splitlines()
+        except OSError as exc:
+            raise ValueError(f"Cannot read the token file {str(self.token_file)!r}: {exc.strerror}.") from exc
+        if not from_file or not from_file[0].strip():
+            raise ValueError(f"The token file {str(self.token_file)!r} is empty; put the token on its first line.")
+        if self.token and self.token != from_file[0].strip():
+            raise ValueError("Both a token and a token file were given, and they differ; give one of them.")
+        self.token = from_file[0].strip()
+        return self
+
+    @property
+    def allowed_host_names(self) -> frozenset[str]:
+        return frozenset(name.strip().lower() for name in self.allowed_hosts.split(",") if name.strip())
 
     @property
     def is_loopback(self) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -23,26 +24,42 @@ def test_refuses_to_listen_beyond_loopback_without_a_token(tmp_path):
     assert not (tmp_path / "neurolens.db").exists()
 
 
-def test_with_a_token_every_mutating_request_needs_it(tmp_path):
+def test_with_a_token_every_api_request_needs_it(tmp_path):
     server = start_server(tmp_path / "data", args=("--token", TOKEN))
     try:
-        with server.client() as client:
-            body = {"stage": "stage1", "config": {"preset": "tiny", "steps": 10, "log_every_s": 0.5}}
-            response = client.post("/api/jobs", json=body)
+        with server.client(authenticated=False) as anonymous, server.client() as client:
+            body = {"stage": "stage1", "config": {"preset": "tiny", "steps": 100000, "log_every_s": 0.5}}
+            response = anonymous.post("/api/jobs", json=body)
             assert response.status_code == 401
             assert "Authorization: Bearer" in response.json()["detail"]
             assert response.headers["www-authenticate"] == "Bearer"
-            wrong = client.post("/api/jobs", json=body, headers={"Authorization": "Bearer nope"})
+            wrong = anonymous.post("/api/jobs", json=body, headers={"Authorization": "Bearer nope"})
             assert wrong.status_code == 401
             assert client.get("/api/jobs").json()["count"] == 0  # nothing was created
 
-            auth = {"Authorization": f"Bearer {TOKEN}"}
-            job = client.post("/api/jobs", json=body, headers=auth)
-            assert job.status_code == 201, job.text
-            # Reads stay open; the trainer reports with its own per-job token, not the server's.
-            done = server.wait_for_job(job.json()["id"], {"succeeded"})
-            assert client.post(f"/api/jobs/{done['id']}/cancel").status_code == 401
-            assert client.post(f"/api/jobs/{done['id']}/cancel", headers=auth).status_code == 409
+            job = client.post("/api/jobs", json=body).json()
+            report = b'{"note": "imported"}'
+            artifact = client.post("/api/artifacts", params={"kind": "report", "sha256": hashlib.sha256(report).hexdigest()},
+                                   content=report, headers={"Content-Type": "application/octet-stream"})
+            assert artifact.status_code == 201, artifact.text
+            # Reads need the token too (finding 6): every /api GET but /api/health.
+            reads = ["/api/jobs", f"/api/jobs/{job['id']}", f"/api/jobs/{job['id']}/events",
+                     f"/api/jobs/{job['id']}/logs", "/api/artifacts", f"/api/artifacts/{artifact.json()['id']}",
+                     f"/api/artifacts/{artifact.json()['id']}/download", "/api/artifacts/uploads", "/api/system",
+                     "/api/presets"]
+            for path in reads:
+                refused = anonymous.get(path)
+                assert refused.status_code == 401, (path, refused.text)
+                assert "every /api request but /api/health" in refused.json()["detail"]
+                assert anonymous.head(path).status_code == 401
+                assert client.get(path).status_code == 200, path
+            assert anonymous.get("/api/health").status_code == 200
+            assert anonymous.get("/").status_code == 200 and anonymous.get("/app.js").status_code == 200
+            assert anonymous.post(f"/api/jobs/{job['id']}/cancel").status_code == 401
+            # The trainer reports with its own per-job token, not the server's: it gets to run.
+            server.wait_for_job(job["id"], {"running"})
+            assert client.post(f"/api/jobs/{job['id']}/cancel").status_code == 200
+            server.wait_for_job(job["id"], {"cancelled"}, timeout=60)
     finally:
         server.stop()
 
@@ -142,3 +159,39 @@ def test_a_trainer_token_reports_for_its_own_job_only(tmp_path):
                 server.wait_for_job(job["id"], {"cancelled"}, timeout=60)
     finally:
         server.stop()
+
+
+def test_bodies_of_the_wrong_type_are_refused_with_415(shared_server):
+    with shared_server.client() as client:
+        job = {"stage": "stage1", "config": {"preset": "tiny", "steps": 3}}
+        for content_type in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x"):
+            refused = client.post("/api/jobs", content=json.dumps(job), headers={"Content-Type": content_type})
+            assert refused.status_code == 415, refused.text
+            assert "takes 'Content-Type: application/json'" in refused.json()["detail"]
+        untyped = client.post("/api/jobs", content=json.dumps(job).encode())  # httpx sends no type for bytes
+        assert untyped.status_code == 415 and "none was given" in untyped.json()["detail"]
+        upload = client.post("/api/artifacts", params={"kind": "report", "sha256": "0" * 64}, content=b"{}",
+                             headers={"Content-Type": "text/plain"})
+        assert upload.status_code == 415
+        assert "application/octet-stream" in upload.json()["detail"] and "curl" in upload.json()["detail"]
+        assert client.get("/api/jobs").json()["count"] == 0 and client.get("/api/artifacts").json()["count"] == 0
+        # A bodiless action (cancel) needs no type, and JSON with its charset is JSON.
+        typed = client.post("/api/jobs", content=json.dumps(job), headers={"Content-Type": "application/json; charset=utf-8"})
+        assert typed.status_code == 201, typed.text
+        assert client.post(f"/api/jobs/{typed.json()['id']}/cancel").status_code == 200
+
+
+def test_browser_marked_cross_site_changes_are_refused_with_403(shared_server):
+    with shared_server.client() as client:
+        for headers in ({"Sec-Fetch-Site": "cross-site"}, {"Sec-Fetch-Site": "same-site"},
+                        {"Origin": "http://127.0.0.1:1"}, {"Origin": "null"}, {"Origin": "http://evil.example"}):
+            refused = client.post("/api/jobs", json={"stage": "stage1"}, headers=headers)
+            assert refused.status_code == 403, (headers, refused.text)
+            assert "Refused a POST /api/jobs" in refused.json()["detail"]
+        assert client.get("/api/jobs", headers={"Sec-Fetch-Site": "cross-site"}).status_code == 403
+        # The dashboard's own requests: same origin, and a typed-in address.
+        own = {"Origin": shared_server.url, "Sec-Fetch-Site": "same-origin"}
+        assert client.get("/api/jobs", headers=own).status_code == 200
+        assert client.get("/", headers={"Sec-Fetch-Site": "cross-site"}).status_code == 200  # a link to the dashboard
+        created = client.post("/api/jobs", json={"stage": "stage1", "config": {"preset": "tiny", "steps": 3}}, headers=own)
+        assert created.status_code == 201, created.text
