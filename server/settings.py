@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 from pathlib import Path
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -99,3 +99,16 @@ class Settings(BaseSettings):
     @property
     def cache_dir(self) -> Path:
         return self.data_dir / "cache"
+
+
+def describe_settings_error(exc: ValidationError) -> str:
+    """One clause per problem, naming the setting and the value given.
+
+    A problem with the settings as a whole (the token file) shows its message only: its input is
+    every setting, the token among them, which must not reach a terminal or a log.
+    """
+    return "; ".join(
+        f"invalid {'.'.join(str(p) for p in err['loc'])} {err.get('input')!r}: {err['msg']}" if err["loc"]
+        else err["msg"].removeprefix("Value error, ")
+        for err in exc.errors())
+

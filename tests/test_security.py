@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import httpx
+import psutil
+import pytest
 
 from tests.conftest import REPO_ROOT, free_port, start_server
 
@@ -195,3 +199,53 @@ def test_browser_marked_cross_site_changes_are_refused_with_403(shared_server):
         assert client.get("/", headers={"Sec-Fetch-Site": "cross-site"}).status_code == 200  # a link to the dashboard
         created = client.post("/api/jobs", json={"stage": "stage1", "config": {"preset": "tiny", "steps": 3}}, headers=own)
         assert created.status_code == 201, created.text
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="reads other processes' command lines from /proc")
+def test_a_token_from_the_environment_shows_in_no_command_line_nor_a_trainer(tmp_path):
+    server = start_server(tmp_path / "data", env={"NEUROLENS_TOKEN": TOKEN})
+    try:
+        with server.client(authenticated=False) as anonymous:
+            assert anonymous.get("/api/jobs").status_code == 401
+        with server.client() as client:
+            job = client.post("/api/jobs", json={"stage": "stage1", "config": {"preset": "tiny", "steps": 100000}}).json()
+            server.wait_for_job(job["id"], {"running"})
+            trainers = psutil.Process(server.process.pid).children(recursive=True)
+            assert trainers
+            for process in [psutil.Process(server.process.pid), *trainers]:
+                assert TOKEN not in " ".join(process.cmdline()), process.cmdline()
+            for trainer in trainers:  # the server's token is the server's: a trainer uses its job's
+                assert TOKEN not in "".join(f"{k}={v}" for k, v in trainer.environ().items())
+    finally:  # stopping the server stops its trainer
+
+        server.stop()
+
+
+def test_a_token_file_is_read_and_its_problems_are_named_without_the_token(tmp_path):
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
+    server = start_server(tmp_path / "data", env={"NEUROLENS_TOKEN_FILE": str(token_file)})
+    server.token = TOKEN
+    try:
+        with server.client(authenticated=False) as anonymous, server.client() as client:
+            assert anonymous.get("/api/jobs").status_code == 401
+            assert client.get("/api/jobs").status_code == 200
+        assert TOKEN not in " ".join(psutil.Process(server.process.pid).cmdline())
+    finally:
+        server.stop()
+    from pydantic import ValidationError
+
+    from server.settings import Settings, describe_settings_error
+
+    empty = tmp_path / "empty"
+    empty.write_text("\n")
+    for given, message in (({"token_file": tmp_path / "missing"}, "Cannot read the token file"),
+                           ({"token_file": empty}, "is empty; put the token on its first line"),
+                           ({"token_file": token_file, "token": "another"}, "they differ")):
+        with pytest.raises(ValidationError) as refused:
+            Settings(**given)
+        assert message in describe_settings_error(refused.value)
+        assert TOKEN not in describe_settings_error(refused.value)
+    result = subprocess.run([sys.executable, "-m", "server", "--token-file", str(token_file), "--token", "another"],
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "they differ" in result.stderr and TOKEN not in result.stderr
