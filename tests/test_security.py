@@ -249,3 +249,31 @@ def test_a_token_file_is_read_and_its_problems_are_named_without_the_token(tmp_p
     result = subprocess.run([sys.executable, "-m", "server", "--token-file", str(token_file), "--token", "another"],
                             cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "they differ" in result.stderr and TOKEN not in result.stderr
+
+
+def test_a_trainer_registers_only_files_under_its_checkpoints_and_final_folders(tmp_path):
+    server = start_server(tmp_path / "data", args=("--token", TOKEN))
+    try:
+        with server.client() as client:
+            job = client.post("/api/jobs", json={"stage": "stage1", "config": {"preset": "tiny", "steps": 100000}}).json()
+            server.wait_for_job(job["id"], {"running"})
+            job_dir = server.data_dir / "jobs" / str(job["id"])
+            trainer = {"Authorization": f"Bearer {json.loads((job_dir / 'spec.json').read_text())['token']}"}
+            (job_dir / "checkpoints").mkdir(exist_ok=True)
+            (job_dir / "checkpoints" / "innocent.json").symlink_to(job_dir / "spec.json")
+            (job_dir / "notes.json").write_text("{}")
+            for path in ("spec.json", "trainer.log", "notes.json", "checkpoints/innocent.json", "final/../spec.json",
+                         "checkpoints"):
+                refused = client.post(f"/api/jobs/{job['id']}/artifacts/register", json={"kind": "report", "path": path},
+                                      headers=trainer)
+                assert refused.status_code == 422, (path, refused.text)
+                assert "only files under checkpoints/ or final/" in refused.json()["detail"], refused.text
+            assert client.get("/api/artifacts").json()["count"] == 0
+            # What a trainer writes in final/ is registered as before.
+            (job_dir / "final").mkdir(exist_ok=True)
+            (job_dir / "final" / "report.json").write_text('{"score": 1}')
+            accepted = client.post(f"/api/jobs/{job['id']}/artifacts/register",
+                                   json={"kind": "report", "path": "final/report.json"}, headers=trainer)
+            assert accepted.status_code == 201, accepted.text
+    finally:
+        server.stop()
