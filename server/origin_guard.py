@@ -84,8 +84,12 @@ class OriginGuardMiddleware:
         self.names = LOOPBACK_NAMES | {split_host(bind_host)[0]} | {name.lower().rstrip(".") for name in allowed_hosts}
         self.names.discard("")
 
-    def host_allowed(self, name: str) -> bool:
+    def host_allowed(self, host: str) -> bool:
+        name, port = split_host(host)
+        if port and not port.isdigit():  # "localhost:1@evil": no browser sends it, nor do we serve it
+            return False
         ip = _ip(name)
+        ip = getattr(ip, "ipv4_mapped", None) or ip  # [::ffff:127.0.0.1] is 127.0.0.1
         if ip is not None and (ip.is_loopback or self.any_ip):
             return True
         return name in self.names or name.endswith(".localhost")  # RFC 6761: always loopback
@@ -96,7 +100,7 @@ class OriginGuardMiddleware:
         method, path = scope.get("method", "GET"), scope["path"]
         host = headers.get("host")
         # No Host at all is an HTTP/1.0 client, never a browser (browsers always send one).
-        if host is not None and not self.host_allowed(split_host(host)[0]):
+        if host is not None and not self.host_allowed(host):
             allowed = ", ".join(sorted(self.names | {"127.0.0.1", "::1"}))
             return 421, (f"This server does not answer to Host {host!r} (a page re-pointing its name at this "
                          f"machine looks like this). Allowed hosts: {allowed}"

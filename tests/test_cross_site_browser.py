@@ -26,7 +26,7 @@ import pytest
 from tests.conftest import RunningServer, free_port, start_server
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed (pip install -e '.[test]')")
-from tests.test_dashboard_browser import CHROMIUM, CHROMIUM_ARGS  # noqa: E402  (skips without chromium)
+from tests.test_dashboard_browser import launch_chromium  # noqa: E402  (skips without chromium)
 
 REBOUND_NAME = "attacker.example"
 # The text/plain form below sends exactly this body: "<name>=<value>\r\n".
@@ -98,15 +98,9 @@ def browser() -> Iterator[sync_api.Browser]:
     # The rebinding: attacker.example resolves to this machine, as after the attacker's DNS flip.
     # Chromium's own Private Network Access check would stop a public page's requests to loopback
     # by itself; Firefox and Safari have none, so it is off here and the server's check is tested.
-    args = [*CHROMIUM_ARGS, f"--host-resolver-rules=MAP {REBOUND_NAME} 127.0.0.1",
-            "--disable-features=BlockInsecurePrivateNetworkRequests,PrivateNetworkAccessSendPreflights,"
-            "LocalNetworkAccessChecks"]
-    with sync_api.sync_playwright() as playwright:
-        launched = playwright.chromium.launch(executable_path=CHROMIUM, args=args)
-        try:
-            yield launched
-        finally:
-            launched.close()
+    yield from launch_chromium((f"--host-resolver-rules=MAP {REBOUND_NAME} 127.0.0.1",
+                                "--disable-features=BlockInsecurePrivateNetworkRequests,"
+                                "PrivateNetworkAccessSendPreflights,LocalNetworkAccessChecks"))
 
 
 @pytest.fixture(scope="module")
@@ -199,7 +193,8 @@ def test_a_rebound_name_reaches_nothing(browser, running_job, tmp_path):
 def test_a_foreign_host_header_is_refused_and_loopback_ones_pass(running_job):
     server, job_id = running_job
     port = server.url.rsplit(":", 1)[1]
-    for host in (REBOUND_NAME, f"{REBOUND_NAME}:{port}", "127.0.0.1.attacker.example", "localhost.attacker.example"):
+    for host in (REBOUND_NAME, f"{REBOUND_NAME}:{port}", "127.0.0.1.attacker.example", "localhost.attacker.example",
+                 f"localhost:{port}@{REBOUND_NAME}"):
         read = httpx.get(f"{server.url}/api/jobs", headers={"Host": host})
         assert read.status_code == 421, (host, read.text)
         assert "NEUROLENS_ALLOWED_HOSTS" in read.json()["detail"]

@@ -39,14 +39,19 @@ DESKTOP = {"width": 1280, "height": 900}
 PHONE = {"width": 390, "height": 844}
 
 
-@pytest.fixture(scope="module")
-def browser() -> Iterator[sync_api.Browser]:
+def launch_chromium(extra_args: tuple[str, ...] = ()) -> Iterator[sync_api.Browser]:
+    """Debian's chromium with CHROMIUM_ARGS and ``extra_args``, closed when the generator ends."""
     with sync_api.sync_playwright() as playwright:
-        launched = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        launched = playwright.chromium.launch(executable_path=CHROMIUM, args=[*CHROMIUM_ARGS, *extra_args])
         try:
             yield launched
         finally:
             launched.close()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[sync_api.Browser]:
+    yield from launch_chromium()
 
 
 class Watched:

@@ -100,7 +100,7 @@ def test_serve_refuses_all_interfaces_without_a_token(tmp_path):
 
 
 def test_server_with_a_token_may_listen_on_all_interfaces(tmp_path):
-    server = start_server(tmp_path / "data", args=("--token", TOKEN), env={"NEUROLENS_HOST": "0.0.0.0"})
+    server = start_server(tmp_path / "data", args=("--token", TOKEN, "--host", "0.0.0.0"))  # a later flag wins
     server.stop()  # start_server already checked /api/health over loopback
 
 
@@ -275,5 +275,21 @@ def test_a_trainer_registers_only_files_under_its_checkpoints_and_final_folders(
             accepted = client.post(f"/api/jobs/{job['id']}/artifacts/register",
                                    json={"kind": "report", "path": "final/report.json"}, headers=trainer)
             assert accepted.status_code == 201, accepted.text
+    finally:
+        server.stop()
+
+
+def test_allowed_hosts_and_a_wildcard_bind_widen_the_host_check_and_nothing_else(tmp_path):
+    # A flag, not NEUROLENS_HOST: start_server passes --host 127.0.0.1, and a later flag wins.
+    server = start_server(tmp_path / "data", args=("--token", TOKEN, "--host", "0.0.0.0"),
+                          env={"NEUROLENS_ALLOWED_HOSTS": "gpu-box, Lab.Example.org"})
+    try:
+        with server.client() as client:
+            for host in ("gpu-box:8000", "lab.example.org", "192.168.1.5:8000", "[fe80::1]"):
+                assert client.get("/api/health", headers={"Host": host}).status_code == 200, host
+            for host in ("gpu-box.attacker.example", "example.org", "localhost:1@attacker.example"):
+                refused = client.get("/api/health", headers={"Host": host})
+                assert refused.status_code == 421, host
+                assert all(word in refused.json()["detail"] for word in ("gpu-box", "lab.example.org", "any IP address"))
     finally:
         server.stop()
