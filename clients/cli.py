@@ -84,12 +84,15 @@ def serve(
     demo: Annotated[bool, typer.Option("--demo", help="Queue the synthetic demo pipeline on first start.")] = False,
     token: Annotated[Optional[str], typer.Option(
         "--token", show_default=False,
-        help="Access token every change must carry (or NEUROLENS_TOKEN); required beyond loopback.")] = None,
+        help="Access token every API request must carry; required beyond loopback. It shows in `ps`: prefer "
+             "--token-file or NEUROLENS_TOKEN.")] = None,
+    token_file: Annotated[Optional[Path], typer.Option(
+        "--token-file", show_default=False, help="File whose first line is the token (or NEUROLENS_TOKEN_FILE).")] = None,
 ) -> None:
     """Run the NeuroLens server (flags override NEUROLENS_* environment variables)."""
     # Imported here so that client commands never pay for FastAPI, SQLModel and uvicorn.
     from server.app import serve as run_server
-    from server.settings import Settings
+    from server.settings import Settings, describe_settings_error
 
     overrides: dict[str, Any] = {}
     if host is not None:
@@ -102,15 +105,14 @@ def serve(
         overrides["demo"] = True
     if token is not None:
         overrides["token"] = token
+    if token_file is not None:
+        overrides["token_file"] = token_file
     from pydantic import ValidationError
 
     try:
         settings = Settings(**overrides)
-    except ValidationError as exc:  # e.g. --port 70000, or a bad NEUROLENS_* variable
-        problems = "; ".join(
-            f"invalid {'.'.join(str(p) for p in err['loc'])} {err.get('input')!r}: {err['msg']}"
-            for err in exc.errors())
-        raise _fail(problems) from None
+    except ValidationError as exc:  # e.g. --port 70000, a bad NEUROLENS_* variable, an unreadable token file
+        raise _fail(describe_settings_error(exc)) from None
     try:
         settings.check_exposure()
     except ValueError as exc:

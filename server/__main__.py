@@ -1,12 +1,14 @@
-"""`python -m server [--host H] [--port P] [--data-dir D] [--demo]`: flags over environment over defaults."""
+"""`python -m server [--host H] [--port P] [--data-dir D] [--token-file F] [--demo]`: flags over environment over defaults."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from server.app import serve
-from server.settings import Settings
+from server.settings import Settings, describe_settings_error
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -14,14 +16,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", help="address to bind (default 127.0.0.1, or NEUROLENS_HOST)")
     parser.add_argument("--port", type=int, help="port to listen on (default 8000, or NEUROLENS_PORT)")
     parser.add_argument("--data-dir", type=Path, help="data directory (default ./neurolens-data, or NEUROLENS_DATA_DIR)")
-    parser.add_argument("--token", help="bearer token for mutating requests (or NEUROLENS_TOKEN); required off loopback")
+    parser.add_argument("--token", help="bearer token every /api request needs; required off loopback. It shows in "
+                                        "`ps`: prefer --token-file or NEUROLENS_TOKEN")
+    parser.add_argument("--token-file", type=Path, help="file whose first line is the token (or NEUROLENS_TOKEN_FILE)")
     parser.add_argument("--demo", action="store_true", default=None,
                         help="queue the demo pipeline on first start (an empty database)")
     args = parser.parse_args(argv)
     overrides = {name: value for name, value in vars(args).items() if value is not None}
-    settings = Settings(**overrides)
     try:
+        settings = Settings(**overrides)
         settings.check_exposure()
+    except ValidationError as exc:
+        parser.exit(2, f"error: {describe_settings_error(exc)}\n")
     except ValueError as exc:
         parser.exit(2, f"error: {exc}\n")
     serve(settings)

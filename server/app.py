@@ -23,6 +23,7 @@ from server.db import make_engine, upgrade_database
 from server.exceptions import NeuroLensServerError
 from server.jobs import create_job
 from server.models import Job, JobCreate
+from server.origin_guard import OriginGuardMiddleware
 from server.scheduler import Scheduler
 from server.security import RequestLimitMiddleware, TokenMiddleware
 from server.settings import Settings
@@ -132,6 +133,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app.add_middleware(RequestLimitMiddleware, max_bytes=settings.max_request_bytes)
     app.add_middleware(TokenMiddleware, token=settings.token)
+    # Outermost: a foreign page or Host is refused before anything else looks at the request.
+    app.add_middleware(OriginGuardMiddleware, bind_host=settings.host, allowed_hosts=settings.allowed_host_names)
     app.include_router(api_router())
     if DASHBOARD_DIR.is_dir():
         app.mount("/", StaticFiles(directory=DASHBOARD_DIR, html=True), name="dashboard")

@@ -23,9 +23,12 @@ UPLOAD_BODIES = {"POST": re.compile(r"^/api/artifacts/?$"), "PATCH": re.compile(
 def is_upload_body(scope: Scope) -> bool:
     pattern = UPLOAD_BODIES.get(scope["method"])
     return pattern is not None and pattern.match(scope["path"]) is not None
-# The trainer's endpoints authenticate with the job's own token instead of the server token.
+
+
+# The trainer's two POST endpoints authenticate with the job's own token instead of the server token.
 TRAINER_PATH = re.compile(r"^/api/jobs/\d+/(events|artifacts/register)$")
-SAFE_METHODS = {"GET", "HEAD", "OPTIONS"}
+# Open even with a token: a liveness probe (start-up checks, monitors) learns nothing from it.
+OPEN_PATHS = {"/api/health"}
 
 
 async def _send_json(send: Send, status: int, detail: str, headers: list[tuple[bytes, bytes]] = ()) -> None:
@@ -89,22 +92,28 @@ class RequestLimitMiddleware:
 
 
 class TokenMiddleware:
-    """With a server token set, every mutating request must carry ``Authorization: Bearer``."""
+    """With a server token set, every ``/api`` request must carry ``Authorization: Bearer``.
+
+    Reads need it too: job listings, logs and artifacts name the machine's paths and hold the
+    user's data. Only ``/api/health`` stays open (a liveness probe learns nothing), and so do the
+    dashboard's static files and ``/docs``, which hold nothing but code.
+    """
 
     def __init__(self, app: ASGIApp, token: str) -> None:
         self.app = app
         self.token = token
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if (scope["type"] != "http" or not self.token or scope["method"] in SAFE_METHODS
-                or TRAINER_PATH.match(scope["path"])):
+        path = scope.get("path", "")
+        if (scope["type"] != "http" or not self.token or not path.startswith("/api/") or path in OPEN_PATHS
+                or (scope["method"] == "POST" and TRAINER_PATH.match(path))):
             await self.app(scope, receive, send)
             return
         authorization = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
         scheme, _, given = authorization.partition(" ")
         if scheme.lower() != "bearer" or not secrets.compare_digest(given.strip().encode(), self.token.encode()):
-            detail = ("This server requires 'Authorization: Bearer <token>' on every request that changes "
-                      "something; the token was missing or wrong.")
+            detail = ("This server requires 'Authorization: Bearer <token>' on every /api request but /api/health; "
+                      "the token was missing or wrong.")
             await _send_json(send, 401, detail, [(b"www-authenticate", b"Bearer")])
             return
         await self.app(scope, receive, send)

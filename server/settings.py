@@ -6,7 +6,7 @@ import ipaddress
 import os
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -31,7 +31,11 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(1024**2, gt=0, description="Largest body accepted by any endpoint but uploads.")
     max_progress_events: int = Field(2000, ge=10, description="Progress events kept per job; older ones are thinned "
                                                               "evenly past this, other events are all kept.")
-    token: str = Field("", description="Bearer token every mutating request needs; required off loopback.")
+    token: str = Field("", description="Bearer token every /api request but /api/health needs; required off loopback. "
+                                        "Prefer token_file or the environment: a flag shows in `ps`.")
+    token_file: Path | None = Field(None, description="File holding the token (first line); read at start.")
+    allowed_hosts: str = Field("", description="Comma-separated host names served besides loopback names and the "
+                                               "bound address (any other Host header is refused: DNS rebinding).")
     memory_budget_bytes: int = Field(0, ge=0, description="Cap on the predicted peak memory of all running jobs together; 0 means no cap.")
     memory_pause_share: float = Field(0.9, gt=0, le=1, description="A trainer past this share of its memory allowance is checkpointed and paused.")
     dataset_roots: str = Field("", description="Folders dataset paths must lie in, os.pathsep-separated (':' on "
@@ -39,6 +43,25 @@ class Settings(BaseSettings):
     dataset_check_timeout_s: float = Field(60.0, gt=0, description="Time allowed to open every recording of a "
                                                                   "dataset (headers only) before a job is queued.")
     memory_margin_bytes: int = Field(256 * 1024**2, ge=0, description="Free memory kept back for the OS and the user's other work.")
+
+    @model_validator(mode="after")
+    def _read_token_file(self) -> "Settings":
+        if self.token_file is None:
+            return self
+        try:
+            from_file = self.token_file.read_text().strip().splitlines()
+        except OSError as exc:
+            raise ValueError(f"Cannot read the token file {str(self.token_file)!r}: {exc.strerror}.") from exc
+        if not from_file or not from_file[0].strip():
+            raise ValueError(f"The token file {str(self.token_file)!r} is empty; put the token on its first line.")
+        if self.token and self.token != from_file[0].strip():
+            raise ValueError("Both a token and a token file were given, and they differ; give one of them.")
+        self.token = from_file[0].strip()
+        return self
+
+    @property
+    def allowed_host_names(self) -> frozenset[str]:
+        return frozenset(name.strip().lower() for name in self.allowed_hosts.split(",") if name.strip())
 
     @property
     def is_loopback(self) -> bool:
@@ -93,3 +116,16 @@ class Settings(BaseSettings):
     @property
     def cache_dir(self) -> Path:
         return self.data_dir / "cache"
+
+
+def describe_settings_error(exc: ValidationError) -> str:
+    """One clause per problem, naming the setting and the value given.
+
+    A problem with the settings as a whole (the token file) shows its message only: its input is
+    every setting, the token among them, which must not reach a terminal or a log.
+    """
+    return "; ".join(
+        f"invalid {'.'.join(str(p) for p in err['loc'])} {err.get('input')!r}: {err['msg']}" if err["loc"]
+        else err["msg"].removeprefix("Value error, ")
+        for err in exc.errors())
+

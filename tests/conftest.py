@@ -32,9 +32,13 @@ class RunningServer:
     data_dir: Path
     process: subprocess.Popen
     log_path: Path
+    token: str = ""  # the server's token, sent by client() unless it is told otherwise
 
-    def client(self, **kwargs) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=kwargs.pop("timeout", 30.0), **kwargs)
+    def client(self, *, authenticated: bool = True, **kwargs) -> httpx.Client:
+        headers = kwargs.pop("headers", {})
+        if self.token and authenticated:
+            headers = {"Authorization": f"Bearer {self.token}", **headers}
+        return httpx.Client(base_url=self.url, timeout=kwargs.pop("timeout", 30.0), headers=headers, **kwargs)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -81,7 +85,8 @@ def start_server(data_dir: Path, *, port: int | None = None, env: dict[str, str]
             [sys.executable, "-m", "server", "--host", "127.0.0.1", "--port", str(port), *args],
             cwd=REPO_ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT,
         )
-    server = RunningServer(f"http://127.0.0.1:{port}", data_dir, process, log_path)
+    token = args[args.index("--token") + 1] if "--token" in args else full_env.get("NEUROLENS_TOKEN", "")
+    server = RunningServer(f"http://127.0.0.1:{port}", data_dir, process, log_path, token)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         if process.poll() is not None:

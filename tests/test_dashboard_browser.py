@@ -39,14 +39,19 @@ DESKTOP = {"width": 1280, "height": 900}
 PHONE = {"width": 390, "height": 844}
 
 
-@pytest.fixture(scope="module")
-def browser() -> Iterator[sync_api.Browser]:
+def launch_chromium(extra_args: tuple[str, ...] = ()) -> Iterator[sync_api.Browser]:
+    """Debian's chromium with CHROMIUM_ARGS and ``extra_args``, closed when the generator ends."""
     with sync_api.sync_playwright() as playwright:
-        launched = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        launched = playwright.chromium.launch(executable_path=CHROMIUM, args=[*CHROMIUM_ARGS, *extra_args])
         try:
             yield launched
         finally:
             launched.close()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[sync_api.Browser]:
+    yield from launch_chromium()
 
 
 class Watched:
@@ -89,11 +94,13 @@ def open_page(browser, tmp_path) -> Iterator:
     contexts = []
     watched: list[Watched] = []
 
-    def _open(server: RunningServer, viewport: dict = DESKTOP) -> Watched:
+    def _open(server: RunningServer, viewport: dict = DESKTOP, on_dialog=None) -> Watched:
         context = browser.new_context(viewport=viewport, accept_downloads=True, base_url=server.url)
         contexts.append(context)
         page = context.new_page()
         page.set_default_timeout(30_000)
+        if on_dialog is not None:  # before the first request: a server with a token asks at once
+            page.on("dialog", on_dialog)
         w = Watched(page, server.url)
         watched.append(w)
         page.goto("/")
@@ -392,26 +399,58 @@ def test_pause_resume_then_stage2_from_the_form(server, open_page):
     sync_api.expect(page.get_by_test_id("artifacts-table")).to_contain_text("model")
 
 
-def test_a_server_token_is_asked_for_once_and_sent_with_changes(tmp_path, open_page):
+@pytest.mark.slow
+@pytest.mark.ci  # a minute or more for the trainer on 2 cores; the only check of token mode in a browser
+def test_a_server_token_is_asked_for_once_and_sent_with_reads_and_changes(tmp_path, open_page):
     from tests.conftest import start_server
 
     token = "dashboard-token"
     server = start_server(tmp_path / "data", args=("--token", token))
     try:
-        w = open_page(server)
-        page = w.page
         prompts: list[str] = []
 
         def answer(dialog: sync_api.Dialog) -> None:
             prompts.append(dialog.message)
             dialog.accept(token)
 
-        page.on("dialog", answer)
+        w = open_page(server, on_dialog=answer)
+        page = w.page
+        # The first reads (presets, jobs, system) are refused together: one question for all.
+        sync_api.expect(page.get_by_test_id("stage1-preset")).to_contain_text("tiny")
+        assert len(prompts) == 1 and "access token" in prompts[0], prompts
         page.get_by_test_id("stage1-steps").fill("3")
         page.get_by_test_id("stage1-submit").click()
         wait_for_status(page, "succeeded", 120)
-        assert len(prompts) == 1 and "access token" in prompts[0]
+        assert len(prompts) == 1
+        assert not [r for r in w.responses if r["status"] == 401 and r["method"] != "GET"]
         with server.client() as client:
-            assert client.get("/api/jobs").json()["count"] == 1
+            job = client.get("/api/jobs").json()["data"][0]
+        # A download link cannot carry the token: the page fetches the file with it instead.
+        encoder = next(a for a in job["artifacts"] if a["kind"] == "encoder")
+        with page.expect_download() as info:
+            page.locator(f'tr[data-artifact-id="{encoder["id"]}"]').get_by_test_id("artifact-download").click()
+        saved = tmp_path / "downloaded.safetensors"
+        info.value.save_as(saved)
+        assert info.value.suggested_filename == "encoder.safetensors"
+        assert hashlib.sha256(saved.read_bytes()).hexdigest() == encoder["sha256"]
+    finally:
+        server.stop()
+
+
+def test_a_declined_token_question_is_not_asked_again_by_every_poll(tmp_path, open_page):
+    from tests.conftest import start_server
+
+    server = start_server(tmp_path / "data", args=("--token", "never-given"))
+    try:
+        prompts: list[str] = []
+
+        def decline(dialog: sync_api.Dialog) -> None:
+            prompts.append(dialog.message)
+            dialog.dismiss()
+
+        w = open_page(server, on_dialog=decline)
+        w.page.wait_for_timeout(6000)  # a few polling rounds
+        assert len(prompts) == 1, prompts
+        w.errors.clear()  # the refused reads are what this test is about
     finally:
         server.stop()

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import httpx
+import psutil
+import pytest
 
 from tests.conftest import REPO_ROOT, free_port, start_server
 
@@ -23,26 +27,42 @@ def test_refuses_to_listen_beyond_loopback_without_a_token(tmp_path):
     assert not (tmp_path / "neurolens.db").exists()
 
 
-def test_with_a_token_every_mutating_request_needs_it(tmp_path):
+def test_with_a_token_every_api_request_needs_it(tmp_path):
     server = start_server(tmp_path / "data", args=("--token", TOKEN))
     try:
-        with server.client() as client:
-            body = {"stage": "stage1", "config": {"preset": "tiny", "steps": 10, "log_every_s": 0.5}}
-            response = client.post("/api/jobs", json=body)
+        with server.client(authenticated=False) as anonymous, server.client() as client:
+            body = {"stage": "stage1", "config": {"preset": "tiny", "steps": 100000, "log_every_s": 0.5}}
+            response = anonymous.post("/api/jobs", json=body)
             assert response.status_code == 401
             assert "Authorization: Bearer" in response.json()["detail"]
             assert response.headers["www-authenticate"] == "Bearer"
-            wrong = client.post("/api/jobs", json=body, headers={"Authorization": "Bearer nope"})
+            wrong = anonymous.post("/api/jobs", json=body, headers={"Authorization": "Bearer nope"})
             assert wrong.status_code == 401
             assert client.get("/api/jobs").json()["count"] == 0  # nothing was created
 
-            auth = {"Authorization": f"Bearer {TOKEN}"}
-            job = client.post("/api/jobs", json=body, headers=auth)
-            assert job.status_code == 201, job.text
-            # Reads stay open; the trainer reports with its own per-job token, not the server's.
-            done = server.wait_for_job(job.json()["id"], {"succeeded"})
-            assert client.post(f"/api/jobs/{done['id']}/cancel").status_code == 401
-            assert client.post(f"/api/jobs/{done['id']}/cancel", headers=auth).status_code == 409
+            job = client.post("/api/jobs", json=body).json()
+            report = b'{"note": "imported"}'
+            artifact = client.post("/api/artifacts", params={"kind": "report", "sha256": hashlib.sha256(report).hexdigest()},
+                                   content=report, headers={"Content-Type": "application/octet-stream"})
+            assert artifact.status_code == 201, artifact.text
+            # Reads need the token too (finding 6): every /api GET but /api/health.
+            reads = ["/api/jobs", f"/api/jobs/{job['id']}", f"/api/jobs/{job['id']}/events",
+                     f"/api/jobs/{job['id']}/logs", "/api/artifacts", f"/api/artifacts/{artifact.json()['id']}",
+                     f"/api/artifacts/{artifact.json()['id']}/download", "/api/artifacts/uploads", "/api/system",
+                     "/api/presets"]
+            for path in reads:
+                refused = anonymous.get(path)
+                assert refused.status_code == 401, (path, refused.text)
+                assert "every /api request but /api/health" in refused.json()["detail"]
+                assert anonymous.head(path).status_code == 401
+                assert client.get(path).status_code == 200, path
+            assert anonymous.get("/api/health").status_code == 200
+            assert anonymous.get("/").status_code == 200 and anonymous.get("/app.js").status_code == 200
+            assert anonymous.post(f"/api/jobs/{job['id']}/cancel").status_code == 401
+            # The trainer reports with its own per-job token, not the server's: it gets to run.
+            server.wait_for_job(job["id"], {"running"})
+            assert client.post(f"/api/jobs/{job['id']}/cancel").status_code == 200
+            server.wait_for_job(job["id"], {"cancelled"}, timeout=60)
     finally:
         server.stop()
 
@@ -79,7 +99,7 @@ def test_serve_refuses_all_interfaces_without_a_token(tmp_path):
 
 
 def test_server_with_a_token_may_listen_on_all_interfaces(tmp_path):
-    server = start_server(tmp_path / "data", args=("--token", TOKEN), env={"NEUROLENS_HOST": "0.0.0.0"})
+    server = start_server(tmp_path / "data", args=("--token", TOKEN, "--host", "0.0.0.0"))  # a later flag wins
     server.stop()  # start_server already checked /api/health over loopback
 
 
@@ -140,5 +160,135 @@ def test_a_trainer_token_reports_for_its_own_job_only(tmp_path):
                 client.post(f"/api/jobs/{job['id']}/cancel")
             for job in (first, second):
                 server.wait_for_job(job["id"], {"cancelled"}, timeout=60)
+    finally:
+        server.stop()
+
+
+def test_bodies_of_the_wrong_type_are_refused_with_415(shared_server):
+    with shared_server.client() as client:
+        job = {"stage": "stage1", "config": {"preset": "tiny", "steps": 3}}
+        for content_type in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x"):
+            refused = client.post("/api/jobs", content=json.dumps(job), headers={"Content-Type": content_type})
+            assert refused.status_code == 415, refused.text
+            assert "takes 'Content-Type: application/json'" in refused.json()["detail"]
+        untyped = client.post("/api/jobs", content=json.dumps(job).encode())  # httpx sends no type for bytes
+        assert untyped.status_code == 415 and "none was given" in untyped.json()["detail"]
+        upload = client.post("/api/artifacts", params={"kind": "report", "sha256": "0" * 64}, content=b"{}",
+                             headers={"Content-Type": "text/plain"})
+        assert upload.status_code == 415
+        assert "application/octet-stream" in upload.json()["detail"] and "curl" in upload.json()["detail"]
+        assert client.get("/api/jobs").json()["count"] == 0 and client.get("/api/artifacts").json()["count"] == 0
+        # A bodiless action (cancel) needs no type, and JSON with its charset is JSON.
+        typed = client.post("/api/jobs", content=json.dumps(job), headers={"Content-Type": "application/json; charset=utf-8"})
+        assert typed.status_code == 201, typed.text
+        assert client.post(f"/api/jobs/{typed.json()['id']}/cancel").status_code == 200
+
+
+def test_browser_marked_cross_site_changes_are_refused_with_403(shared_server):
+    with shared_server.client() as client:
+        for headers in ({"Sec-Fetch-Site": "cross-site"}, {"Sec-Fetch-Site": "same-site"},
+                        {"Origin": "http://127.0.0.1:1"}, {"Origin": "null"}, {"Origin": "http://evil.example"}):
+            refused = client.post("/api/jobs", json={"stage": "stage1"}, headers=headers)
+            assert refused.status_code == 403, (headers, refused.text)
+            assert "Refused a POST /api/jobs" in refused.json()["detail"]
+        assert client.get("/api/jobs", headers={"Sec-Fetch-Site": "cross-site"}).status_code == 403
+        # The dashboard's own requests: same origin, and a typed-in address.
+        own = {"Origin": shared_server.url, "Sec-Fetch-Site": "same-origin"}
+        assert client.get("/api/jobs", headers=own).status_code == 200
+        assert client.get("/", headers={"Sec-Fetch-Site": "cross-site"}).status_code == 200  # a link to the dashboard
+        created = client.post("/api/jobs", json={"stage": "stage1", "config": {"preset": "tiny", "steps": 3}}, headers=own)
+        assert created.status_code == 201, created.text
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="reads other processes' command lines from /proc")
+def test_a_token_from_the_environment_shows_in_no_command_line_nor_a_trainer(tmp_path):
+    server = start_server(tmp_path / "data", env={"NEUROLENS_TOKEN": TOKEN})
+    try:
+        with server.client(authenticated=False) as anonymous:
+            assert anonymous.get("/api/jobs").status_code == 401
+        with server.client() as client:
+            job = client.post("/api/jobs", json={"stage": "stage1", "config": {"preset": "tiny", "steps": 100000}}).json()
+            server.wait_for_job(job["id"], {"running"})
+            trainers = psutil.Process(server.process.pid).children(recursive=True)
+            assert trainers
+            for process in [psutil.Process(server.process.pid), *trainers]:
+                assert TOKEN not in " ".join(process.cmdline()), process.cmdline()
+            for trainer in trainers:  # the server's token is the server's: a trainer uses its job's
+                assert TOKEN not in "".join(f"{k}={v}" for k, v in trainer.environ().items())
+    finally:  # stopping the server stops its trainer
+
+        server.stop()
+
+
+def test_a_token_file_is_read_and_its_problems_are_named_without_the_token(tmp_path):
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
+    server = start_server(tmp_path / "data", env={"NEUROLENS_TOKEN_FILE": str(token_file)})
+    server.token = TOKEN
+    try:
+        with server.client(authenticated=False) as anonymous, server.client() as client:
+            assert anonymous.get("/api/jobs").status_code == 401
+            assert client.get("/api/jobs").status_code == 200
+        assert TOKEN not in " ".join(psutil.Process(server.process.pid).cmdline())
+    finally:
+        server.stop()
+    from pydantic import ValidationError
+
+    from server.settings import Settings, describe_settings_error
+
+    empty = tmp_path / "empty"
+    empty.write_text("\n")
+    for given, message in (({"token_file": tmp_path / "missing"}, "Cannot read the token file"),
+                           ({"token_file": empty}, "is empty; put the token on its first line"),
+                           ({"token_file": token_file, "token": "another"}, "they differ")):
+        with pytest.raises(ValidationError) as refused:
+            Settings(**given)
+        assert message in describe_settings_error(refused.value)
+        assert TOKEN not in describe_settings_error(refused.value)
+    result = subprocess.run([sys.executable, "-m", "server", "--token-file", str(token_file), "--token", "another"],
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "they differ" in result.stderr and TOKEN not in result.stderr
+
+
+def test_a_trainer_registers_only_files_under_its_checkpoints_and_final_folders(tmp_path):
+    server = start_server(tmp_path / "data", args=("--token", TOKEN))
+    try:
+        with server.client() as client:
+            job = client.post("/api/jobs", json={"stage": "stage1", "config": {"preset": "tiny", "steps": 100000}}).json()
+            server.wait_for_job(job["id"], {"running"})
+            job_dir = server.data_dir / "jobs" / str(job["id"])
+            trainer = {"Authorization": f"Bearer {json.loads((job_dir / 'spec.json').read_text())['token']}"}
+            (job_dir / "checkpoints").mkdir(exist_ok=True)
+            (job_dir / "checkpoints" / "innocent.json").symlink_to(job_dir / "spec.json")
+            (job_dir / "notes.json").write_text("{}")
+            for path in ("spec.json", "trainer.log", "notes.json", "checkpoints/innocent.json", "final/../spec.json",
+                         "checkpoints"):
+                refused = client.post(f"/api/jobs/{job['id']}/artifacts/register", json={"kind": "report", "path": path},
+                                      headers=trainer)
+                assert refused.status_code == 422, (path, refused.text)
+                assert "only files under checkpoints/ or final/" in refused.json()["detail"], refused.text
+            assert client.get("/api/artifacts").json()["count"] == 0
+            # What a trainer writes in final/ is registered as before.
+            (job_dir / "final").mkdir(exist_ok=True)
+            (job_dir / "final" / "report.json").write_text('{"score": 1}')
+            accepted = client.post(f"/api/jobs/{job['id']}/artifacts/register",
+                                   json={"kind": "report", "path": "final/report.json"}, headers=trainer)
+            assert accepted.status_code == 201, accepted.text
+    finally:
+        server.stop()
+
+
+def test_allowed_hosts_and_a_wildcard_bind_widen_the_host_check_and_nothing_else(tmp_path):
+    # A flag, not NEUROLENS_HOST: start_server passes --host 127.0.0.1, and a later flag wins.
+    server = start_server(tmp_path / "data", args=("--token", TOKEN, "--host", "0.0.0.0"),
+                          env={"NEUROLENS_ALLOWED_HOSTS": "gpu-box, Lab.Example.org"})
+    try:
+        with server.client() as client:
+            for host in ("gpu-box:8000", "lab.example.org", "192.168.1.5:8000", "[fe80::1]"):
+                assert client.get("/api/health", headers={"Host": host}).status_code == 200, host
+            for host in ("gpu-box.attacker.example", "example.org", "localhost:1@attacker.example"):
+                refused = client.get("/api/health", headers={"Host": host})
+                assert refused.status_code == 421, host
+                assert all(word in refused.json()["detail"] for word in ("gpu-box", "lab.example.org", "any IP address"))
     finally:
         server.stop()

@@ -67,23 +67,44 @@ function flattenDetail(detail) {
   return typeof detail === "object" && detail.msg ? String(detail.msg) : JSON.stringify(detail);
 }
 
-// A server that listens beyond loopback asks for its token on every change (reads stay open).
-// The page asks once, on the first refusal, and keeps it for this tab only.
+// A server with a token (required beyond loopback) wants it on every API request, reads too.
+// The page asks once, on the first refusal, and keeps it for this tab only. Polls that are
+// refused at the same moment share that one question; after a refusal to answer, reads stop
+// asking (they would ask every few seconds) and only a change the user makes asks again.
 const TOKEN_KEY = "neurolens-token";
+let tokenQuestion = null;
+let tokenDeclined = false;
+
+function askForToken(refusedToken) {
+  if (!tokenQuestion) {
+    tokenQuestion = new Promise((resolve) => {
+      const why = refusedToken ? "The access token was refused. " : "";
+      const given = window.prompt(`${why}This server needs its access token (NEUROLENS_TOKEN):`);
+      if (given && given.trim()) sessionStorage.setItem(TOKEN_KEY, given.trim());
+      tokenDeclined = !(given && given.trim());
+      resolve(!tokenDeclined);
+    }).finally(() => { tokenQuestion = null; });
+  }
+  return tokenQuestion;
+}
+
+function authHeaders() {
+  const token = sessionStorage.getItem(TOKEN_KEY);
+  return token ? { Authorization: `Bearer ${token}` } : {};
+}
 
 async function api(path, { method = "GET", body, etag } = {}, askedForToken = false) {
-  const headers = { Accept: "application/json" };
+  const headers = { Accept: "application/json", ...authHeaders() };
   if (body !== undefined) headers["Content-Type"] = "application/json";
   if (etag) headers["If-None-Match"] = etag;
-  const token = sessionStorage.getItem(TOKEN_KEY);
-  if (token && method !== "GET") headers.Authorization = `Bearer ${token}`;
   const response = await fetch(path, {
     method, headers, cache: "no-store", body: body === undefined ? undefined : JSON.stringify(body),
   });
-  if (response.status === 401 && method !== "GET" && !askedForToken) {
-    const given = window.prompt("This server needs its access token (NEUROLENS_TOKEN) to change anything:");
-    if (given && given.trim()) {
-      sessionStorage.setItem(TOKEN_KEY, given.trim());
+  if (response.status === 401 && !askedForToken && (method !== "GET" || !tokenDeclined)) {
+    // A question already answered while this request was in flight needs no second one.
+    const sent = headers.Authorization;
+    const current = authHeaders().Authorization;
+    if ((current && current !== sent) || await askForToken(Boolean(sent))) {
       return api(path, { method, body, etag }, true);
     }
   }
@@ -384,13 +405,29 @@ function renderAttempts(attempts) {
   document.getElementById("attempts-empty").hidden = attempts.length > 0;
 }
 
+// A plain link cannot carry the token; with one, the file is fetched with it and saved from
+// memory (the CLI's `neurolens download` streams to disk and resumes: better for large files).
+function downloadLink(art) {
+  const link = el("a", {
+    href: `api/artifacts/${art.id}/download`, download: art.filename, text: art.filename,
+    "data-testid": "artifact-download",
+  });
+  link.addEventListener("click", async (event) => {
+    if (!authHeaders().Authorization) return;
+    event.preventDefault();
+    const response = await fetch(link.href, { headers: authHeaders(), cache: "no-store" });
+    if (!response.ok) return;
+    const saved = el("a", { href: URL.createObjectURL(await response.blob()), download: art.filename });
+    saved.click();
+    setTimeout(() => URL.revokeObjectURL(saved.href), 60000);
+  });
+  return link;
+}
+
 function renderArtifacts(artifacts) {
   const rows = artifacts.map((art) => el("tr", { "data-testid": "artifact-row", "data-artifact-id": art.id },
     el("td", { "data-label": "Kind", text: art.kind }),
-    el("td", { "data-label": "File" }, el("a", {
-      href: `api/artifacts/${art.id}/download`, download: art.filename, text: art.filename,
-      "data-testid": "artifact-download",
-    })),
+    el("td", { "data-label": "File" }, downloadLink(art)),
     el("td", { "data-label": "Size", text: formatBytes(art.size_bytes) }),
     el("td", { "data-label": "sha256" }, el("code", { className: "sha", text: art.sha256, title: art.sha256 }))));
   document.getElementById("artifacts-body").replaceChildren(...rows);

@@ -20,11 +20,15 @@ from server.models import (
     DB_INT_MAX, ArtifactPublic, Job, JobCreate, JobEvent, JobEventsPublic, JobPublic, JobsPublic, JobStatus,
 )
 from server.storage import StorageError, resolve_inside, sha256_of
+from trainer.artifact_format import CHECKPOINT_DIRNAME, FINAL_DIRNAME
 from trainer.config import ConfigError
 from trainer.protocol import LOG_FILENAME, ArtifactRegistration, EventReply, TrainerEvent
 from trainer.stages import STAGES, get_stage
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
+
+# The folders of a job directory whose files a trainer may register as artifacts.
+REGISTRABLE_DIRS = (CHECKPOINT_DIRNAME, FINAL_DIRNAME)
 
 
 def etag_of(job: Job) -> str:
@@ -168,10 +172,18 @@ def post_event(event: TrainerEvent, job: TrainerJobDep, attempt: TrainerAttemptD
 async def register_artifact(registration: ArtifactRegistration, job: TrainerJobDep, session: SessionDep,
                             settings: SettingsDep, store: StoreDep) -> ArtifactPublic:
     """Add a file the trainer wrote in its job directory to the artifact store."""
+    job_dir = settings.jobs_dir / str(job.id)
     try:
-        source = resolve_inside(settings.jobs_dir / str(job.id), registration.path)
+        source = resolve_inside(job_dir, registration.path)
     except StorageError as exc:
         raise InvalidInput(str(exc)) from exc
+    # Only what training produces: spec.json holds the job's token and the log the machine's
+    # paths, and a registered file can be downloaded by anyone who may read artifacts. Checked on
+    # the resolved path, so a link placed in checkpoints/ pointing at spec.json is refused too.
+    allowed = [(job_dir / name).resolve() for name in REGISTRABLE_DIRS]
+    if not any(folder in source.parents for folder in allowed):
+        raise InvalidInput(f"A trainer may register only files under {' or '.join(n + '/' for n in REGISTRABLE_DIRS)} "
+                           f"of its job directory, not {registration.path!r}.")
     if not source.is_file():
         raise NotFound(f"File {registration.path!r} not found in job {job.id}'s directory.")
     # Hashing and copying a large checkpoint take seconds: keep them off the event loop.

@@ -83,7 +83,9 @@ class LocalRun(Run):
 
     @classmethod
     def spawn(cls, spec_path: Path, log_path: Path, processes: int = 1) -> "LocalRun":
-        env = dict(os.environ)
+        # The server's token stays with the server: a trainer reports with its own job token, and
+        # whatever the trainer starts (workers, torchrun) should not inherit the server's.
+        env = {key: value for key, value in os.environ.items() if key not in ("NEUROLENS_TOKEN", "NEUROLENS_TOKEN_FILE")}
         env["PYTHONUNBUFFERED"] = "1"
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(SOURCE_ROOT), env.get("PYTHONPATH", "")) if p)
         kwargs: dict = {}
