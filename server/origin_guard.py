@@ -134,10 +134,13 @@ class OriginGuardMiddleware:
         expected = expected_content_type(method, path)
         declared = headers.get("content-type")
         if declared is None:
-            # A body without a type is what a no-cors fetch of a Blob sends; an empty one (a
-            # bodiless POST such as cancel from httpx or curl) needs none.
+            # A body without a type is what a no-cors fetch of a Blob sends, and a browser sends
+            # Origin with every such fetch; a program (httpx's content=, urllib) that sends
+            # neither Origin nor Sec-Fetch-Site is not a web page, and an empty body (a bodiless
+            # POST such as cancel) needs no type at all.
             has_body = headers.get("content-length", "0").strip() not in ("", "0") or "transfer-encoding" in headers
-            if not has_body:
+            from_browser = "origin" in headers or "sec-fetch-site" in headers
+            if not has_body or not from_browser:
                 return None
             return 415, f"A body to {method} {path} needs 'Content-Type: {expected}'; none was given."
         if declared.split(";")[0].strip().lower() != expected:

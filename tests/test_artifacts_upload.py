@@ -161,7 +161,7 @@ def test_resumable_upload_survives_a_dropped_connection(shared_server: RunningSe
         # The connection drops after 20000 more bytes: those are kept, and nothing is visible yet.
         sent = 20000
         with socket.create_connection(("127.0.0.1", int(shared_server.url.rsplit(":", 1)[1]))) as sock:
-            sock.sendall((f"PATCH {path} HTTP/1.1\r\nHost: test\r\nUpload-Offset: {half}\r\n"
+            sock.sendall((f"PATCH {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpload-Offset: {half}\r\n"
                           f"Content-Length: {size - half}\r\nContent-Type: application/octet-stream\r\n\r\n").encode()
                          + data[half:half + sent])
             time.sleep(0.5)

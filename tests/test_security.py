@@ -99,7 +99,9 @@ def test_serve_refuses_all_interfaces_without_a_token(tmp_path):
 
 
 def test_server_with_a_token_may_listen_on_all_interfaces(tmp_path):
-    server = start_server(tmp_path / "data", args=("--token", TOKEN, "--host", "0.0.0.0"))  # a later flag wins
+    (tmp_path / "datasets").mkdir()
+    server = start_server(tmp_path / "data", env={"NEUROLENS_DATASET_ROOTS": str(tmp_path / "datasets")},
+                          args=("--token", TOKEN, "--host", "0.0.0.0"))  # a later flag wins
     server.stop()  # start_server already checked /api/health over loopback
 
 
@@ -171,7 +173,10 @@ def test_bodies_of_the_wrong_type_are_refused_with_415(shared_server):
             refused = client.post("/api/jobs", content=json.dumps(job), headers={"Content-Type": content_type})
             assert refused.status_code == 415, refused.text
             assert "takes 'Content-Type: application/json'" in refused.json()["detail"]
-        untyped = client.post("/api/jobs", content=json.dumps(job).encode())  # httpx sends no type for bytes
+        # A body without a type from a page (a no-cors fetch of a Blob; browsers send Origin with
+        # it) is refused; the same from a program, which sends no Origin, is not a web page.
+        untyped = client.post("/api/jobs", content=json.dumps(job).encode(),
+                              headers={"Origin": shared_server.url})
         assert untyped.status_code == 415 and "none was given" in untyped.json()["detail"]
         upload = client.post("/api/artifacts", params={"kind": "report", "sha256": "0" * 64}, content=b"{}",
                              headers={"Content-Type": "text/plain"})
@@ -280,8 +285,10 @@ def test_a_trainer_registers_only_files_under_its_checkpoints_and_final_folders(
 
 def test_allowed_hosts_and_a_wildcard_bind_widen_the_host_check_and_nothing_else(tmp_path):
     # A flag, not NEUROLENS_HOST: start_server passes --host 127.0.0.1, and a later flag wins.
+    (tmp_path / "datasets").mkdir()
     server = start_server(tmp_path / "data", args=("--token", TOKEN, "--host", "0.0.0.0"),
-                          env={"NEUROLENS_ALLOWED_HOSTS": "gpu-box, Lab.Example.org"})
+                          env={"NEUROLENS_ALLOWED_HOSTS": "gpu-box, Lab.Example.org",
+                               "NEUROLENS_DATASET_ROOTS": str(tmp_path / "datasets")})
     try:
         with server.client() as client:
             for host in ("gpu-box:8000", "lab.example.org", "192.168.1.5:8000", "[fe80::1]"):
