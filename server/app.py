@@ -10,9 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
-from fastapi.routing import APIRoute
 from pydantic import BaseModel
-from starlette.routing import Match
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 from sqlmodel import Session, func, select
@@ -23,7 +21,7 @@ from server.db import make_engine, upgrade_database
 from server.exceptions import NeuroLensServerError
 from server.jobs import create_job
 from server.models import Job, JobCreate
-from server.origin_guard import OriginGuardMiddleware
+from server.origin_guard import OriginGuardMiddleware, methods_taken
 from server.scheduler import Scheduler
 from server.security import RequestLimitMiddleware, TokenMiddleware
 from server.settings import Settings
@@ -126,15 +124,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def _method_not_allowed(request: Request, _exc: Exception) -> JSONResponse:
         # Starlette's Allow names the methods of the first route on the path only; a path such
         # as /api/jobs has one route per method.
-        allowed = sorted({method for route in app.router.routes if isinstance(route, APIRoute)
-                          and route.matches(request.scope)[0] == Match.PARTIAL for method in route.methods})
+        allowed = methods_taken(app.router, request.scope)
+        if not allowed and request.url.path.startswith("/api/"):
+            # Only the dashboard's static Mount answered: no endpoint lives at this path.
+            return JSONResponse({"detail": f"No endpoint {request.url.path}; the API is listed at /docs."},
+                                status_code=404)
+        if not allowed:
+            allowed = ["GET", "HEAD"]  # a dashboard file
         return JSONResponse({"detail": f"Method {request.method} not allowed here; use {', '.join(allowed)}."},
                             status_code=405, headers={"Allow": ", ".join(allowed)})
 
     app.add_middleware(RequestLimitMiddleware, max_bytes=settings.max_request_bytes)
     app.add_middleware(TokenMiddleware, token=settings.token)
     # Outermost: a foreign page or Host is refused before anything else looks at the request.
-    app.add_middleware(OriginGuardMiddleware, bind_host=settings.host, allowed_hosts=settings.allowed_host_names)
+    app.add_middleware(OriginGuardMiddleware, bind_host=settings.host, allowed_hosts=settings.allowed_host_names,
+                       router=app.router)
     app.include_router(api_router())
     if DASHBOARD_DIR.is_dir():
         app.mount("/", StaticFiles(directory=DASHBOARD_DIR, html=True), name="dashboard")

@@ -23,6 +23,7 @@ import ipaddress
 import re
 from urllib.parse import urlsplit
 
+from starlette.routing import Match, Mount, Router
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 # One JSON error writer for every guard; it is module-private there only by its name.
@@ -56,6 +57,23 @@ def _ip(name: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
         return None
 
 
+HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
+def takes(router: Router, scope: Scope) -> bool:
+    """Whether an endpoint of ``router`` takes this request's method at its path.
+
+    Mounts are passed over (the dashboard's static files at "/" match every path); an included
+    router answers for its own routes, whichever way FastAPI keeps them.
+    """
+    return any(not isinstance(route, Mount) and route.matches(scope)[0] == Match.FULL for route in router.routes)
+
+
+def methods_taken(router: Router, scope: Scope) -> list[str]:
+    """The methods some endpoint of ``router`` takes at this request's path (for ``Allow``)."""
+    return [method for method in HTTP_METHODS if takes(router, {**scope, "method": method})]
+
+
 def expected_content_type(method: str, path: str) -> str:
     for route_method, pattern in OCTET_STREAM_ROUTES:
         if method == route_method and pattern.match(path):
@@ -76,10 +94,15 @@ class OriginGuardMiddleware:
         literal cannot be rebound: the page's origin then is the server itself).
     allowed_hosts
         Further names to serve (``NEUROLENS_ALLOWED_HOSTS``), e.g. the machine's LAN name.
+    router
+        The application's router: a body's type is judged only for a method and path one of its
+        routes takes, so that an unknown path stays a 404 and an unknown method a 405.
     """
 
-    def __init__(self, app: ASGIApp, bind_host: str, allowed_hosts: frozenset[str] = frozenset()) -> None:
+    def __init__(self, app: ASGIApp, bind_host: str, allowed_hosts: frozenset[str] = frozenset(),
+                 router: Router | None = None) -> None:
         self.app = app
+        self.router = router
         self.any_ip = bind_host in WILDCARD_BINDS
         self.names = LOOPBACK_NAMES | {split_host(bind_host)[0]} | {name.lower().rstrip(".") for name in allowed_hosts}
         self.names.discard("")
@@ -114,9 +137,13 @@ class OriginGuardMiddleware:
         if changes and origin is not None and not self.same_origin(origin, host):
             return 403, (f"Refused a {method} {path} from the page at {origin!r}: only pages served by this "
                          "server itself may change anything here.")
-        if changes:
+        if changes and self.routes(scope):
             return self.content_type_refusal(method, path, headers)
         return None
+
+    def routes(self, scope: Scope) -> bool:
+        """Whether a route of the application takes this method at this path."""
+        return self.router is None or takes(self.router, scope)
 
     @staticmethod
     def same_origin(origin: str, host: str | None) -> bool:
