@@ -74,6 +74,9 @@ class Scheduler:
         self._last_sample = 0.0
         # Crashed jobs wait a little before their retry, so a crash loop cannot spin the CPU.
         self._retry_after: dict[int, float] = {}
+        # Where each running attempt's lines begin in its job's trainer log, so that a crash is
+        # never explained by an earlier attempt's last line (unknown after a restart: 0).
+        self._log_start: dict[int, int] = {}
         # Trainer events the database could not take (a full disk); written before the attempt ends.
         self.backlog = jobs.EventBacklog()
         self._db_warned_at = 0.0
@@ -188,7 +191,8 @@ class Scheduler:
                             .order_by(JobEvent.id.desc())).first()
         facts = Facts(exit=ended, stop_request=attempt.stop_request, killed_by_us=attempt.killed_by_us,
                       kill_message=attempt.message, last_event=last, shutting_down=shutting_down,
-                      log_line=last_log_line(self.job_dir(job_id) / LOG_FILENAME))
+                      log_line=last_log_line(self.job_dir(job_id) / LOG_FILENAME,
+                                             since=self._log_start.pop(job_id, 0)))
         decision = jobs.end_attempt(session, job, attempt, facts, self.settings.max_attempts)
         if decision.retry_delay_s:
             log.warning("job %s: %s (attempt %s; %s of %s allowed crashes)", job_id, decision.message,
@@ -350,8 +354,10 @@ class Scheduler:
             attempt = jobs.start_attempt(session, job, self.executor.name, token)
         except StaleJob:
             return
+        log_path = job_dir / LOG_FILENAME
+        self._log_start[job.id] = log_path.stat().st_size if log_path.exists() else 0
         try:
-            run = self.executor.start(spec_path, job_dir / LOG_FILENAME, processes=job.config.get("devices", 1))
+            run = self.executor.start(spec_path, log_path, processes=job.config.get("devices", 1))
         except OSError as exc:
             jobs.start_failed(session, job, attempt, f"could not start the trainer: {exc}")
             return

@@ -63,19 +63,21 @@ def describe_exit(code: int | None) -> str:
     return f"trainer exited with code {code}"
 
 
-def log_tail(path: Path, max_bytes: int) -> str | None:
-    """The last ``max_bytes`` of a trainer log as text, or None when it cannot be read."""
+def log_tail(path: Path, max_bytes: int, since: int = 0) -> str | None:
+    """The last ``max_bytes`` of a trainer log as text, none of it before byte ``since``, or None
+    when it cannot be read."""
     try:
         with open(path, "rb") as fh:
-            fh.seek(max(fh.seek(0, 2) - max_bytes, 0))
+            fh.seek(max(fh.seek(0, 2) - max_bytes, since, 0))
             return fh.read().decode("utf-8", errors="replace")
     except OSError:
         return None
 
 
-def last_log_line(path: Path, max_bytes: int = 4096) -> str:
-    """The last non-empty line of a trainer log: usually the exception that ended it."""
-    lines = (log_tail(path, max_bytes) or "").strip().splitlines()
+def last_log_line(path: Path, max_bytes: int = 4096, since: int = 0) -> str:
+    """The last non-empty line a trainer wrote to its log after byte ``since`` (where its attempt
+    began: every attempt appends to one log): usually the exception that ended it."""
+    lines = (log_tail(path, max_bytes, since) or "").strip().splitlines()
     return lines[-1].strip()[:500] if lines else ""
 
 
