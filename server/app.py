@@ -56,8 +56,12 @@ class ErrorMessage(BaseModel):
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     code: {"description": text, "content": {"application/json": {"schema": ErrorMessage.model_json_schema()}}}
     for code, text in {
-        400: "Malformed header (Range, Content-Length)", 401: "Token missing or wrong", 404: "No such job, artifact or upload",
+        400: "Malformed header (Range, Content-Length)", 401: "Token missing or wrong",
+        403: "A change (or an /api read) a browser marks as sent from another site or origin",
+        404: "No such job, artifact or upload",
         409: "The request does not fit the resource's state", 413: "Body over the request or upload limit",
+        415: "A body of another type than the operation takes (JSON; raw bytes for uploads)",
+        421: "A Host header this server does not answer to (DNS rebinding)",
         422: "Invalid value: the detail names it and what is allowed", 507: "Not enough free disk on the server",
     }.items()}
 # A request HTTP itself cannot parse (a malformed Content-Length) is refused by uvicorn, in text.

@@ -195,7 +195,7 @@ class Scheduler:
                                              since=self._log_start.pop(job_id, 0)))
         decision = jobs.end_attempt(session, job, attempt, facts, self.settings.max_attempts)
         if decision.retry_delay_s:
-            log.warning("job %s: %s (attempt %s; %s of %s allowed crashes)", job_id, decision.message,
+            log.warning("job %s: %s (attempt %s ended %s; NEUROLENS_MAX_ATTEMPTS %s)", job_id, decision.message,
                         job.attempts, decision.outcome.value, self.settings.max_attempts)
             self._retry_after[job_id] = time.monotonic() + decision.retry_delay_s
 
