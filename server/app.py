@@ -17,6 +17,7 @@ from sqlmodel import Session, func, select
 
 from server import __version__
 from server.api import artifacts, jobs, system
+from server.api_docs import add_api_docs
 from server.db import make_engine, upgrade_database
 from server.exceptions import NeuroLensServerError
 from server.jobs import create_job
@@ -118,6 +119,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version=__version__,
         summary="Checkpointing job server for two-stage EEG-to-text training.",
         lifespan=lifespan,
+        docs_url=None,  # served by add_api_docs, without a CDN
+        redoc_url=None,  # see server/api_docs.py
     )
 
     @app.exception_handler(NeuroLensServerError)
@@ -144,6 +147,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(OriginGuardMiddleware, bind_host=settings.host, allowed_hosts=settings.allowed_host_names,
                        router=app.router)
     app.include_router(api_router())
+    add_api_docs(app)
     if DASHBOARD_DIR.is_dir():
         app.mount("/", StaticFiles(directory=DASHBOARD_DIR, html=True), name="dashboard")
     return app
