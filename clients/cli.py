@@ -23,7 +23,7 @@ from rich.table import Table
 from clients.client import SERVER_ENV, TOKEN_ENV, NeuroLensClient
 from clients.exceptions import NeuroLensError
 from clients.format import (
-    format_bytes, format_duration, format_memory, format_progress, status_label,
+    format_bytes, format_duration, format_memory, format_progress, short_status_label, status_label,
 )
 
 app = typer.Typer(
@@ -61,6 +61,14 @@ def _connect(ctx: typer.Context) -> Iterator[NeuroLensClient]:
         raise _fail(str(exc)) from None
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from server import __version__  # server/__init__.py holds only the version: nothing heavy loads
+
+        typer.echo(f"neurolens {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
 def _main(
     ctx: typer.Context,
@@ -70,8 +78,17 @@ def _main(
     token: Annotated[Optional[str], typer.Option(
         "--token", envvar=TOKEN_ENV, show_envvar=True, show_default=False,
         help="The server's access token, sent as 'Authorization: Bearer' (needed beyond loopback).")] = None,
+    version: Annotated[bool, typer.Option(
+        "--version", callback=_print_version, is_eager=True, help="Print the version and exit.")] = False,
 ) -> None:
     ctx.obj = _Options(server=server, token=token)
+
+
+JsonOption = Annotated[bool, typer.Option("--json", help="Print the API's JSON instead of a table, for scripts.")]
+
+
+def _print_json(value: Any) -> None:
+    typer.echo(json.dumps(value, indent=2))
 
 
 # -- serve -------------------------------------------------------------------------------------
@@ -174,31 +191,44 @@ def list_jobs(
     ctx: typer.Context,
     status: Annotated[Optional[str], typer.Option(help="Only jobs with this status.")] = None,
     stage: Annotated[Optional[str], typer.Option(help="Only stage1 or stage2 jobs.")] = None,
+    as_json: JsonOption = False,
 ) -> None:
-    """List jobs, newest first."""
+    """List jobs, newest first; a failed job's error follows the table."""
     with _connect(ctx) as client:
         jobs = client.list_jobs(status=status, stage=stage)
+    if as_json:
+        _print_json(jobs)
+        return
     if not jobs:
         console.print("No jobs.")
         return
     table = Table(show_edge=False, pad_edge=False)
     for name, justify in (("ID", "right"), ("Stage", "left"), ("Status", "left"), ("Progress", "left"),
                           ("Loss", "right"), ("Peak RSS", "right"), ("Tries", "right")):
-        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+        table.add_column(name, justify=justify, no_wrap=True)  # type: ignore[arg-type]
     for job in jobs:
         loss = (job.get("metrics") or {}).get("loss")
         peak = (job.get("memory") or {}).get("peak_rss_bytes")
-        table.add_row(str(job["id"]), job["stage"], status_label(job), format_progress(job.get("progress")),
+        table.add_row(str(job["id"]), job["stage"], short_status_label(job), format_progress(job.get("progress"), eta=False),
                       f"{loss:.4f}" if isinstance(loss, (int, float)) else "-",
                       format_bytes(peak), str(job.get("attempts", 0)))
     console.print(table)
+    failed = [job for job in jobs if job.get("error")]
+    if failed:
+        console.print()
+    for job in failed:
+        # One line each, cut to the terminal: `neurolens status ID` shows the whole message.
+        console.print(f"job {job['id']}: {job['error']}", overflow="ellipsis", no_wrap=True, crop=True)
 
 
 @app.command()
-def status(ctx: typer.Context, job_id: Annotated[int, typer.Argument(help="Job id.")]) -> None:
+def status(ctx: typer.Context, job_id: Annotated[int, typer.Argument(help="Job id.")], as_json: JsonOption = False) -> None:
     """Show one job: status, progress, memory, metrics, error and artifacts."""
     with _connect(ctx) as client:
         job = client.get_job(job_id)
+    if as_json:
+        _print_json(job)
+        return
     rows: list[tuple[str, str]] = [
         ("Job", f"{job['id']} ({job['stage']} on {job['dataset']})"),
         ("Status", status_label(job)),
@@ -274,18 +304,40 @@ def logs(
     ctx: typer.Context,
     job_id: Annotated[int, typer.Argument(help="Job id.")],
     tail_bytes: Annotated[int, typer.Option(help="How much of the end of the log to show.", min=1)] = 65536,
+    follow: Annotated[bool, typer.Option(
+        "--follow", "-f", help="Keep printing what the log gains until the job ends (Ctrl-C stops following).")] = False,
 ) -> None:
     """Print the end of a job's trainer log."""
-    with _connect(ctx) as client:
-        text = client.logs(job_id, tail_bytes=tail_bytes)
     # Plain echo: a log line with [brackets] must not be read as rich markup.
-    typer.echo(text, nl=not text.endswith("\n"))
+    with _connect(ctx) as client:
+        if not follow:
+            text = client.logs(job_id, tail_bytes=tail_bytes)
+            typer.echo(text, nl=not text.endswith("\n"))
+            return
+        try:
+            for text in client.follow_logs(job_id, tail_bytes=tail_bytes):
+                typer.echo(text, nl=False)
+        except KeyboardInterrupt:
+            raise typer.Exit(130) from None
 
 
 def _transition(ctx: typer.Context, job_id: int, action: str) -> None:
     with _connect(ctx) as client:
         job = getattr(client, f"{action}_job")(job_id)
-    console.print(f"Job {job['id']} {status_label(job)}.")
+    console.print(_transition_message(job, action))
+
+
+def _transition_message(job: dict[str, Any], action: str) -> str:
+    """What a pause, cancel, resume or retry did, in the user's words."""
+    number = job["id"]
+    if job["status"] == "running":  # pause or cancel of a running trainer: it stops at its next report
+        then = f"then stops; `neurolens resume {number}` continues it" if action == "pause" else "then stops"
+        return f"{action.capitalize()} requested: job {number} checkpoints at its next step, {then}."
+    if action in ("resume", "retry"):
+        budget = " with fresh retries" if action == "retry" else ""
+        return (f"Job {number} is {status_label(job)} again{budget}; it continues from its newest checkpoint "
+                f"(step {(job.get('progress') or {}).get('step') or 0}).")
+    return f"Job {number} {status_label(job)}."
 
 
 @app.command()
@@ -296,7 +348,7 @@ def cancel(ctx: typer.Context, job_id: Annotated[int, typer.Argument(help="Job i
 
 @app.command()
 def pause(ctx: typer.Context, job_id: Annotated[int, typer.Argument(help="Job id.")]) -> None:
-    """Pause a job; it keeps its newest checkpoint."""
+    """Pause a running job; it checkpoints and stops, and keeps that checkpoint for `resume`."""
     _transition(ctx, job_id, "pause")
 
 
@@ -330,10 +382,14 @@ def artifacts(
     ctx: typer.Context,
     job: Annotated[Optional[int], typer.Option(help="Only this job's artifacts.")] = None,
     kind: Annotated[Optional[str], typer.Option(help="encoder, checkpoint, model or report.")] = None,
+    as_json: JsonOption = False,
 ) -> None:
     """List artifacts (use an ID with `neurolens download`)."""
     with _connect(ctx) as client:
         found = client.list_artifacts(job_id=job, kind=kind)
+    if as_json:
+        _print_json(found)
+        return
     if not found:
         console.print("No artifacts.")
         return

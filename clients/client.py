@@ -16,6 +16,7 @@ Examples
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import os
 import time
@@ -228,10 +229,19 @@ class NeuroLensClient:
             return None, etag
         return response.json(), response.headers.get("ETag")
 
+    def _every_page(self, path: str, params: dict[str, Any], page_size: int) -> list[dict[str, Any]]:
+        """Every item of a paged listing (``data`` a page, ``count`` all that match), read page by page."""
+        items: list[dict[str, Any]] = []
+        while True:
+            page = self._json("GET", path, params={**params, "limit": page_size, "offset": len(items)})
+            items.extend(page["data"])
+            if not page["data"] or len(items) >= page["count"]:
+                return items
+
     def list_jobs(self, *, status: str | None = None, stage: str | None = None) -> list[dict[str, Any]]:
-        """Return jobs, newest first, optionally filtered by ``status`` and ``stage``."""
+        """Return every job, newest first, optionally filtered by ``status`` and ``stage``."""
         params = {k: v for k, v in (("status", status), ("stage", stage)) if v}
-        return self._json("GET", "/api/jobs", params=params)["data"]
+        return self._every_page("/api/jobs", params, page_size=200)
 
     def cancel_job(self, job_id: int) -> dict[str, Any]:
         """Ask a job to stop for good; a running trainer checkpoints first. Returns the job."""
@@ -274,6 +284,32 @@ class NeuroLensClient:
         response = self._request("GET", f"/api/jobs/{job_id}/logs", params={"tail_bytes": tail_bytes},
                                  headers={"Accept": "text/plain"})
         return response.text
+
+    def follow_logs(self, job_id: int, *, tail_bytes: int = 65536, poll_interval: float = 1.0) -> Iterator[str]:
+        """Yield the end of a job's log, then what it gains, until the job has ended and all is read.
+
+        Reads continue from the byte the last one ended at (the ``X-Log-Size`` header), and are
+        decoded incrementally, so that a character cut between two reads comes out whole.
+        """
+        response = self._request("GET", f"/api/jobs/{job_id}/logs", params={"tail_bytes": tail_bytes},
+                                 headers={"Accept": "text/plain"})
+        yield response.text
+        offset = int(response.headers.get("X-Log-Size", 0))
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        while True:
+            # The status is read before the log, so that a job seen ended has nothing left to write.
+            ended = self.get_job(job_id)["status"] in TERMINAL_STATUSES
+            while True:
+                chunk = self._request("GET", f"/api/jobs/{job_id}/logs", params={"offset": offset},
+                                      headers={"Accept": "text/plain"})
+                offset = int(chunk.headers.get("X-Log-Size", offset))
+                if not chunk.content:
+                    break
+                yield decoder.decode(chunk.content)
+            if ended:
+                yield decoder.decode(b"", final=True)
+                return
+            time.sleep(poll_interval)
 
     def wait_for_job(self, job_id: int, statuses: Collection[str] = ("succeeded",), *, timeout: float = 600.0,
                      poll_interval: float = 1.0,
@@ -331,9 +367,9 @@ class NeuroLensClient:
     # -- artifacts --------------------------------------------------------------------------
 
     def list_artifacts(self, *, job_id: int | None = None, kind: str | None = None) -> list[dict[str, Any]]:
-        """Return artifacts, optionally those of one job and/or one kind (encoder, checkpoint, model, report)."""
+        """Return every artifact, newest first, optionally those of one job and/or one kind (encoder, checkpoint, model, report)."""
         params = {k: v for k, v in (("job_id", job_id), ("kind", kind)) if v is not None}
-        return self._json("GET", "/api/artifacts", params=params)["data"]
+        return self._every_page("/api/artifacts", params, page_size=500)
 
     def get_artifact(self, artifact_id: int) -> dict[str, Any]:
         """Return one artifact record: id, job_id, kind, filename, size_bytes, sha256, created_at."""

@@ -60,13 +60,15 @@ def format_duration(seconds: float | None) -> str:
     return f"{s // 3600}h {s % 3600 // 60:02d}m"
 
 
-def format_progress(progress: dict[str, Any] | None) -> str:
+def format_progress(progress: dict[str, Any] | None, eta: bool = True) -> str:
     """Format a job's progress as ``120/200 (60%), ETA 1m 20s``.
 
     Parameters
     ----------
     progress : dict or None
         The job's ``progress`` object (``step``, ``total``, ``eta_s``).
+    eta : bool
+        Append the ETA while the job has steps left.
 
     Returns
     -------
@@ -77,7 +79,7 @@ def format_progress(progress: dict[str, Any] | None) -> str:
         return "-"
     step, total = progress.get("step") or 0, progress["total"]
     text = f"{step}/{total} ({100 * step / total:.0f}%)"
-    if progress.get("eta_s") is not None and step < total:
+    if eta and progress.get("eta_s") is not None and step < total:
         text += f", ETA {format_duration(progress['eta_s'])}"
     return text
 
@@ -110,6 +112,18 @@ def format_memory(memory: dict[str, Any] | None, available: int | None = None) -
     return text
 
 
+# The same, in a table cell's few columns.
+SHORT_REASONS = {"memory": "memory"}
+
+
+def short_status_label(job: dict[str, Any]) -> str:
+    """:func:`status_label` for a table: ``queued (after 3)``, ``queued (memory)``."""
+    status, reason = str(job.get("status", "unknown")), job.get("reason")
+    if reason == "dependency" and job.get("after") is not None:
+        return f"{status} (after {job['after']})"
+    return f"{status} ({SHORT_REASONS.get(reason, reason)})" if reason else status
+
+
 def status_label(job: dict[str, Any]) -> str:
     """The job's status in words, with the waiting reason when it has one.
 
@@ -130,4 +144,5 @@ def status_label(job: dict[str, Any]) -> str:
     return status
 
 
-__all__ = ["REASONS", "format_bytes", "format_duration", "format_memory", "format_progress", "status_label"]
+__all__ = ["REASONS", "format_bytes", "format_duration", "format_memory", "format_progress", "short_status_label",
+           "status_label"]

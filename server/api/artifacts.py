@@ -297,6 +297,7 @@ def list_artifacts(
     sha256: Annotated[str | None, Query(json_schema_extra=SHA256_SCHEMA,
                                         description="Only artifacts with this content.")] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 500,
+    offset: Annotated[int, Query(ge=0, le=DB_INT_MAX, description="Artifacts to skip (paging); `count` is all that match.")] = 0,
 ) -> ArtifactsPublic:
     query = select(Artifact)
     count_query = select(func.count()).select_from(Artifact)
@@ -310,7 +311,7 @@ def list_artifacts(
         digest = check_sha256(sha256)
         query = query.where(Artifact.sha256 == digest)
         count_query = count_query.where(Artifact.sha256 == digest)
-    found = session.exec(query.order_by(Artifact.id.desc()).limit(limit)).all()
+    found = session.exec(query.order_by(Artifact.id.desc()).offset(offset).limit(limit)).all()
     return ArtifactsPublic(data=[ArtifactPublic.model_validate(a, from_attributes=True) for a in found],
                            count=session.exec(count_query).one())
 

@@ -61,6 +61,7 @@ def list_jobs(
     status: JobStatus | None = None,
     stage: Annotated[str | None, Query(json_schema_extra={"enum": list(STAGES)})] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 200,
+    offset: Annotated[int, Query(ge=0, le=DB_INT_MAX, description="Jobs to skip (paging); `count` is all that match.")] = 0,
     if_none_match: Annotated[str | None, Header()] = None,
 ):
     query = select(Job)
@@ -75,12 +76,12 @@ def list_jobs(
             raise InvalidInput(str(exc)) from exc
         query = query.where(Job.stage == stage)
         count_query = count_query.where(Job.stage == stage)
-    found = session.exec(query.order_by(Job.id.desc()).limit(limit)).all()
+    found = session.exec(query.order_by(Job.id.desc()).offset(offset).limit(limit)).all()
     count = session.exec(count_query).one()
     # The dashboard polls this every few seconds for hours; an unchanged listing costs one small
     # query and a 304 instead of every job with its artifacts.
     kept = [job.id for job in found if scheduler.backlog.has(job.id)]
-    etag = list_etag_of(found, count, f"{status}|{stage}|{limit}|{kept}")
+    etag = list_etag_of(found, count, f"{status}|{stage}|{limit}|{offset}|{kept}")
     if if_none_match and etag in [tag.strip() for tag in if_none_match.split(",")]:
         return Response(status_code=304, headers={"ETag": etag})
     response.headers["ETag"] = etag
@@ -135,24 +136,45 @@ def list_events(
     after_id: Annotated[int, Query(ge=0, le=DB_INT_MAX, description="Only events with a larger id.")] = 0,
     limit: Annotated[int, Query(ge=1, le=5000)] = 500,
 ) -> JobEventsPublic:
+    """A job's events oldest first, a page at a time: ``count`` is all of them after ``after_id``,
+    so a reader whose page holds fewer knows to ask again from the page's last id."""
     job_rules.get_job(session, job_id)
-    events = session.exec(
-        select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.id > after_id).order_by(JobEvent.id).limit(limit)
-    ).all()
-    return JobEventsPublic(data=events, count=len(events))
+    where = (JobEvent.job_id == job_id, JobEvent.id > after_id)
+    events = session.exec(select(JobEvent).where(*where).order_by(JobEvent.id).limit(limit)).all()
+    return JobEventsPublic(data=events, count=session.exec(select(func.count()).select_from(JobEvent).where(*where)).one())
 
 
-@router.get("/{job_id}/logs", response_class=PlainTextResponse)
+LOG_CHUNK_MAX = 1024**2
+"""Most bytes one ``offset`` read of a log returns; a follower asks again from where it ended."""
+
+
+@router.get("/{job_id}/logs", response_class=PlainTextResponse,
+            responses={200: {"headers": {"X-Log-Size": {"description": "The log's size in bytes now",
+                                                        "schema": {"type": "integer"}}}}})
 def read_logs(job_id: JobId, session: SessionDep, settings: SettingsDep,
-              tail_bytes: Annotated[int, Query(ge=1, le=16 * 1024**2)] = 65536) -> str:
+              tail_bytes: Annotated[int, Query(ge=1, le=16 * 1024**2)] = 65536,
+              offset: Annotated[int | None, Query(ge=0, le=DB_INT_MAX, description=(
+                  "Return the log's raw bytes from this byte on (at most 1 MiB) instead of its end: "
+                  "a follower passes the X-Log-Size of its last read"))] = None) -> Response:
+    """The end of a job's trainer log, or (with ``offset``) its bytes from there on.
+
+    ``X-Log-Size`` is the log's size when read, so that ``offset=<that>`` continues exactly
+    where this read ended, whatever a byte range cut through (the bytes are sent undecoded).
+    """
     job_rules.get_job(session, job_id)
     path = settings.jobs_dir / str(job_id) / LOG_FILENAME
     if not path.exists():
-        return ""
+        return PlainTextResponse("", headers={"X-Log-Size": "0"})
     with open(path, "rb") as fh:
         size = fh.seek(0, 2)
-        fh.seek(max(size - tail_bytes, 0))
-        return fh.read().decode("utf-8", errors="replace")
+        if offset is None:
+            fh.seek(max(size - tail_bytes, 0))
+            body = fh.read().decode("utf-8", errors="replace").encode()
+        else:
+            fh.seek(min(offset, size))
+            body = fh.read(LOG_CHUNK_MAX)
+            size = min(offset, size) + len(body)
+    return Response(body, media_type="text/plain; charset=utf-8", headers={"X-Log-Size": str(size)})
 
 
 # --- The trainer's side: authenticated by the job's own token ---------------------------
