@@ -182,7 +182,7 @@ def test_split_config_is_checked():
             parse_config("stage2", {"split": split})
 
 
-def test_submission_refuses_unknown_subjects_and_malformed_roots(two_by_two, tmp_path):
+def test_submission_checks_subjects_and_roots_and_reports_what_it_found(two_by_two, tmp_path):
     broken = tmp_path / "broken"
     (broken / "sub-01" / "eeg").mkdir(parents=True)
     (broken / "dataset_description.json").write_text("[]")
@@ -199,6 +199,19 @@ def test_submission_refuses_unknown_subjects_and_malformed_roots(two_by_two, tmp
             assert response.status_code == 422, response.text
             assert "dataset_description.json holds list; expected a JSON object" in response.json()["detail"]
             assert client.get("/api/jobs").json()["count"] == 0  # nothing queued
+
+            # Accepted: what the check found is the job's first event.
+            response = client.post("/api/jobs", json={"stage": "stage1", "dataset": str(two_by_two), "config": {
+                "preset": "tiny", "steps": 2, "split": {"test_subjects": ["sub-02"]}}})
+            assert response.status_code == 201, response.text
+            job = response.json()
+            client.post(f"/api/jobs/{job['id']}/cancel")
+            assert job["config"]["split"] == {"test_subjects": ["02"], "text_disjoint": True}
+            [first, *_] = client.get(f"/api/jobs/{job['id']}/events").json()["data"]
+            assert first["kind"] == "log" and first["message"].startswith(
+                "Dataset check: 4 recordings. BIDS dataset: 2 subjects (01, 02), 2 sessions (1, 2), 1 task (reading), "
+                "no runs; bad channels (left out): sub-01_ses-2_task-reading_eeg.edf: Cz; participants.tsv: 2 rows, "
+                "columns age, sex, hand, weight, height.")
     finally:
         server.stop()
 
@@ -220,6 +233,11 @@ def test_a_cross_subject_stage2_job_holds_out_exactly_the_named_subjects(tmp_pat
                                                     "config": {"preset": "tiny", "steps": 4, "log_every_s": 0.5,
                                                                "bootstrap_samples": 50, "split": split}})
             assert stage2.status_code == 201, stage2.text
+            # Holding out 01 and 03 leaves 02, who read only what 01 read: text_disjoint leaves nothing to train.
+            starved = client.post("/api/jobs", json={"stage": "stage2", "dataset": str(root), "after": stage1.json()["id"],
+                                                     "config": {"preset": "tiny", "steps": 4,
+                                                                "split": {"test_subjects": ["01", "03"]}}})
+            assert starved.status_code == 201, starved.text
             events = client.get(f"/api/jobs/{stage2.json()['id']}/events").json()["data"]
             assert any("Dataset check: 3 recordings. BIDS dataset: 3 subjects (01, 02, 03)" in (e["message"] or "")
                        for e in events)
@@ -230,6 +248,9 @@ def test_a_cross_subject_stage2_job_holds_out_exactly_the_named_subjects(tmp_pat
             done = server.wait_for_job(stage2.json()["id"], {"succeeded"})
             report_artifact = next(a for a in done["artifacts"] if a["kind"] == "report")
             report = client.get(f"/api/artifacts/{report_artifact['id']}/download").json()
+            failed = server.wait_for_job(starved.json()["id"], {"failed"})
+            assert "No training sentences left: the subjects other than 01, 03 read only sentences the held-out " \
+                   "subjects read too (30 left out); set split.text_disjoint to false" in failed["error"]
     finally:
         server.stop()
     assert report["split"]["split"] == "subjects" and report["split"]["test_subjects"] == ["03"]

@@ -144,7 +144,10 @@ def run(spec: JobSpec, config: Stage2Config, reporter: Reporter, world: World) -
     parts = np.asarray(parts)
     index = {name: np.flatnonzero(parts == name) for name in ("train", "val", "test")}
     if len(index["train"]) == 0:
-        if config.test_subjects:
+        if config.test_subjects and set(subjects) <= set(config.test_subjects):
+            raise DatasetError(f"Every sentence was read by the held-out subjects {', '.join(config.test_subjects)}: "
+                               f"nothing is left to train on; hold out fewer subjects.")
+        if config.test_subjects and split["excluded_sentences"]:
             raise DatasetError(f"No training sentences left: the subjects other than {', '.join(config.test_subjects)} "
                                f"read only sentences the held-out subjects read too ({split['excluded_sentences']} "
                                f"left out); set split.text_disjoint to false to test on new subjects reading seen "
