@@ -25,7 +25,7 @@ from pathlib import Path
 
 from trainer.config import EncoderConfig
 from trainer.data import bids
-from trainer.data.recordings import open_recording, resolve_dataset
+from trainer.data.recordings import open_recording, resolve_dataset, subject_label
 from trainer.data.text import check_test_subjects
 from trainer.exceptions import DatasetError
 from trainer.protocol import EXIT_FAILED, EXIT_OK
@@ -37,7 +37,7 @@ def check(dataset: str, channels: list[str], test_subjects: list[str] = ()) -> d
     with tempfile.TemporaryDirectory() as scratch:  # only a synthetic dataset would be written there
         recordings = resolve_dataset(dataset, Path(scratch), encoder)
         bads = {path.name: list(open_recording(path, encoder)[0].info["bads"]) for path in recordings}
-    subjects = [bids.subject_of(path) for path in recordings]
+    subjects = [subject_label(path) for path in recordings]
     check_test_subjects(list(test_subjects), subjects)
     found = {"recordings": len(recordings), "subjects": sorted({s for s in subjects if s is not None})}
     root = Path(dataset).expanduser()

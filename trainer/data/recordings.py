@@ -110,6 +110,13 @@ def resolve_dataset(dataset: str, root: Path, encoder: EncoderConfig) -> list[Pa
     return found
 
 
+def subject_label(path: Path) -> str | None:
+    """The subject a recording file belongs to, for held-out-subject splits and the check: the
+    ``sub-<label>`` of a file named the BIDS way (what mne-bids parses), else ``None``. The one
+    place a reader of another layout adds its labels, so the trainer and the check agree."""
+    return bids.subject_of(path)
+
+
 def _normalise_name(name: str) -> str:
     """'EEG Fz-REF' -> 'fz', 'CZ' -> 'cz': drop the type prefix and the reference suffix."""
     name = re.sub(r"^(eeg)[\s_:-]+", "", name.strip(), flags=re.IGNORECASE)
@@ -332,7 +339,7 @@ def preprocess_recording(path: Path, encoder: EncoderConfig, allocate: Callable[
         present[row] = True
     sentences, words = read_annotations(raw, path)
     return Recording(path=path, data=data, present=present, sfreq=encoder.sfreq, sentences=sentences, words=words,
-                     subject=bids.subject_of(path))
+                     subject=subject_label(path))
 
 
 def load_recording(path: Path, encoder: EncoderConfig, min_channel_share: float = 0.5) -> Recording:
@@ -379,7 +386,7 @@ def load_recording_cached(path: Path, encoder: EncoderConfig, cache: Path) -> Re
     meta = json.loads(meta_path.read_text())
     return Recording(path=path, data=np.load(data_path, mmap_mode="r"), present=np.asarray(meta["present"], bool),
                      sfreq=meta["sfreq"], sentences=[Sentence(*x) for x in meta["sentences"]],
-                     words=[Word(*w) for w in meta["words"]], subject=meta.get("subject", bids.subject_of(path)))
+                     words=[Word(*w) for w in meta["words"]], subject=meta.get("subject", subject_label(path)))
 
 
 def load_dataset(dataset: str, root: Path, encoder: EncoderConfig) -> list[Recording]:
