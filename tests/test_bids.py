@@ -87,9 +87,25 @@ def test_the_check_says_what_a_bids_root_holds(two_by_two):
     assert report["participants"]["count"] == 2 and "age" in report["participants"]["columns"]
     assert "2 subjects (01, 02), 2 sessions (1, 2), 1 task (reading)" in found["summary"]
     assert "sub-01_ses-2_task-reading_eeg.edf: Cz" in found["summary"]
+    assert report["participants"]["without_recordings"] == report["participants"]["not_listed"] == []
     with pytest.raises(DatasetError, match=r"Unknown split.test_subjects '03': not in the dataset; its subjects are "
                                            r"01, 02"):
         check(str(two_by_two), list(CHANNELS_8), ["02", "03"])
+
+
+def test_participants_that_do_not_match_the_recordings_are_reported(tmp_path):
+    root = write_dataset(tmp_path / "study", {("01", None): 3, ("02", None): 3}, n_sentences=2)
+    table = (root / "participants.tsv").read_text().replace("sub-02", "sub-20")
+    (root / "participants.tsv").write_text(table + "sub-30\tn/a\tn/a\tn/a\tn/a\tn/a\n")
+    found = check(str(root), list(CHANNELS_8))
+    assert found["bids"]["participants"]["without_recordings"] == ["20", "30"]
+    assert found["bids"]["participants"]["not_listed"] == ["02"]
+    assert "participants.tsv: 3 rows, columns age, sex, hand, weight, height, listing subjects without recordings: " \
+           "20, 30, not listing subjects 02." in found["summary"]
+    (root / "participants.tsv").write_text("subject\tage\n01\t30\n")
+    with pytest.raises(DatasetError, match=r"participants.tsv has no participant_id column \(its columns: subject, "
+                                           r"age\)"):
+        check(str(root), list(CHANNELS_8))
 
 
 def test_malformed_bids_roots_are_dataset_errors(tmp_path):
@@ -175,6 +191,8 @@ def test_split_config_is_checked():
         ({"test_subjects": []}, "Invalid split.test_subjects []; expected a non-empty list"),
         ({"test_subjects": ["01", 2]}, "Invalid split.test_subjects"),
         ({"test_subjects": ["01", "sub-01"]}, "each subject may appear once"),
+        ({"test_subjects": ["01_ses-1"]}, "Invalid split.test_subjects label '01_ses-1'; a subject label is 1 to 64"),
+        ({"test_subjects": [str(i) for i in range(1001)]}, "1001 subjects; at most 1000"),
         ({"test_subjects": ["01"], "text_disjoint": "yes"}, "Invalid split.text_disjoint 'yes'; expected true or false"),
         ({"text_disjoint": False}, "text_disjoint applies to a split with test_subjects only"),
     ]:

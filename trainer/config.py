@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -349,6 +350,10 @@ class TrainConfigBase:
 
 
 SPLIT_KEYS = ("test_subjects", "text_disjoint")
+MAX_TEST_SUBJECTS = 1000
+"""Most held-out subjects a split names: the list travels to the dataset check as one
+command-line argument, which Linux caps at 128 KiB."""
+_LABEL = re.compile(r"[A-Za-z0-9]{1,64}")
 
 
 def check_split(split: Any) -> dict[str, Any]:
@@ -369,7 +374,13 @@ def check_split(split: Any) -> dict[str, Any]:
             or not all(isinstance(s, str) and s.removeprefix("sub-").strip() for s in subjects)):
         raise ConfigError(f"Invalid split.test_subjects {_short(subjects)}; expected a non-empty list of subject "
                           f"labels such as [\"01\", \"02\"].")
+    if len(subjects) > MAX_TEST_SUBJECTS:
+        raise ConfigError(f"Invalid split.test_subjects: {len(subjects)} subjects; at most {MAX_TEST_SUBJECTS}.")
     labels = [s.strip().removeprefix("sub-") for s in subjects]
+    bad = next((label for label in labels if not _LABEL.fullmatch(label)), None)
+    if bad is not None:
+        raise ConfigError(f"Invalid split.test_subjects label {_short(bad)}; a subject label is 1 to 64 letters and "
+                          f"digits (BIDS sub-<label>), such as \"01\".")
     if len(set(labels)) != len(labels):
         raise ConfigError(f"Invalid split.test_subjects {_short(subjects)}; each subject may appear once.")
     text_disjoint = split.get("text_disjoint", True)

@@ -100,6 +100,7 @@ def read_raw(path: Path) -> mne.io.BaseRaw:
     except Exception as exc:
         raise RecordingError(f"Cannot read BIDS recording {path}: its name is not a BIDS file name ({exc}).") from exc
     _check_channels_tsv(Path(bids_path.copy().update(suffix="channels", extension=".tsv").fpath))
+    read_participants(Path(bids_path.root))  # read_raw_bids reads it too, and fails on a bad one with a bare KeyError
     try:
         return mne_bids.read_raw_bids(bids_path, verbose="error")
     except Exception as exc:  # a malformed channels.tsv, electrodes.tsv or events.tsv: all "unreadable"
@@ -189,15 +190,20 @@ def describe(root: Path, bads: dict[str, list[str]]) -> dict:
     -------
     dict
         ``subjects``, ``sessions``, ``tasks``, ``runs`` (mne-bids' entity values), ``bad_channels``
-        (only recordings with some), ``participants`` (``columns``, ``count``).
+        (only recordings with some), ``participants`` (``columns``, ``count``, and the labels
+        ``without_recordings`` or ``not_listed`` there).
     """
     try:
         entities = {f"{key}s": mne_bids.get_entity_vals(root, key) for key in ("subject", "session", "task", "run")}
     except Exception as exc:
         raise DatasetError(f"mne-bids cannot list the entities of {root}: {exc}") from exc
     columns, rows = read_participants(root)
+    listed = {"columns": [c for c in columns if c != "participant_id"], "count": len(rows),
+              # A subject in one of the two but not the other is usually a typo in participants.tsv.
+              "without_recordings": sorted(set(rows) - set(entities["subjects"])),
+              "not_listed": sorted(set(entities["subjects"]) - set(rows)) if rows else []}
     return {**entities, "bad_channels": {name: channels for name, channels in bads.items() if channels},
-            "participants": {"columns": [c for c in columns if c != "participant_id"], "count": len(rows)}}
+            "participants": listed}
 
 
 def summary(report: dict) -> str:
@@ -210,5 +216,9 @@ def summary(report: dict) -> str:
     people = report["participants"]
     participants = (f"{people['count']} rows, columns {', '.join(people['columns']) or 'participant_id only'}"
                     if people["count"] else "absent")
+    if people["without_recordings"]:
+        participants += f", listing subjects without recordings: {', '.join(people['without_recordings'])}"
+    if people["not_listed"]:
+        participants += f", not listing subjects {', '.join(people['not_listed'])}"
     return (f"BIDS dataset: {listed('subjects')}, {listed('sessions')}, {listed('tasks')}, {listed('runs')}; "
             f"bad channels (left out): {bads}; participants.tsv: {participants}.")
