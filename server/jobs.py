@@ -118,13 +118,16 @@ def validate_dataset(dataset: str, roots: tuple[Path, ...] = ()) -> str:
     return str(Path(dataset).expanduser().resolve())
 
 
-def check_recordings(dataset: str, encoder: EncoderConfig, timeout_s: float) -> None:
+def check_recordings(dataset: str, encoder: EncoderConfig, timeout_s: float,
+                      test_subjects: list[str] = ()) -> dict[str, Any]:
     """Refuse a dataset the trainer could not train on: every recording is opened (headers only)
     by ``python -m trainer.check_dataset`` in a subprocess with a time limit, so a malformed file
-    can neither hang nor crash the server, and MNE never loads here."""
+    can neither hang nor crash the server, and MNE never loads here. Held-out ``test_subjects``
+    must be among the dataset's. Returns the checker's answer (``summary``: what it found)."""
     try:
         result = subprocess.run([sys.executable, "-m", "trainer.check_dataset",
-                                 json.dumps({"dataset": dataset, "channels": list(encoder.channels)})],
+                                 json.dumps({"dataset": dataset, "channels": list(encoder.channels),
+                                             "test_subjects": list(test_subjects)})],
                                 capture_output=True, text=True, timeout=timeout_s)
     except subprocess.TimeoutExpired as exc:
         raise InvalidInput(f"Dataset {dataset!r} could not be checked within {timeout_s:g} s (reading the headers "
@@ -134,7 +137,7 @@ def check_recordings(dataset: str, encoder: EncoderConfig, timeout_s: float) -> 
     except (IndexError, ValueError):
         answer = {}
     if "recordings" in answer:
-        return
+        return answer
     lines = (result.stderr or "").strip().splitlines()
     raise InvalidInput(answer.get("error") or f"Dataset {dataset!r} could not be checked: the checker exited with "
                                               f"code {result.returncode}: {lines[-1] if lines else 'no output'}")
@@ -248,9 +251,10 @@ def create_job(session: Session, body: JobCreate, memory_limit_bytes: int | None
 
     if body.checkpoint_artifact is not None:
         check_resume_checkpoint(session, body, config, artifact_path)
+    found: dict[str, Any] = {}
     if dataset_check_timeout_s is not None and dataset not in SYNTHETIC_DATASETS:
         # Last, as the slowest check: a second or so per dataset, to spare a queued job failing hours later.
-        check_recordings(dataset, encoder or config.encoder, dataset_check_timeout_s)
+        found = check_recordings(dataset, encoder or config.encoder, dataset_check_timeout_s, config.test_subjects)
 
     job = Job(
         stage=body.stage,
@@ -263,6 +267,9 @@ def create_job(session: Session, body: JobCreate, memory_limit_bytes: int | None
         predicted_peak_bytes=predicted,
     )
     session.add(job)
+    if found.get("summary"):  # what the check found (a BIDS dataset's subjects, sessions, ...): the first event
+        session.flush()
+        session.add(JobEvent(job_id=job.id, kind="log", message=f"Dataset check: {found['summary']}"))
     session.commit()
     session.refresh(job)
     return job

@@ -134,7 +134,7 @@ def test_the_model_file_loads_and_writes_text_without_neurolens(signal_run, tmp_
     report = json.loads((job_dir / "final" / "report.json").read_text())
     with safe_open(str(job_dir / "final" / "model.safetensors"), framework="pt") as fh:
         enc = EncoderConfig.from_dict(json.loads(fh.metadata()["encoder_config"]))
-    x, _, texts = sentence_windows(load_dataset("synthetic", cache_dir, enc), enc)
+    x, _, texts, _ = sentence_windows(load_dataset("synthetic", cache_dir, enc), enc)
     test = np.flatnonzero(np.asarray(split_by_text(texts)) == "test")[:4]
     np.save(tmp_path / "eeg.npy", x[test])
     (tmp_path / "model.safetensors").symlink_to(job_dir / "final" / "model.safetensors")

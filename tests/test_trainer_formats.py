@@ -20,8 +20,9 @@ N_SENTENCES = 12
 # 16-bit integers, so its quantisation step over the exported range is the largest error (about
 # 2e-4 measured); BDF's 24 bits, BrainVision's and EEGLAB's float32 leave float32 rounding only.
 TOLERANCE = {"edf": 1e-3, "bids": 1e-3, "bdf": 1e-5, "brainvision": 1e-5, "eeglab": 1e-5}
-# BrainVision stores marker positions in whole samples (256 Hz); the others keep seconds.
-ONSET_TOLERANCE_S = {"brainvision": 1.0 / 256}
+# BrainVision stores marker positions in whole samples (256 Hz), and so does mne-bids' events.tsv
+# (onset = sample / sfreq); the others keep seconds.
+ONSET_TOLERANCE_S = {"brainvision": 1.0 / 256, "bids": 1.0 / 256}
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -288,6 +289,12 @@ class TrainConfigBase:
     """Processes training in data parallel (one per GPU on CUDA; CPU processes with gloo
     otherwise). More than 1 launches the trainer through ``torchrun``; the effective batch is
     still ``batch_size``, split evenly across the processes."""
+    split: dict = dataclasses.field(default_factory=dict)
+    """Which data is held out. ``{}``: sentences split by text, disjoint across all subjects.
+    ``{"test_subjects": ["01", ...], "text_disjoint": true}``: a cross-subject test; Stage 2 tests
+    on exactly those subjects' sentences and trains on none of their recordings (``text_disjoint``,
+    default true, also leaves out other subjects' sentences of the same texts); Stage 1 leaves
+    their recordings out of training. Subjects are checked against the dataset at submission."""
 
     PRESET_NAMES: ClassVar[tuple[str, ...]] = ()
 
@@ -321,6 +328,7 @@ class TrainConfigBase:
         _expect_positive("seed", self.seed, allow_zero=True)
         expect_choice("device", self.device, ("auto", "cpu", "cuda"))
         expect_choice("precision", self.precision, ("auto", "float32", "bfloat16"))
+        self.split = check_split(self.split)
 
     @property
     def per_process_batch(self) -> int:
@@ -332,8 +340,53 @@ class TrainConfigBase:
         """Micro-batches each process runs per optimizer step."""
         return self.per_process_batch // self.micro_batch_size
 
+    @property
+    def test_subjects(self) -> list[str]:
+        """Held-out subject labels (``split.test_subjects``); empty for a split by text."""
+        return list(self.split.get("test_subjects", []))
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+SPLIT_KEYS = ("test_subjects", "text_disjoint")
+MAX_TEST_SUBJECTS = 1000
+"""Most held-out subjects a split names: the list travels to the dataset check as one
+command-line argument, which Linux caps at 128 KiB."""
+_LABEL = re.compile(r"[A-Za-z0-9]{1,64}")
+
+
+def check_split(split: Any) -> dict[str, Any]:
+    """A job's ``split`` checked and normalised: labels without their ``sub-`` prefix, and
+    ``text_disjoint`` present exactly when ``test_subjects`` is. Whether the subjects exist is
+    the dataset's to say (the submission-time check and the trainer ask it)."""
+    if not isinstance(split, dict):
+        raise ConfigError(f"Invalid split {_short(split)}; expected an object such as {{\"test_subjects\": [\"01\"]}}.")
+    unknown = sorted(set(split) - set(SPLIT_KEYS))
+    if unknown:
+        raise ConfigError(f"Unknown split key {unknown[0]!r}; expected some of: {', '.join(SPLIT_KEYS)}.")
+    if "test_subjects" not in split:
+        if "text_disjoint" in split:
+            raise ConfigError("Invalid split: text_disjoint applies to a split with test_subjects only.")
+        return {}
+    subjects = split["test_subjects"]
+    if (not isinstance(subjects, list) or not subjects
+            or not all(isinstance(s, str) and s.removeprefix("sub-").strip() for s in subjects)):
+        raise ConfigError(f"Invalid split.test_subjects {_short(subjects)}; expected a non-empty list of subject "
+                          f"labels such as [\"01\", \"02\"].")
+    if len(subjects) > MAX_TEST_SUBJECTS:
+        raise ConfigError(f"Invalid split.test_subjects: {len(subjects)} subjects; at most {MAX_TEST_SUBJECTS}.")
+    labels = [s.strip().removeprefix("sub-") for s in subjects]
+    bad = next((label for label in labels if not _LABEL.fullmatch(label)), None)
+    if bad is not None:
+        raise ConfigError(f"Invalid split.test_subjects label {_short(bad)}; a subject label is 1 to 64 letters and "
+                          f"digits (BIDS sub-<label>), such as \"01\".")
+    if len(set(labels)) != len(labels):
+        raise ConfigError(f"Invalid split.test_subjects {_short(subjects)}; each subject may appear once.")
+    text_disjoint = split.get("text_disjoint", True)
+    if not isinstance(text_disjoint, bool):
+        raise ConfigError(f"Invalid split.text_disjoint {_short(text_disjoint)}; expected true or false.")
+    return {"test_subjects": labels, "text_disjoint": text_disjoint}
 
 
 @dataclass
@@ -458,7 +511,8 @@ def config_fields(cls: type[TrainConfigBase]) -> list[dict[str, Any]]:
     """Field names, defaults and types of a stage's config class, for forms and documentation."""
     out = []
     for f in dataclasses.fields(cls):
-        default = f.default if f.default is not dataclasses.MISSING else None
+        default = (f.default if f.default is not dataclasses.MISSING else
+                   f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
         out.append({"name": f.name, "default": default, "type": type(default).__name__})
     return out
 

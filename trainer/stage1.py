@@ -22,9 +22,10 @@ from trainer.artifact_format import ENCODER_FILENAME, FINAL_DIRNAME
 from trainer.checkpoint import find_latest_checkpoint
 from trainer.config import ConfigError, Stage1Config
 from trainer.distributed import World
-from trainer.data.recordings import load_dataset, windows
+from trainer.data.recordings import Recording, load_dataset, windows
+from trainer.data.text import check_test_subjects
 from trainer.evaluate import word_probe_finish, word_probe_start
-from trainer.exceptions import CheckpointError
+from trainer.exceptions import CheckpointError, DatasetError
 from trainer.memory import FusedOptimizer
 from trainer.models.multiview import MultiViewEncoder, SSLHead, count_parameters, random_token_mask
 from trainer.protocol import EXIT_OK, EXIT_STOPPED, ArtifactKind, JobSpec
@@ -76,6 +77,17 @@ class SSLObjective(nn.Module):
         return loss
 
 
+def held_out_removed(recordings: list[Recording], test_subjects: list[str]) -> list[Recording]:
+    """The recordings Stage 1 trains on: all but the held-out subjects' (``split.test_subjects``),
+    so that a cross-subject Stage 2 test meets subjects the encoder has never seen either."""
+    check_test_subjects(test_subjects, [r.subject for r in recordings])
+    kept = [r for r in recordings if r.subject not in set(test_subjects)]
+    if not kept:
+        raise DatasetError(f"Every recording belongs to the held-out subjects {', '.join(test_subjects)}: "
+                           f"nothing is left for Stage 1 to train on.")
+    return kept
+
+
 def run(spec: JobSpec, config: Stage1Config, reporter: Reporter, world: World) -> int:
     """Train the encoder for ``spec`` as rank ``world.rank``; returns the exit code (OK or STOPPED)."""
     job_dir = Path(spec.job_dir)
@@ -95,9 +107,13 @@ def run(spec: JobSpec, config: Stage1Config, reporter: Reporter, world: World) -
     # -- data ------------------------------------------------------------------------------------
     with distributed.main_first(world):  # rank 0 fills the shared caches, the others then read them
         recordings = load_dataset(spec.dataset, Path(spec.cache_dir or spec.job_dir), enc_config)
-        (train_x, train_mask), (val_x, val_mask) = windows(recordings, enc_config)
+        trained_on = held_out_removed(recordings, config.test_subjects)
+        (train_x, train_mask), (val_x, val_mask) = windows(trained_on, enc_config)
     reporter.event("log", message=f"{len(train_x)} training and {len(val_x)} validation windows "
-                                  f"of {enc_config.window_s:g} s from {len(recordings)} recording(s)")
+                                  f"of {enc_config.window_s:g} s from {len(trained_on)} recording(s)"
+                                  + (f"; held-out subjects {', '.join(config.test_subjects)}: "
+                                     f"{len(recordings) - len(trained_on)} recording(s) not trained on"
+                                     if config.test_subjects else ""))
 
     # -- model and optimizer -----------------------------------------------------------------------
     seed_everything(config.seed)
@@ -192,6 +208,9 @@ def run(spec: JobSpec, config: Stage1Config, reporter: Reporter, world: World) -
         "val_loss": validation_loss(encoder, head, val_x[:config.val_windows], val_mask[:config.val_windows],
                                     config, device) if config.val_windows else None,
         "parameters": count_parameters(encoder),
+        "split": "subjects" if config.test_subjects else "time",
+        "recordings_train": len(trained_on), "recordings_held_out": len(recordings) - len(trained_on),
+        "subjects_train": len({r.subject for r in trained_on if r.subject is not None}),
     }
     probe = (word_probe_start(encoder, recordings, device, config.probe_words, batch=config.micro_batch_size)
              if config.probe_words else None)

@@ -26,7 +26,7 @@ from trainer.artifact_format import FINAL_DIRNAME, MODEL_FILENAME, REPORT_FILENA
 from trainer.checkpoint import atomic_write_text, find_latest_checkpoint
 from trainer.config import EncoderConfig, Stage2Config
 from trainer.data.recordings import Recording, cut, load_dataset
-from trainer.data.text import split_by_text
+from trainer.data.text import split_sentences
 from trainer.data.tokenizer import tokenizer_from_json, tokenizer_json, train_tokenizer
 from trainer.distributed import World, autocast, autocast_dtype
 from trainer.exceptions import CheckpointError, DatasetError, TrainerError
@@ -43,18 +43,20 @@ log = logging.getLogger(__name__)
 
 
 def sentence_windows(recordings: list[Recording], config: EncoderConfig
-                     ) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Each sentence's first ``window_s`` seconds from its onset (zero-padded), masks and texts."""
-    xs, masks, texts = [], [], []
+                     ) -> tuple[np.ndarray, np.ndarray, list[str], list[str | None]]:
+    """Each sentence's first ``window_s`` seconds from its onset (zero-padded), masks, texts and
+    the subject who read it."""
+    xs, masks, texts, subjects = [], [], [], []
     for rec in recordings:
         for sentence in rec.sentences:
             xs.append(cut(rec, int(round(sentence.onset_s * config.sfreq)), config.window_samples))
             masks.append(rec.present)
             texts.append(sentence.text)
+            subjects.append(rec.subject)
     if not texts:
         raise DatasetError("No sentences found: Stage 2 needs 'sentence:<text>' annotations "
                            "or a *_events.tsv with trial_type 'sentence' beside each recording.")
-    return np.stack(xs), np.stack(masks), texts
+    return np.stack(xs), np.stack(masks), texts, subjects
 
 
 def encode_targets(tokenizer, texts: list[str], max_tokens: int) -> np.ndarray:
@@ -137,13 +139,25 @@ def run(spec: JobSpec, config: Stage2Config, reporter: Reporter, world: World) -
 
     # -- data: sentences, splits, cached features ----------------------------------------------------
     recordings = load_dataset(spec.dataset, Path(spec.cache_dir or spec.job_dir), encoder_config)
-    x, mask, texts = sentence_windows(recordings, encoder_config)
-    splits = np.asarray(split_by_text(texts))
-    index = {name: np.flatnonzero(splits == name) for name in ("train", "val", "test")}
+    x, mask, texts, subjects = sentence_windows(recordings, encoder_config)
+    parts, split = split_sentences(texts, subjects, config.test_subjects, config.split.get("text_disjoint", True))
+    parts = np.asarray(parts)
+    index = {name: np.flatnonzero(parts == name) for name in ("train", "val", "test")}
     if len(index["train"]) == 0:
+        if config.test_subjects and set(subjects) <= set(config.test_subjects):
+            raise DatasetError(f"Every sentence was read by the held-out subjects {', '.join(config.test_subjects)}: "
+                               f"nothing is left to train on; hold out fewer subjects.")
+        if config.test_subjects and split["excluded_sentences"]:
+            raise DatasetError(f"No training sentences left: the subjects other than {', '.join(config.test_subjects)} "
+                               f"read only sentences the held-out subjects read too ({split['excluded_sentences']} "
+                               f"left out); set split.text_disjoint to false to test on new subjects reading seen "
+                               f"sentences.")
         raise DatasetError(f"Only {len(set(texts))} distinct sentences: too few to keep a training split.")
     cache = cached_features(job_dir, encoder_path, x, mask, device)
-    reporter.event("log", message=", ".join(f"{len(v)} {k}" for k, v in index.items()) + " sentences")
+    reporter.event("log", message=f"split by {split['split']}: " + "; ".join(
+        f"{name} {split[name]['sentences']} sentences ({split[name]['texts']} texts) of "
+        f"{len(split[name]['subjects'])} subjects" for name in ("train", "val", "test"))
+        + (f"; {split['excluded_sentences']} left out" if split["excluded_sentences"] else ""))
 
     # -- model, tokenizer, optimizer, resume ----------------------------------------------------------
     latest = find_latest_checkpoint(job_dir)
@@ -232,11 +246,12 @@ def run(spec: JobSpec, config: Stage2Config, reporter: Reporter, world: World) -
     metrics = {"steps": state.step, "train_loss": state.losses[-1] if state.losses else None,
                "frozen_steps": config.frozen_steps, "unfrozen_steps": config.unfreeze_steps, **metrics,
                "sentences_train": int(len(index["train"])), "sentences_val": int(len(index["val"])),
-               "sentences_test": int(len(index["test"]))}
+               "sentences_test": int(len(index["test"])), "split": split["split"],
+               **{f"subjects_{name}": len(split[name]["subjects"]) for name in ("train", "val", "test")}}
     report = {
         "dataset": spec.dataset, "encoder_path": str(encoder_path), "decoding": "free-running generate()",
         "note": "val_loss_teacher_forced_diagnostic is teacher-forced and is not a decoding score.",
-        "metrics": metrics, "examples": examples,
+        "split": split, "metrics": metrics, "examples": examples,
     }
 
     # -- export ---------------------------------------------------------------------------------------

@@ -1,10 +1,13 @@
 """Read EEG recordings with MNE, preprocess them and map them onto the encoder's channels.
 
-A dataset path is a recording file, a folder of recordings or a BIDS folder (searched
-recursively), or ``synthetic`` / ``synthetic:null`` (generated on first use). Every recording
-goes through the same steps:
+A dataset path is a recording file, a folder of recordings (searched recursively), a BIDS root
+(``dataset_description.json``: enumerated by mne-bids, :mod:`trainer.data.bids`), or
+``synthetic`` / ``synthetic:null`` (generated on first use). Every recording goes through the
+same steps:
 
-1. ``mne.io.read_raw(path, preload=False)``; a file MNE cannot read fails with its name;
+1. ``mne.io.read_raw(path, preload=False)`` (a BIDS recording: ``mne_bids.read_raw_bids``, which
+   applies its sidecars: bad channels, electrode positions); a file that cannot be read fails
+   with its name;
 2. EEG channels only (channels marked bad in the file are left out), average reference, notch
    at the power-line frequency and its harmonics (``info["line_freq"]``, 50 Hz when the file
    does not say) where they lie below the file's Nyquist frequency, band-pass 0.5-45 Hz (upper
@@ -41,6 +44,7 @@ import numpy as np
 from scipy.signal import resample_poly
 
 from trainer.config import EncoderConfig
+from trainer.data import bids
 from trainer.data.synthetic import ensure_synthetic_dataset
 from trainer.data.text import Sentence, Word, read_annotations
 from trainer.exceptions import ChannelError, DatasetError, RecordingError
@@ -67,6 +71,8 @@ class Recording:
     sfreq: float
     sentences: list[Sentence] = field(default_factory=list)
     words: list[Word] = field(default_factory=list)
+    subject: str | None = None
+    """The subject label (a BIDS ``sub-`` entity, or ZuCo's file name); ``None`` when unknown."""
 
 
 def resolve_dataset(dataset: str, root: Path, encoder: EncoderConfig) -> list[Path]:
@@ -95,11 +101,20 @@ def resolve_dataset(dataset: str, root: Path, encoder: EncoderConfig) -> list[Pa
         raise DatasetError(f"Dataset path {path} does not exist.")
     if path.is_file():
         return [path]
+    if bids.is_bids_root(path):
+        return bids.find_recordings(path, EXTENSIONS)
     found = sorted(p for p in path.rglob("*") if p.suffix.lower() in EXTENSIONS and p.is_file()
                    and not any(part.startswith(".") for part in p.relative_to(path).parts))
     if not found:
         raise DatasetError(f"No recordings ({', '.join(EXTENSIONS)}) found under {path}.")
     return found
+
+
+def subject_label(path: Path) -> str | None:
+    """The subject a recording file belongs to, for held-out-subject splits and the check: the
+    ``sub-<label>`` of a file named the BIDS way (what mne-bids parses), else ``None``. The one
+    place a reader of another layout adds its labels, so the trainer and the check agree."""
+    return bids.subject_of(path)
 
 
 def _normalise_name(name: str) -> str:
@@ -196,10 +211,13 @@ def open_recording(path: Path, encoder: EncoderConfig,
         Fewer than ``min_channel_share`` of the encoder's channels are among its EEG channels;
         the message names the channels found and the ones needed.
     """
-    try:
-        raw = mne.io.read_raw(path, preload=False, verbose="error")
-    except Exception as exc:  # MNE raises many types for broken files; all mean "unreadable"
-        raise RecordingError(f"Cannot read {path}: {exc}") from exc
+    if bids.bids_root_of(path) is not None:
+        raw = bids.read_raw(path)
+    else:
+        try:
+            raw = mne.io.read_raw(path, preload=False, verbose="error")
+        except Exception as exc:  # MNE raises many types for broken files; all mean "unreadable"
+            raise RecordingError(f"Cannot read {path}: {exc}") from exc
 
     eeg_names = [raw.ch_names[i] for i in mne.pick_types(raw.info, eeg=True, exclude="bads")]
     mapping, extras = map_channels(eeg_names, encoder.channels)
@@ -320,7 +338,8 @@ def preprocess_recording(path: Path, encoder: EncoderConfig, allocate: Callable[
             data[row, o:o + out_chunk] = (data[row, o:o + out_chunk] - median) / scale
         present[row] = True
     sentences, words = read_annotations(raw, path)
-    return Recording(path=path, data=data, present=present, sfreq=encoder.sfreq, sentences=sentences, words=words)
+    return Recording(path=path, data=data, present=present, sfreq=encoder.sfreq, sentences=sentences, words=words,
+                     subject=subject_label(path))
 
 
 def load_recording(path: Path, encoder: EncoderConfig, min_channel_share: float = 0.5) -> Recording:
@@ -335,6 +354,8 @@ def _cache_key(path: Path, encoder: EncoderConfig) -> str:
     stat = path.stat()
     ident = [str(path.resolve()), stat.st_size, stat.st_mtime_ns, list(encoder.channels), encoder.sfreq,
              L_FREQ, H_FREQ, PREPROCESS_VERSION]
+    if bids.bids_root_of(path) is not None:  # its sidecars (bad channels, positions) shape the output too
+        ident.append(bids.sidecar_stamps(path))
     return hashlib.sha1(json.dumps(ident).encode()).hexdigest()[:20]
 
 
@@ -358,14 +379,14 @@ def load_recording_cached(path: Path, encoder: EncoderConfig, cache: Path) -> Re
         os.replace(tmp, data_path)
         meta = {"path": str(path), "present": rec.present.tolist(), "sfreq": rec.sfreq,
                 "sentences": [[x.onset_s, x.duration_s, x.text] for x in rec.sentences],
-                "words": [[w.onset_s, w.text] for w in rec.words]}
+                "words": [[w.onset_s, w.text] for w in rec.words], "subject": rec.subject}
         tmp_meta = cache / f".tmp-{key}-{os.getpid()}.json"
         tmp_meta.write_text(json.dumps(meta))
         os.replace(tmp_meta, meta_path)
     meta = json.loads(meta_path.read_text())
     return Recording(path=path, data=np.load(data_path, mmap_mode="r"), present=np.asarray(meta["present"], bool),
                      sfreq=meta["sfreq"], sentences=[Sentence(*x) for x in meta["sentences"]],
-                     words=[Word(*w) for w in meta["words"]])
+                     words=[Word(*w) for w in meta["words"]], subject=meta.get("subject", subject_label(path)))
 
 
 def load_dataset(dataset: str, root: Path, encoder: EncoderConfig) -> list[Recording]:

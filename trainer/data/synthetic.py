@@ -21,14 +21,13 @@ but carries no information about the text: a model that decodes it better than n
 learned the language, not the brain.
 
 The recording is written as a real file in any of the formats MNE reads (:data:`WRITERS`: FIF,
-EDF, BDF, BrainVision, EEGLAB, or a BIDS folder holding an EDF), in volts, with the 10-20 montage
+EDF, BDF, BrainVision, EEGLAB, or a BIDS dataset written by mne-bids), in volts, with the 10-20 montage
 set where the format stores one. Non-FIF formats go through ``mne.export.export_raw``, which uses
 edfio (EDF and BDF), pybv (BrainVision) and eeglabio (EEGLAB).
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import os
@@ -180,37 +179,44 @@ def _exporter(fmt: str, extension: str) -> Callable[[mne.io.BaseRaw, Path], Path
     return write
 
 
-def _write_bids(raw: mne.io.BaseRaw, directory: Path) -> Path:
-    """A minimal BIDS-EEG dataset: EDF recording plus ``_events.tsv``, ``_channels.tsv`` and sidecars.
+def write_bids_recording(raw: mne.io.BaseRaw, root: Path, subject: str, session: str | None = None,
+                         task: str = "reading", run: str | None = None) -> Path:
+    """Write one synthetic recording into a BIDS dataset at ``root`` with mne-bids' ``write_raw_bids``.
 
-    Written by hand rather than with mne-bids because these five small files are all the reader
-    needs, and the project should not carry a dependency for them. The words and sentences go
-    into ``_events.tsv`` (``trial_type`` sentence / word, ``value`` the text), which is where
-    BIDS keeps them and what :func:`trainer.data.text.read_events_tsv` reads.
+    The layout is the one real datasets have (mne-bids writes ``dataset_description.json``,
+    ``participants.tsv``, ``*_scans.tsv``, ``*_channels.tsv`` with ``raw.info['bads']`` as status
+    ``bad``, ``*_electrodes.tsv`` and ``*_coordsystem.json`` from the montage, ``*_events.tsv``),
+    the signal an EDF. Our ``sentence:<text>`` / ``word:<text>`` annotations become events with
+    ``trial_type`` sentence / word and the text in an extra ``text`` column: write_raw_bids writes
+    annotation ``extras`` as columns (and keeps ``value`` for the event code), which is where
+    :func:`trainer.data.text.read_events_tsv` reads it.
+
+    Returns
+    -------
+    Path
+        The written recording.
     """
-    eeg_dir = directory / "sub-01" / "eeg"
-    eeg_dir.mkdir(parents=True)
-    (directory / "dataset_description.json").write_text(json.dumps(
-        {"Name": "NeuroLens synthetic reading EEG", "BIDSVersion": "1.9.0", "DatasetType": "raw"}, indent=2))
-    (directory / "participants.tsv").write_text("participant_id\nsub-01\n")
-    stripped = raw.copy().set_annotations(None)  # the events file is the source of truth in BIDS
-    path = eeg_dir / f"{RECORDING_STEM}_eeg.edf"
-    mne.export.export_raw(path, stripped, fmt="edf", overwrite=True, verbose="error")
-    (eeg_dir / f"{RECORDING_STEM}_eeg.json").write_text(json.dumps({
-        "TaskName": "reading", "SamplingFrequency": raw.info["sfreq"], "EEGReference": "average",
-        "PowerLineFrequency": 50, "SoftwareFilters": "n/a", "EEGChannelCount": len(raw.ch_names),
-    }, indent=2))
-    with open(eeg_dir / f"{RECORDING_STEM}_channels.tsv", "w", newline="", encoding="utf-8") as fh:
-        writer = csv.writer(fh, delimiter="\t", lineterminator="\n")
-        writer.writerow(["name", "type", "units", "status"])
-        writer.writerows([name, "EEG", "V", "good"] for name in raw.ch_names)
-    with open(eeg_dir / f"{RECORDING_STEM}_events.tsv", "w", newline="", encoding="utf-8") as fh:
-        writer = csv.writer(fh, delimiter="\t", lineterminator="\n")
-        writer.writerow(["onset", "duration", "trial_type", "value"])
-        for onset, duration, description in zip(raw.annotations.onset, raw.annotations.duration,
-                                                 raw.annotations.description):
-            kind, _, text = str(description).partition(":")
-            writer.writerow([f"{onset:.6f}", f"{duration:.6f}", kind, text])
+    import mne_bids  # only the BIDS writer needs it
+
+    raw = raw.copy()
+    ann = raw.annotations
+    kinds, texts = zip(*(str(d).partition(":")[::2] for d in ann.description)) if len(ann) else ((), ())
+    raw.set_annotations(mne.Annotations(ann.onset, ann.duration, list(kinds), orig_time=ann.orig_time,
+                                        extras=[{"text": t} for t in texts]))
+    raw.info["line_freq"] = 50.0  # BIDS requires PowerLineFrequency; the generator adds no line noise
+    path = mne_bids.BIDSPath(subject=subject, session=session, task=task, run=run, datatype="eeg", root=root)
+    # EDF (through edfio), as many OpenNeuro EEG datasets store; allow_preload: the raw is in memory.
+    mne_bids.write_raw_bids(raw, path, format="EDF", allow_preload=True, overwrite=True, verbose="error")
+    return Path(path.fpath)
+
+
+def _write_bids(raw: mne.io.BaseRaw, directory: Path) -> Path:
+    """The synthetic dataset as a one-subject BIDS dataset (:func:`write_bids_recording`)."""
+    import mne_bids
+
+    path = write_bids_recording(raw, directory, subject="01")
+    mne_bids.make_dataset_description(path=directory, name="NeuroLens synthetic reading EEG", overwrite=True,
+                                      verbose="error")
     return path
 
 

@@ -2,8 +2,13 @@
 
 Alignment comes from the recording's annotations (``sentence:<text>`` spanning a sentence,
 ``word:<text>`` at a word's onset) or, when a BIDS-style ``*_events.tsv`` sits beside the
-recording, from its rows (``onset``, ``duration``, ``trial_type`` in {sentence, word},
-``value``). Times are seconds from the first sample of the recording.
+recording, from its rows (``onset``, ``duration``, ``trial_type`` in {sentence, word}, and the
+text in a ``text`` column, or in ``value`` where there is none: mne-bids' ``write_raw_bids``
+keeps ``value`` for the event code and writes annotation extras, ours ``{"text": ...}``, as
+extra columns). Times are seconds from the first sample of the recording.
+
+Splits keep sentence texts disjoint across every subject (:func:`split_by_text`), or hold out
+named subjects (:func:`split_sentences`).
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from pathlib import Path
 
 import mne
 
-from trainer.exceptions import RecordingError
+from trainer.exceptions import DatasetError, RecordingError
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +64,7 @@ def read_events_tsv(tsv: Path) -> tuple[list[Sentence], list[Word]]:
             rows = list(csv.DictReader(fh, delimiter="\t"))
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise RecordingError(f"Cannot read {tsv}: {exc}") from exc
+    text_column = "text" if rows and "text" in rows[0] else "value"
     for line, row in enumerate(rows, start=2):
         kind = (row.get("trial_type") or "").strip()
         if kind not in ("sentence", "word"):
@@ -68,7 +74,7 @@ def read_events_tsv(tsv: Path) -> tuple[list[Sentence], list[Word]]:
             duration = float(row.get("duration") or 0.0)
         except (KeyError, TypeError, ValueError) as exc:
             raise RecordingError(f"{tsv} line {line}: bad onset/duration ({exc}).") from exc
-        text = _normalise_text(row.get("value") or "")
+        text = _normalise_text(row.get(text_column) or "")
         if not text:
             continue
         if kind == "sentence":
@@ -105,8 +111,10 @@ def split_by_text(texts: list[str], val_share: float = 0.1, test_share: float = 
     """Assign each sample to 'train', 'val' or 'test' so that no sentence text is in two splits.
 
     Each distinct text is placed by a hash of the text itself, so the split does not depend on
-    the order of recordings or on the seed and stays stable when data is added. If hashing leaves
-    a split empty (tiny datasets), distinct texts are dealt out in hash order instead.
+    the order of recordings or on the seed and stays stable when data is added; and the same
+    sentence read by several subjects lands in one part for all of them (every copy of a text
+    has the same hash). If hashing leaves a wanted part empty (tiny datasets), distinct texts are
+    dealt out in hash order instead. A share of 0 leaves that part out.
 
     Returns
     -------
@@ -122,9 +130,72 @@ def split_by_text(texts: list[str], val_share: float = 0.1, test_share: float = 
 
     assign = {t: "test" if bucket(t) < test_share else "val" if bucket(t) < test_share + val_share else "train"
               for t in distinct}
-    if len(distinct) >= 3 and len(set(assign.values())) < 3:
-        n_test = max(1, round(len(distinct) * test_share))
-        n_val = max(1, round(len(distinct) * val_share))
+    wanted = {"train"} | {name for name, share in (("test", test_share), ("val", val_share)) if share > 0}
+    if len(distinct) >= len(wanted) and set(assign.values()) != wanted:
+        n_test = max(1, round(len(distinct) * test_share)) if test_share > 0 else 0
+        n_val = max(1, round(len(distinct) * val_share)) if val_share > 0 else 0
         assign = {t: "test" if i < n_test else "val" if i < n_test + n_val else "train"
                   for i, t in enumerate(distinct)}
     return [assign[t] for t in texts]
+
+
+def check_test_subjects(test_subjects: list[str], found: list[str | None]) -> None:
+    """Refuse held-out subjects the dataset does not have, naming the subjects it has.
+
+    Raises
+    ------
+    DatasetError
+        Some of ``test_subjects`` label no recording (``found``: each recording's subject).
+    """
+    labels = sorted({s for s in found if s is not None})
+    unknown = [s for s in test_subjects if s not in labels]
+    if not unknown:
+        return
+    has = (f"its subjects are {', '.join(labels)}" if labels else
+           "it has no subject labels (BIDS sub-<label> files, or ZuCo's results files, carry them)")
+    raise DatasetError(f"Unknown split.test_subjects {', '.join(map(repr, unknown))}: not in the dataset; {has}.")
+
+
+def split_sentences(texts: list[str], subjects: list[str | None], test_subjects: list[str] = (),
+                    text_disjoint: bool = True, val_share: float = 0.1, test_share: float = 0.15
+                    ) -> tuple[list[str], dict]:
+    """Each sentence's part ('train', 'val', 'test' or 'excluded') and a summary for the report.
+
+    Without ``test_subjects`` this is :func:`split_by_text`: parts are disjoint in text across
+    all subjects. With them, the test part is exactly the named subjects' sentences and the
+    other subjects' sentences are split by text into train and val, so no recording of a
+    held-out subject is trained on. With ``text_disjoint`` (the default) the other subjects'
+    sentences whose text a held-out subject read are left out too ('excluded'): the test then
+    measures new subjects *and* new sentences, so a decoder cannot score by recalling trained
+    sentences. Where every subject read the same sentences (ZuCo), that leaves nothing to train
+    on; ``text_disjoint=False`` then tests new subjects reading seen sentences, and the summary
+    counts the test texts seen in training.
+
+    Returns
+    -------
+    parts : list of str
+        One per sentence.
+    summary : dict
+        ``split`` ('text' or 'subjects'), ``test_subjects``, ``text_disjoint``, per part the
+        ``sentences``, distinct ``texts`` and ``subjects`` it holds, ``excluded_sentences`` and
+        ``test_texts_seen_in_training``.
+    """
+    check_test_subjects(list(test_subjects), subjects)
+    held = set(test_subjects)
+    if not held:
+        parts = split_by_text(texts, val_share, test_share)
+    else:
+        test_texts = {t for t, s in zip(texts, subjects) if s in held}
+        others = [i for i, s in enumerate(subjects) if s not in held and not (text_disjoint and texts[i] in test_texts)]
+        parts = ["test" if s in held else "excluded" for s in subjects]
+        for i, part in zip(others, split_by_text([texts[i] for i in others], val_share, 0.0)):
+            parts[i] = part
+    summary = {"split": "subjects" if held else "text", "test_subjects": sorted(held), "text_disjoint": text_disjoint,
+               "excluded_sentences": parts.count("excluded")}
+    for name in ("train", "val", "test"):
+        rows = [i for i, p in enumerate(parts) if p == name]
+        summary[name] = {"sentences": len(rows), "texts": len({texts[i] for i in rows}),
+                         "subjects": sorted({subjects[i] for i in rows if subjects[i] is not None})}
+    trained = {t for t, p in zip(texts, parts) if p == "train"}
+    summary["test_texts_seen_in_training"] = len({t for t, p in zip(texts, parts) if p == "test"} & trained)
+    return parts, summary
