@@ -396,6 +396,16 @@ def artifacts(
     console.print(_artifact_table(found))
 
 
+def _newest_artifact(client: NeuroLensClient, job: int, kind: str) -> int:
+    """The id of job ``job``'s newest ``kind`` artifact; a clear error when it has none."""
+    client.get_job(job)  # a missing job is its own 404, not "no artifact"
+    found = client.list_artifacts(job_id=job, kind=kind)
+    if not found:
+        others = sorted({a["kind"] for a in client.list_artifacts(job_id=job)})
+        raise _fail(f"job {job} has no {kind} artifact (it has: {', '.join(others) or 'none yet'})")
+    return found[0]["id"]
+
+
 def _transfer_bar():
     from rich.progress import (
         BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn,
@@ -408,16 +418,27 @@ def _transfer_bar():
 @app.command()
 def download(
     ctx: typer.Context,
-    artifact_id: Annotated[int, typer.Argument(help="Artifact id (see `neurolens artifacts`).")],
+    artifact_id: Annotated[Optional[int], typer.Argument(
+        help="Artifact id (see `neurolens artifacts`); or name it by --job and --kind.", show_default=False)] = None,
     # A str, not a Path: a trailing slash ("models/") must survive to mean "into this directory".
     output: Annotated[Optional[str], typer.Option(
         "--output", "-o", help="File or directory to write [default: the artifact's filename here].")] = None,
+    job: Annotated[Optional[int], typer.Option(help="With --kind: the newest artifact of that kind of this job.")] = None,
+    kind: Annotated[Optional[str], typer.Option(help="With --job: encoder, checkpoint, model or report.")] = None,
     restart: Annotated[bool, typer.Option("--restart", help="Ignore a partial <file>.part and start over.")] = False,
 ) -> None:
-    """Download an artifact and verify its sha256; a partial <file>.part is resumed."""
+    """Download an artifact and verify its sha256; a partial <file>.part is resumed.
+
+    `neurolens download --job 1 --kind encoder` fetches job 1's encoder whatever its id: ids count
+    every artifact of every job, checkpoints included.
+    """
+    if (artifact_id is None) == (job is None or kind is None):
+        raise _fail("name the artifact by its id, or by --job and --kind (not both)", code=2)
     started = time.monotonic()
     resumed_at: list[int] = []
     with _connect(ctx) as client:
+        if artifact_id is None:
+            artifact_id = _newest_artifact(client, job, kind)
         record = client.get_artifact(artifact_id)
         with _transfer_bar() as bar:
             task = bar.add_task(record["filename"], total=record["size_bytes"] or None)

@@ -159,3 +159,23 @@ def test_serve_rejects_a_bad_port_in_one_line() -> None:
     result = runner.invoke(app, ["serve", "--port", "70000"])
     assert result.exit_code == 1
     assert "port" in one_error_line(result)
+
+
+def test_download_by_job_and_kind_and_checkpoints_named_by_step(server: RunningServer, tmp_path: Path) -> None:
+    submitted = cli(server.url, "submit", "stage1", "--preset", "tiny", "--steps", "6", "--set", "probe_words=0", "-q")
+    job_id = int(submitted.stdout.strip())
+    assert cli(server.url, "watch", str(job_id), "--interval", "0.3").exit_code == 0
+    with server.client() as http:
+        artifacts = {a["kind"]: a for a in http.get("/api/artifacts", params={"job_id": job_id}).json()["data"]}
+    assert artifacts["checkpoint"]["filename"] == "checkpoint-step-000006.safetensors"
+    assert artifacts["encoder"]["filename"] == "encoder.safetensors"
+
+    downloaded = cli(server.url, "download", "--job", str(job_id), "--kind", "encoder", "-o", str(tmp_path) + "/")
+    assert downloaded.exit_code == 0, downloaded.output
+    assert hashlib.sha256((tmp_path / "encoder.safetensors").read_bytes()).hexdigest() == artifacts["encoder"]["sha256"]
+
+    missing = cli(server.url, "download", "--job", str(job_id), "--kind", "model")
+    assert missing.exit_code == 1
+    assert one_error_line(missing) == f"error: job {job_id} has no model artifact (it has: checkpoint, encoder)"
+    both = cli(server.url, "download", "1", "--job", str(job_id), "--kind", "encoder")
+    assert both.exit_code == 2 and "not both" in both.stderr

@@ -47,6 +47,23 @@ STATE_FILENAME = "state.json"
 DEFAULT_FILENAMES = {ArtifactKind.encoder: ENCODER_FILENAME, ArtifactKind.model: MODEL_FILENAME,
                      ArtifactKind.checkpoint: CHECKPOINT_FILENAME, ArtifactKind.report: REPORT_FILENAME}
 
+
+
+def registered_filename(relative_path: str) -> str:
+    """The name a file of a job directory is stored under as an artifact.
+
+    Every checkpoint is a ``checkpoint.safetensors`` in its own ``checkpoints/step-NNNNNN/``
+    folder; as artifacts they would all share one name, so a checkpoint's name carries its step
+    (``checkpoint-step-000120.safetensors``) and none can be mistaken for another, or for the
+    encoder, once downloaded. Other files keep their own name.
+    """
+    parts = relative_path.replace("\\", "/").split("/")
+    if len(parts) == 3 and parts[0] == CHECKPOINT_DIRNAME and parts[1].startswith("step-") and parts[2] == CHECKPOINT_FILENAME:
+        stem, dot, suffix = CHECKPOINT_FILENAME.partition(".")
+        return f"{stem}-{parts[1]}{dot}{suffix}"
+    return parts[-1]
+
+
 # Every dtype name of the safetensors format, with its element size in bytes.
 DTYPE_SIZES = {
     "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,

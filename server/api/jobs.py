@@ -20,7 +20,7 @@ from server.models import (
     DB_INT_MAX, ArtifactPublic, Job, JobCreate, JobEvent, JobEventsPublic, JobPublic, JobsPublic, JobStatus,
 )
 from server.storage import StorageError, resolve_inside, sha256_of
-from trainer.artifact_format import CHECKPOINT_DIRNAME, FINAL_DIRNAME
+from trainer.artifact_format import CHECKPOINT_DIRNAME, FINAL_DIRNAME, registered_filename
 from trainer.config import ConfigError
 from trainer.protocol import LOG_FILENAME, ArtifactRegistration, EventReply, TrainerEvent
 from trainer.stages import STAGES, get_stage
@@ -210,5 +210,6 @@ async def register_artifact(registration: ArtifactRegistration, job: TrainerJobD
         raise NotFound(f"File {registration.path!r} not found in job {job.id}'s directory.")
     # Hashing and copying a large checkpoint take seconds: keep them off the event loop.
     sha256, size = await run_in_threadpool(sha256_of, source)
-    return await run_in_threadpool(add_artifact, session, store, source, registration.kind, source.name, sha256, size,
+    filename = registered_filename(source.relative_to(job_dir.resolve()).as_posix())
+    return await run_in_threadpool(add_artifact, session, store, source, registration.kind, filename, sha256, size,
                                    job=job)
