@@ -4,12 +4,20 @@ The server runs this in a subprocess (it never imports MNE's readers, and a host
 cannot hang or crash it) with a time limit. It reads only headers: every recording the dataset
 names is opened without loading its signal and its EEG channels are mapped onto the encoder's
 by :func:`trainer.data.recordings.open_recording`, the same call the trainer makes, so what
-passes here is what the trainer accepts.
+passes here is what the trainer accepts. ZuCo files have no header apart from their signal:
+their structure is read (sentences, texts, fixations), not their EEG.
 
     python -m trainer.check_dataset '{"dataset": "/data/zuco", "channels": ["Fz", ...]}'
 
-Prints one JSON line, ``{"recordings": n}`` (exit 0) or ``{"error": "..."}`` (exit 2), the
-message naming the file, the channels it has and the channels needed.
+Prints one JSON line (exit 0), what it found::
+
+    {"recordings": 4, "layout": "zuco", "subjects": ["YAC", ...], "tasks": ["NR", "SR"],
+     "sentences": 640, "sentences_without_eeg": 8, "mapping": "8 of 8 channels by position ...",
+     "channels": {"Fz": "interpolated from 104 electrodes (E11 0.93, ...; nearest E11, 4 mm)", ...}}
+
+(``layout`` is ``"zuco"`` or ``"files"``; ``mapping`` and ``channels`` are the first
+recording's, and ``mappings`` counts the recordings per mapping line), or ``{"error": "..."}``
+(exit 2), the message naming the file, the channels it has and the channels needed.
 """
 
 from __future__ import annotations
@@ -17,22 +25,33 @@ from __future__ import annotations
 import json
 import sys
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 from trainer.config import EncoderConfig
+from trainer.data import zuco
 from trainer.data.recordings import open_recording, resolve_dataset
 from trainer.exceptions import DatasetError
 from trainer.protocol import EXIT_FAILED, EXIT_OK
 
 
-def check(dataset: str, channels: list[str]) -> int:
-    """Open every recording of ``dataset``; return how many there are, or raise DatasetError."""
+def check(dataset: str, channels: list[str]) -> dict:
+    """Open every recording of ``dataset``; say what was found, or raise DatasetError."""
     encoder = EncoderConfig(channels=tuple(channels))
     with tempfile.TemporaryDirectory() as scratch:  # only a synthetic dataset would be written there
         recordings = resolve_dataset(dataset, Path(scratch), encoder)
+        mappings: Counter[str] = Counter()
+        first = None
         for path in recordings:
-            open_recording(path, encoder)
-    return len(recordings)
+            opened = open_recording(path, encoder, header_only=True)
+            mappings[opened.channel_map.summary()] += 1
+            first = first or opened.channel_map
+        found: dict = {"recordings": len(recordings)}
+        mat = [p for p in recordings if zuco.is_zuco_file(p)]
+        found.update(zuco.describe_folder(mat) if mat else {"layout": "files"})
+    if first is not None:
+        found.update(mapping=first.summary(), channels=first.describe(), mappings=dict(mappings))
+    return found
 
 
 def main(argv: list[str]) -> int:
@@ -42,7 +61,7 @@ def main(argv: list[str]) -> int:
     except DatasetError as exc:
         print(json.dumps({"error": str(exc)}))
         return EXIT_FAILED
-    print(json.dumps({"recordings": found}))
+    print(json.dumps(found))
     return EXIT_OK
 
 

@@ -94,7 +94,8 @@ def run(spec: JobSpec, config: Stage1Config, reporter: Reporter, world: World) -
 
     # -- data ------------------------------------------------------------------------------------
     with distributed.main_first(world):  # rank 0 fills the shared caches, the others then read them
-        recordings = load_dataset(spec.dataset, Path(spec.cache_dir or spec.job_dir), enc_config)
+        recordings = load_dataset(spec.dataset, Path(spec.cache_dir or spec.job_dir), enc_config,
+                                  report=lambda message, metrics: reporter.event("log", message=message, metrics=metrics))
         (train_x, train_mask), (val_x, val_mask) = windows(recordings, enc_config)
     reporter.event("log", message=f"{len(train_x)} training and {len(val_x)} validation windows "
                                   f"of {enc_config.window_s:g} s from {len(recordings)} recording(s)")

@@ -239,7 +239,8 @@ def ensure_synthetic_dataset(root: Path, variant: str, seed: int, channels: tupl
     root : Path
         The cache directory (or the job directory).
     variant : str
-        ``'synthetic'`` or ``'synthetic-null'``.
+        ``'synthetic'`` or ``'synthetic-null'``; ``'synthetic-zuco'`` and ``'synthetic-zuco-null'``
+        are written by :func:`trainer.data.zuco_writer.ensure_zuco_dataset` (``fmt`` ignored).
     seed : int
         Generator seed.
     channels : tuple of str
@@ -254,6 +255,10 @@ def ensure_synthetic_dataset(root: Path, variant: str, seed: int, channels: tupl
     Path
         The dataset folder.
     """
+    if variant.startswith("synthetic-zuco"):  # ZuCo-layout .mat files: their own writer and folder
+        from trainer.data.zuco_writer import N_SENTENCES as ZUCO_SENTENCES, ensure_zuco_dataset
+
+        return ensure_zuco_dataset(root, variant, seed, n_sentences if n_sentences != N_SENTENCES else ZUCO_SENTENCES)
     if fmt not in WRITERS:
         raise ValueError(f"Invalid synthetic format {fmt!r}; expected one of {sorted(WRITERS)}.")
     name = f"{variant}-v{GENERATOR_VERSION}-{seed}-{len(channels)}"
