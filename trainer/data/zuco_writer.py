@@ -27,6 +27,7 @@ import logging
 import os
 import shutil
 import time
+from itertools import takewhile
 from pathlib import Path
 from typing import Any
 
@@ -82,10 +83,15 @@ def sentence_records(raw: mne.io.BaseRaw, to_net: np.ndarray, rng: np.random.Gen
     MATLAB-shaped: strings, ``(105, T)`` float32 ``rawData`` in microvolts, ``[]`` as ``None``.
     """
     sfreq = raw.info["sfreq"]
+    # The subject's own background, on the 10-20 cap (cheaper than on the net; the spline
+    # carries it over like the rest).
+    signal = raw.get_data() * 1e6
+    signal += SUBJECT_NOISE_UV / 10.0 * _pink_noise(rng, *signal.shape, sfreq)
     ann = raw.annotations
     sentences = [(o, d, str(t)[len("sentence:"):]) for o, d, t in zip(ann.onset, ann.duration, ann.description)
                  if str(t).startswith("sentence:")][first:first + n]
     words = [(o, str(t)[len("word:"):]) for o, t in zip(ann.onset, ann.description) if str(t).startswith("word:")]
+    word_onsets = np.array([o for o, _ in words])
     records = []
     for i, (onset, duration, text) in enumerate(sentences):
         traps = _traps(i, n)
@@ -94,8 +100,7 @@ def sentence_records(raw: mne.io.BaseRaw, to_net: np.ndarray, rng: np.random.Gen
             continue
         start = int(round((onset - LEAD_S) * sfreq))
         stop = int(round((onset + duration + RESPONSE_S) * sfreq))
-        eeg = to_net @ (raw.get_data(start=start, stop=stop) * 1e6)
-        eeg += SUBJECT_NOISE_UV * _pink_noise(rng, *eeg.shape, sfreq) / 10.0
+        eeg = to_net @ signal[:, start:stop]
         data = np.vstack([eeg, np.zeros((1, eeg.shape[1]))]).astype(np.float32)  # + the reference row
         if "failed" in traps:
             data[:] = np.nan
@@ -105,7 +110,7 @@ def sentence_records(raw: mne.io.BaseRaw, to_net: np.ndarray, rng: np.random.Gen
             mid = data.shape[1] // 2
             data[:-1, mid:mid + int(0.04 * sfreq)] = np.nan
             data[3, mid // 2:mid // 2 + int(0.1 * sfreq)] = np.nan
-        mine = [(o, t) for o, t in words if onset - 1e-6 <= o < onset + duration]
+        mine = list(takewhile(lambda w: w[0] < onset + duration, words[np.searchsorted(word_onsets, onset - 1e-6):]))
         # Fixation k lasts from its word's onset to the next fixation's; the first one is on the
         # sentence start, so each word's onset is the summed duration of the fixations before it.
         durations = [LEAD_S * 1000.0]
