@@ -19,9 +19,9 @@ import pytest
 import scipy.io
 
 from tests.conftest import REPO_ROOT, start_server
-from trainer.config import CHANNELS_32, EncoderConfig
+from trainer.config import CHANNELS_32, EncoderConfig, Stage1Config
 from trainer.data import zuco
-from trainer.data.recordings import load_recording, resolve_dataset
+from trainer.data.recordings import load_recording, open_recording, resolve_dataset
 from trainer.data.synthetic import generate_raw
 from trainer.data.zuco_writer import LEAD_S, _traps, write_task
 from trainer.exceptions import RecordingError
@@ -120,6 +120,13 @@ def test_a_zuco_file_is_preprocessed_onto_a_preset_by_electrode_position(zuco_ro
     assert "nearest E" in channels["Cz"] and rec.notes["skipped"]["words_no_fixation"] == 3
     # The word responses survive the net and the spline: signal is not flat or constant.
     assert 0.5 < float(np.median(rec.data.std(axis=1))) < 5
+
+
+def test_an_encoder_on_zucos_own_channels_reads_them_by_name(zuco_root):
+    config = Stage1Config(preset="tiny", channels=[ch for ch in zuco.CHANNELS if ch != zuco.REFERENCE])
+    opened = open_recording(zuco_root / SR / "resultsZDM_SR.mat", config.encoder)
+    assert opened.channel_map.method == "name" and opened.channel_map.n_found == 104 and opened.subject == "ZDM"
+    assert opened.channel_map.describe()["E11"] == "by name (E11)"
 
 
 def test_a_dataset_may_be_one_file_a_task_folder_or_the_whole_zuco_folder(zuco_root):
