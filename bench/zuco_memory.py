@@ -4,8 +4,9 @@ Writes a task folder of ``--subjects`` ZuCo-layout results files (``trainer.data
 ``--version`` 7.3 as ZuCo 2.0 or 5 as ZuCo 1.0, ``--sentences`` each), then, each in a fresh
 process, runs what a job runs (:func:`trainer.data.recordings.load_dataset`: read, preprocess,
 cache) on a folder holding one of the files and on the whole folder, and prints each process's
-peak RSS (``ru_maxrss``) beside one file's size and one subject's signal in memory. Reading the
-folder reads one subject's file at a time, so the two peaks should be about equal.
+peak RSS (``VmHWM``; and that of a process that only imports) beside one file's size and
+one subject's signal in memory. Reading the folder reads one subject's file at a time, so the
+two peaks should be about equal.
 
     .venv/bin/python bench/zuco_memory.py            # --subjects 12 --sentences 120 --version 7.3
 """
@@ -34,9 +35,19 @@ def child(dataset: str, cache: str) -> None:
     from trainer.data.recordings import load_dataset
 
     start = time.perf_counter()
-    recordings = load_dataset(dataset, Path(cache), EncoderConfig.from_name("small"))
+    # "-": imports only, the floor the other two stand on.
+    recordings = load_dataset(dataset, Path(cache), EncoderConfig.from_name("small")) if dataset != "-" else []
     print(json.dumps({"recordings": len(recordings), "seconds": time.perf_counter() - start,
-                      "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+                      "peak_rss_bytes": peak_rss_bytes()}))
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak RSS: VmHWM, which starts afresh at exec (``ru_maxrss`` carries the
+    parent's peak over fork and exec on Linux, so it would report this script's own peak)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def measure(dataset: Path, cache: Path) -> dict:
@@ -70,7 +81,7 @@ def main() -> None:
         (one / paths[0].name).symlink_to(paths[0])
         signal = zuco.read_zuco(paths[0]).raw.get_data().nbytes
         print(f"one subject's signal in memory (105 channels, float64): {signal / MB:.0f} MiB")
-        for label, dataset in (("1 subject", one), (f"{len(paths)} subjects", folder.parent)):
+        for label, dataset in (("imports", "-"), ("1 subject", one), (f"{len(paths)} subjects", folder.parent)):
             result = measure(dataset, Path(tmp) / f"cache-{label.split()[0]}")
             print(f"{label:>12}: peak RSS {result['peak_rss_bytes'] / MB:.0f} MiB "
                   f"({result['recordings']} recordings read and cached in {result['seconds']:.0f} s)")

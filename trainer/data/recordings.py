@@ -36,7 +36,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 from dataclasses import dataclass, field
 from fractions import Fraction
 from functools import cached_property

@@ -266,21 +266,32 @@ def ensure_synthetic_dataset(root: Path, variant: str, seed: int, channels: tupl
         name += f"-{n_sentences}"
     if fmt != "fif":
         name += f"-{fmt}"
-    final = root / "datasets" / name
+
+    def build(tmp: Path) -> dict:
+        raw = generate_raw(channels, seed, null=variant.endswith("null"), n_sentences=n_sentences)
+        written = WRITERS[fmt](raw, tmp)
+        return {"variant": variant, "seed": seed, "channels": list(channels), "format": fmt,
+                "sentences": n_sentences, "file": str(written.relative_to(tmp)), "vocabulary": list(VOCABULARY)}
+
+    return build_once(root / "datasets" / name, build)
+
+
+def build_once(final: Path, build: Callable[[Path], dict]) -> Path:
+    """``final``, built on first use: ``build(tmp)`` fills a temporary sibling and returns the
+    metadata written to its ``dataset.json``; the folder is then moved into place with
+    ``os.replace``. When two trainers race, the loser drops its copy and uses the winner's, so
+    nobody ever reads a half-written dataset."""
     if (final / "dataset.json").is_file():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    raw = generate_raw(channels, seed, null=variant.endswith("null"), n_sentences=n_sentences)
-    written = WRITERS[fmt](raw, tmp)
-    meta = {"variant": variant, "seed": seed, "channels": list(channels), "format": fmt,
-            "sentences": n_sentences, "file": str(written.relative_to(tmp)), "vocabulary": list(VOCABULARY)}
+    meta = build(tmp)
     (tmp / "dataset.json").write_text(json.dumps(meta, indent=2))
     try:
         os.replace(tmp, final)
-        log.info("generated synthetic dataset %s", final)
+        log.info("generated dataset %s", final)
     except OSError:  # another trainer finished first: its copy is identical
         shutil.rmtree(tmp, ignore_errors=True)
         if not (final / "dataset.json").is_file():

@@ -22,10 +22,6 @@ The files carry the traps real ones do (deterministic, by sentence number, see
 
 from __future__ import annotations
 
-import json
-import logging
-import os
-import shutil
 import time
 from itertools import takewhile
 from pathlib import Path
@@ -39,9 +35,7 @@ import scipy.io
 from trainer.config import CHANNELS_32
 from trainer.data import zuco
 from trainer.data.channel_map import interpolation_matrix
-from trainer.data.synthetic import RESPONSE_S, WORD_S, _pink_noise, generate_raw
-
-log = logging.getLogger(__name__)
+from trainer.data.synthetic import RESPONSE_S, WORD_S, _pink_noise, build_once, generate_raw
 
 WRITER_VERSION = 1  # part of the generated dataset's folder name: bump when the output changes
 LEAD_S = 0.1
@@ -251,27 +245,16 @@ def write_task(directory: Path, task: str, version: str, subjects: tuple[str, ..
 
 def ensure_zuco_dataset(root: Path, variant: str, seed: int, n_sentences: int = N_SENTENCES) -> Path:
     """The ``synthetic:zuco`` folder (``variant`` 'synthetic-zuco' or 'synthetic-zuco-null'),
-    generated on first use: :data:`LAYOUT`'s two tasks, v5 and v7.3, built in a temporary sibling
-    and moved into place with ``os.replace`` (as :func:`trainer.data.synthetic.ensure_synthetic_dataset`)."""
+    generated on first use (:func:`trainer.data.synthetic.build_once`): :data:`LAYOUT`'s two tasks,
+    v5 and v7.3."""
     name = f"{variant}-v{WRITER_VERSION}-{seed}" + (f"-{n_sentences}" if n_sentences != N_SENTENCES else "")
-    final = root / "datasets" / name
-    if (final / "dataset.json").is_file():
-        return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    files = []
-    for t, (folder, (task, version, subjects)) in enumerate(LAYOUT.items()):
-        written = write_task(tmp / folder, task, version, subjects, seed, variant.endswith("null"), n_sentences,
-                             first=t * n_sentences)
-        files += [str(p.relative_to(tmp)) for p in written]
-    (tmp / "dataset.json").write_text(json.dumps({"variant": variant, "seed": seed, "sentences_per_task": n_sentences,
-                                                  "files": files}, indent=2))
-    try:
-        os.replace(tmp, final)
-        log.info("generated ZuCo-layout dataset %s", final)
-    except OSError:  # another trainer finished first: its copy is identical
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not (final / "dataset.json").is_file():
-            raise
-    return final
+
+    def build(tmp: Path) -> dict:
+        files = []
+        for t, (folder, (task, version, subjects)) in enumerate(LAYOUT.items()):
+            written = write_task(tmp / folder, task, version, subjects, seed, variant.endswith("null"), n_sentences,
+                                 first=t * n_sentences)
+            files += [str(p.relative_to(tmp)) for p in written]
+        return {"variant": variant, "seed": seed, "sentences_per_task": n_sentences, "files": files}
+
+    return build_once(root / "datasets" / name, build)
