@@ -12,7 +12,7 @@ their structure is read (sentences, texts, fixations), not their EEG.
 Prints one JSON line (exit 0), what it found::
 
     {"recordings": 4, "layout": "zuco", "subjects": ["YAC", ...], "tasks": ["NR", "SR"],
-     "sentences": 640, "sentences_without_eeg": 8, "mapping": "8 of 8 channels by position ...",
+     "sentences": 640, "sentences_without_eeg": null, "mapping": "8 of 8 channels by position ...",
      "channels": {"Fz": "interpolated from 104 electrodes (E11 0.93, ...; nearest E11, 4 mm)", ...}}
 
 (``layout`` is ``"zuco"`` or ``"files"``; ``mapping`` and ``channels`` are the first

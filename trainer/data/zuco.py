@@ -211,7 +211,7 @@ def iter_sentences(path: Path, signal: bool = True) -> Iterator[ZucoSentence]:
     """The file's sentences in order; v7.3 (HDF5) or v5 recognised by the file itself.
 
     With ``signal`` false the EEG is not read (``data`` is None; ``n_samples`` still says how
-    long it is, for v7.3; v5 files are read whole either way).
+    long it is, for v7.3; v5 files are read whole either way: see :func:`count_sentences`).
     """
     try:
         hdf5 = h5py.is_hdf5(path)
@@ -220,6 +220,25 @@ def iter_sentences(path: Path, signal: bool = True) -> Iterator[ZucoSentence]:
         raise
     except Exception as exc:  # scipy and h5py raise many types for damaged files
         raise RecordingError(f"Cannot read ZuCo file {path}: {exc}") from exc
+
+
+def count_sentences(path: Path) -> tuple[int, int | None]:
+    """Sentences in the file and how many have no EEG, cheaply, for the submission check: a v7.3
+    file's datasets have shapes without being read; a v5 file would have to be parsed whole
+    (real ZuCo 1.0 files hold thousands of per-fixation arrays), so only its ``sentenceData``
+    header is read (``scipy.io.whosmat``) and the second count is None."""
+    try:
+        if h5py.is_hdf5(path):
+            counts = [s.n_samples == 0 for s in _h5_sentences(path, signal=False)]
+            return len(counts), sum(counts)
+        shapes = dict((name, shape) for name, shape, _ in scipy.io.whosmat(path))
+    except RecordingError:
+        raise
+    except Exception as exc:  # scipy and h5py raise many types for damaged files
+        raise RecordingError(f"Cannot read ZuCo file {path}: {exc}") from exc
+    if "sentenceData" not in shapes:
+        raise RecordingError(f"{path} holds no sentenceData; a ZuCo results file has one.")
+    return int(np.prod(shapes["sentenceData"])), None
 
 
 # -- one file -> one recording ---------------------------------------------------------------------
@@ -239,8 +258,8 @@ def _fill_nan(data: np.ndarray) -> np.ndarray:
 def read_zuco(path: Path, signal: bool = True) -> ZucoFile:
     """One ZuCo file as a recording (see the module doc).
 
-    With ``signal`` false (the submission check) no EEG is read; the recording then has one
-    sample and no annotations, and only the sentences without EEG are counted.
+    With ``signal`` false (the submission check) no EEG is read (:func:`count_sentences`); the
+    recording then has one sample, no annotations and no skip counts.
 
     Raises
     ------
@@ -252,15 +271,14 @@ def read_zuco(path: Path, signal: bool = True) -> ZucoFile:
     skipped = dict.fromkeys(SKIP_REASONS, 0)
     pieces, onsets, durations, descriptions = [], [], [], []
     cursor, n_sentences, gap = 0, 0, int(GAP_S * SFREQ)
-    for sentence in iter_sentences(path, signal):
+    if not signal:
+        n_sentences, _ = count_sentences(path)
+    for sentence in iter_sentences(path) if signal else ():
         n_sentences += 1
         rows = sentence.data.shape[0] if sentence.data is not None else None
         if rows is not None and rows != len(CHANNELS):
             raise RecordingError(f"{path}: sentence {n_sentences} has {rows} EEG rows; ZuCo files have "
                                  f"{len(CHANNELS)} (the HydroCel 128 net less {len(REMOVED)}, plus the reference).")
-        if not signal:
-            skipped["no_eeg"] += sentence.n_samples == 0
-            continue
         data = sentence.data
         if data is None or data.shape[1] == 0 or not np.isfinite(data).any():
             skipped["no_eeg"] += 1
@@ -296,13 +314,14 @@ def read_zuco(path: Path, signal: bool = True) -> ZucoFile:
 
 
 def describe_folder(paths: list[Path]) -> dict:
-    """What a check of ZuCo files says: subjects, tasks and sentences (with and without EEG)."""
+    """What a check of ZuCo files says: subjects, tasks, sentences, and how many of them have no
+    EEG (counted in v7.3 files; ``null`` when v5 files, which are not parsed here, are among them)."""
     subjects, tasks, sentences, without = set(), set(), 0, 0
     for path in paths:
         subject, task = subject_and_task(path)
         subjects.add(subject), tasks.add(task)
-        for sentence in iter_sentences(path, signal=False):
-            sentences += 1
-            without += sentence.n_samples == 0
+        n, n_without = count_sentences(path)
+        sentences += n
+        without = None if without is None or n_without is None else without + n_without
     return {"layout": "zuco", "subjects": sorted(subjects), "tasks": sorted(tasks), "sentences": sentences,
             "sentences_without_eeg": without}
