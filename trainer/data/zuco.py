@@ -229,8 +229,13 @@ def count_sentences(path: Path) -> tuple[int, int | None]:
     header is read (``scipy.io.whosmat``) and the second count is None."""
     try:
         if h5py.is_hdf5(path):
-            counts = [s.n_samples == 0 for s in _h5_sentences(path, signal=False)]
-            return len(counts), sum(counts)
+            with h5py.File(path, "r") as f:
+                group = f.get("sentenceData")
+                if not isinstance(group, h5py.Group) or "content" not in group:
+                    raise RecordingError(f"{path} holds no sentenceData struct; a ZuCo results file has one.")
+                n = group["content"].size
+                refs = [_h5_field(group, "rawData", i) for i in range(n)]
+                return n, sum(ref is None or _h5_empty(f[ref]) or f[ref].ndim != 2 for ref in refs)
         shapes = dict((name, shape) for name, shape, _ in scipy.io.whosmat(path))
     except RecordingError:
         raise
