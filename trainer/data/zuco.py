@@ -140,7 +140,11 @@ def _v5_sentences(path: Path, signal: bool) -> Iterator[ZucoSentence]:
                   _onset_s(_numbers(getattr(w, "fixPositions", None)) if _numbers(getattr(w, "nFixations", None)).size
                            else np.zeros(0), durations))
                  for w in _as_list(getattr(sentence, "word", None)) if hasattr(w, "content")]
-        yield ZucoSentence(text=_text(getattr(sentence, "content", "")), data=data if signal else None,
+        text = _text(getattr(sentence, "content", ""))
+        # Drop what was read (per-word EEG cut-outs and features included) as we go, so the
+        # recording being built does not sit on top of the whole parsed file.
+        vars(sentence).clear()
+        yield ZucoSentence(text=text, data=data if signal else None,
                            n_samples=0 if data is None else data.shape[1], words=words)
 
 
