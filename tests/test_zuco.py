@@ -168,6 +168,23 @@ def test_the_submission_check_says_what_it_found_in_a_zuco_folder(zuco_root, tmp
         zuco.read_zuco(broken)
 
 
+def test_a_results_file_without_usable_eeg_or_with_other_rows_is_refused_by_name(tmp_path):
+    from trainer.data.zuco_writer import write_v73
+
+    empty = tmp_path / "resultsNUL_NR.mat"
+    write_v73(empty, [{"content": "a dog runs", "rawData": None, "word": [], "allFixations": None},
+                      {"content": "a car waits", "rawData": np.full((105, 500), np.nan, np.float32),
+                       "word": [], "allFixations": None}])
+    with pytest.raises(RecordingError, match=r"resultsNUL_NR.mat: none of its 2 sentences has usable EEG "
+                                             r"\(2 sentences without EEG\)"):
+        zuco.read_zuco(empty)
+    rows = tmp_path / "resultsROW_NR.mat"
+    write_v73(rows, [{"content": "a dog runs", "rawData": np.zeros((64, 500), np.float32), "word": [],
+                      "allFixations": None}])
+    code, found = check(str(rows), EncoderConfig.from_name("tiny").channels)
+    assert code == 2 and "resultsROW_NR.mat: rawData has 64 EEG rows; ZuCo files have 105" in found["error"], found
+
+
 # -- end to end through a real server: both versions in one dataset (synthetic:zuco) ----------------------
 
 STAGE1 = {"preset": "tiny", "steps": 30, "batch_size": 8, "probe_words": 0, "val_windows": 16, "log_every_s": 5.0}

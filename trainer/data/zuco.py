@@ -238,8 +238,12 @@ def count_sentences(path: Path) -> tuple[int, int | None]:
                 if not isinstance(group, h5py.Group) or "content" not in group:
                     raise RecordingError(f"{path} holds no sentenceData struct; a ZuCo results file has one.")
                 n = group["content"].size
-                refs = [_h5_field(group, "rawData", i) for i in range(n)]
-                return n, sum(ref is None or _h5_empty(f[ref]) or f[ref].ndim != 2 for ref in refs)
+                shapes = [f[ref].shape for ref in (_h5_field(group, "rawData", i) for i in range(n))
+                          if ref is not None and not _h5_empty(f[ref]) and f[ref].ndim == 2]
+                wrong = {shape[1] for shape in shapes} - {len(CHANNELS)}
+                if wrong:
+                    raise RecordingError(f"{path}: rawData has {min(wrong)} EEG rows; ZuCo files have {len(CHANNELS)}.")
+                return n, n - len(shapes)
         shapes = dict((name, shape) for name, shape, _ in scipy.io.whosmat(path))
     except RecordingError:
         raise
@@ -306,6 +310,9 @@ def read_zuco(path: Path, signal: bool = True) -> ZucoFile:
             onsets.append(cursor / SFREQ + onset), durations.append(0.0), descriptions.append(f"word:{text}")
         pieces.append((cursor, data.astype(np.float32)))  # half the bytes until the copy below
         cursor += n + gap
+    if signal and not pieces:
+        raise RecordingError(f"{path}: none of its {n_sentences} sentences has usable EEG ("
+                             + ", ".join(f"{n} {SKIP_REASONS[k]}" for k, n in skipped.items() if n) + ").")
     total = max(cursor, 1)
     signal_v = np.zeros((len(CHANNELS), total))
     for start, data in pieces:
