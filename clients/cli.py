@@ -156,7 +156,8 @@ def submit(
     ctx: typer.Context,
     stage: Annotated[str, typer.Argument(
         help="stage1 (encoder) or stage2 (BART on the encoder): the stages the server's /api/presets lists.")],
-    dataset: Annotated[str, typer.Option(help="'synthetic', 'synthetic:null' or a path on the server.")] = "synthetic",
+    dataset: Annotated[str, typer.Option(help="'synthetic', 'synthetic:null', 'synthetic:zuco', "
+                                              "'synthetic:zuco-null' or a path on the server.")] = "synthetic",
     preset: Annotated[Optional[str], typer.Option(help="Model size, e.g. tiny, small, base.")] = None,
     steps: Annotated[Optional[int], typer.Option(help="Optimizer steps in total.")] = None,
     set_: Annotated[Optional[list[str]], typer.Option(

@@ -36,7 +36,7 @@ from trainer.memory_prediction import predict_peak_bytes
 from trainer.protocol import ArtifactKind, TrainerEvent, merge_memory
 from trainer.stages import STAGES, parse_config, stage_names
 
-SYNTHETIC_DATASETS = ("synthetic", "synthetic:null")
+SYNTHETIC_DATASETS = ("synthetic", "synthetic:null", "synthetic:zuco", "synthetic:zuco-null")
 
 log = logging.getLogger("neurolens.jobs")
 
@@ -104,11 +104,13 @@ def validate_dataset(dataset: str, roots: tuple[Path, ...] = ()) -> str:
     tells nothing about the server's files.
     """
     if not isinstance(dataset, str) or not dataset.strip():
-        raise InvalidInput("Invalid dataset ''; expected a path on the server, 'synthetic' or 'synthetic:null'.")
+        raise InvalidInput("Invalid dataset ''; expected a path on the server or one of "
+                           f"{', '.join(repr(d) for d in SYNTHETIC_DATASETS)}.")
     dataset = dataset.strip()
     if dataset.startswith("synthetic"):
         if dataset not in SYNTHETIC_DATASETS:
-            raise InvalidInput(f"Invalid dataset {dataset!r}; expected 'synthetic' or 'synthetic:null'.")
+            raise InvalidInput(f"Invalid dataset {dataset!r}; expected one of "
+                               f"{', '.join(repr(d) for d in SYNTHETIC_DATASETS)}.")
         return dataset
     if roots and not any(Path(dataset).expanduser().resolve().is_relative_to(root) for root in roots):
         raise InvalidInput(f"Dataset path {dataset!r} is not inside the server's dataset roots "
@@ -267,7 +269,7 @@ def create_job(session: Session, body: JobCreate, memory_limit_bytes: int | None
         predicted_peak_bytes=predicted,
     )
     session.add(job)
-    if found.get("summary"):  # what the check found (a BIDS dataset's subjects, sessions, ...): the first event
+    if found.get("summary"):  # what the check found (subjects, sessions, channels mapped, ...): the first event
         session.flush()
         session.add(JobEvent(job_id=job.id, kind="log", message=f"Dataset check: {found['summary']}"))
     session.commit()

@@ -76,7 +76,8 @@ class JobCreate(SQLModel):
     # The enum documents the registry's names; parse_config refuses others with its own message.
     stage: str = Field(description="'stage1' or 'stage2'.", schema_extra={"json_schema_extra": {"enum": list(STAGES)}})
     dataset: str = Field("synthetic", max_length=MAX_PATH_BYTES,
-                         description="A path on the server, 'synthetic' or 'synthetic:null'.")
+                         description="A path on the server, 'synthetic', 'synthetic:null', "
+                         "'synthetic:zuco' or 'synthetic:zuco-null'.")
     config: dict[str, Any] = Field(default_factory=dict, description="Stage config: preset, steps, ...")
     after: int | None = Field(None, ge=1, le=DB_INT_MAX, description="Stage 2: the Stage 1 job whose encoder to start from.")
     encoder_artifact: int | None = Field(None, ge=1, le=DB_INT_MAX, description="Stage 2: an encoder artifact to start from.")

@@ -417,6 +417,9 @@ class Stage1Config(TrainConfigBase):
     optimizer is fused (bfloat16 halves that buffer at a small rounding cost)."""
     window_s: float = 0.0
     """Training window length in seconds; 0 keeps the preset's. Must be whole patches."""
+    channels: list[str] = dataclasses.field(default_factory=list)
+    """The encoder's electrodes, in order; empty keeps the preset's. A dataset's own cap (ZuCo's
+    104 HydroCel names ``E2`` ... ``E124``) is then read by name, with no interpolation."""
     val_windows: int = 256
     """Most held-out windows the final validation loss is measured on; 0 skips it."""
     probe_words: int = 1500
@@ -444,6 +447,10 @@ class Stage1Config(TrainConfigBase):
     @property
     def encoder(self) -> EncoderConfig:
         preset = EncoderConfig.from_name(self.preset)
+        if self.channels:
+            if not isinstance(self.channels, list | tuple):
+                raise ConfigError(f"Invalid channels {_short(self.channels)}; expected a list of electrode names.")
+            preset = dataclasses.replace(preset, channels=tuple(self.channels))
         if self.window_s:
             return dataclasses.replace(preset, window_s=float(self.window_s))
         return preset
@@ -511,8 +518,8 @@ def config_fields(cls: type[TrainConfigBase]) -> list[dict[str, Any]]:
     """Field names, defaults and types of a stage's config class, for forms and documentation."""
     out = []
     for f in dataclasses.fields(cls):
-        default = (f.default if f.default is not dataclasses.MISSING else
-                   f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        default = (f.default if f.default is not dataclasses.MISSING
+                   else f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
         out.append({"name": f.name, "default": default, "type": type(default).__name__})
     return out
 

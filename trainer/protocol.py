@@ -56,7 +56,8 @@ class JobSpec(BaseModel):
 
     job_id: int
     stage: str = Field(description="A stage of the registry (trainer.stages), e.g. 'stage1'.")
-    dataset: str = Field(description="A path on this machine, 'synthetic' or 'synthetic:null'.")
+    dataset: str = Field(description="A path on this machine, 'synthetic', 'synthetic:null', "
+                         "'synthetic:zuco' or 'synthetic:zuco-null'.")
     config: dict[str, Any] = Field(description="The stage config as POSTed, validated by trainer.stages.parse_config.")
     job_dir: str = Field(description="Directory the trainer owns: checkpoints, caches, log.")
     api_url: str = Field(description="Base URL of the server, e.g. http://127.0.0.1:8000.")

@@ -106,7 +106,8 @@ def run(spec: JobSpec, config: Stage1Config, reporter: Reporter, world: World) -
 
     # -- data ------------------------------------------------------------------------------------
     with distributed.main_first(world):  # rank 0 fills the shared caches, the others then read them
-        recordings = load_dataset(spec.dataset, Path(spec.cache_dir or spec.job_dir), enc_config)
+        recordings = load_dataset(spec.dataset, Path(spec.cache_dir or spec.job_dir), enc_config,
+                                  report=lambda message, metrics: reporter.event("log", message=message, metrics=metrics))
         trained_on = held_out_removed(recordings, config.test_subjects)
         (train_x, train_mask), (val_x, val_mask) = windows(trained_on, enc_config)
     reporter.event("log", message=f"{len(train_x)} training and {len(val_x)} validation windows "

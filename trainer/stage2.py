@@ -138,7 +138,8 @@ def run(spec: JobSpec, config: Stage2Config, reporter: Reporter, world: World) -
     encoder_config = export.check_encoder_file(encoder_path)  # before any data work
 
     # -- data: sentences, splits, cached features ----------------------------------------------------
-    recordings = load_dataset(spec.dataset, Path(spec.cache_dir or spec.job_dir), encoder_config)
+    recordings = load_dataset(spec.dataset, Path(spec.cache_dir or spec.job_dir), encoder_config,
+                              report=lambda message, metrics: reporter.event("log", message=message, metrics=metrics))
     x, mask, texts, subjects = sentence_windows(recordings, encoder_config)
     parts, split = split_sentences(texts, subjects, config.test_subjects, config.split.get("text_disjoint", True))
     parts = np.asarray(parts)

@@ -15,7 +15,13 @@ same steps:
 3. microvolts, then each channel scaled by a robust z-score (median / IQR) so that recordings
    from different amplifiers share one input scale;
 4. channels mapped onto the encoder's set by name (case-insensitive, "EEG Fz-REF" style
-   decorations ignored): missing ones are zero-filled and masked, extra ones dropped.
+   decorations ignored): missing ones are zero-filled and masked, extra ones dropped; or, when
+   the names do not match but the electrodes have positions, by position
+   (:mod:`trainer.data.channel_map`: spline weights computed once, applied to every chunk).
+
+ZuCo's ``results<SUBJECT>_<TASK>.mat`` files (MATLAB v5 or v7.3) are read by
+:mod:`trainer.data.zuco` into an in-memory ``RawArray`` (one subject's file at a time) with
+the GSN-HydroCel montage and sentence and word annotations, then take the same path.
 
 A dataset is preprocessed one recording at a time, and each recording a chunk at a time
 (:func:`preprocess_recording`: padded chunks, so the result equals whole-recording processing),
@@ -33,9 +39,9 @@ import hashlib
 import json
 import logging
 import os
-import re
 from dataclasses import dataclass, field
 from fractions import Fraction
+from functools import cached_property
 from pathlib import Path
 from typing import Callable
 
@@ -44,7 +50,8 @@ import numpy as np
 from scipy.signal import resample_poly
 
 from trainer.config import EncoderConfig
-from trainer.data import bids
+from trainer.data import bids, zuco
+from trainer.data.channel_map import ChannelMap, map_channels, plan_channels  # noqa: F401 (map_channels: re-exported)
 from trainer.data.synthetic import ensure_synthetic_dataset
 from trainer.data.text import Sentence, Word, read_annotations
 from trainer.exceptions import ChannelError, DatasetError, RecordingError
@@ -52,7 +59,8 @@ from trainer.exceptions import ChannelError, DatasetError, RecordingError
 log = logging.getLogger(__name__)
 
 EXTENSIONS = (".fif", ".edf", ".bdf", ".vhdr", ".set")
-SYNTHETIC_VARIANTS = {"synthetic": "synthetic", "synthetic:null": "synthetic-null"}
+SYNTHETIC_VARIANTS = {"synthetic": "synthetic", "synthetic:null": "synthetic-null",
+                      "synthetic:zuco": "synthetic-zuco", "synthetic:zuco-null": "synthetic-zuco-null"}
 SYNTHETIC_SEED = 0  # fixed, so Stage 1 and Stage 2 jobs with different training seeds share data
 L_FREQ, H_FREQ = 0.5, 45.0
 DEFAULT_LINE_FREQ = 50.0  # Hz; most of the world. A file that records 60 Hz says so in line_freq.
@@ -69,6 +77,9 @@ class Recording:
     present: np.ndarray
     """Boolean mask, shape ``(n_encoder_channels,)``: channel found in the recording."""
     sfreq: float
+    notes: dict = field(default_factory=dict)
+    """How it was read: ``channels`` (encoder channel -> how it was obtained), ``mapping``
+    (one line), ``skipped`` (ZuCo sentences and words left out, by reason)."""
     sentences: list[Sentence] = field(default_factory=list)
     words: list[Word] = field(default_factory=list)
     subject: str | None = None
@@ -95,7 +106,8 @@ def resolve_dataset(dataset: str, root: Path, encoder: EncoderConfig) -> list[Pa
     if dataset in SYNTHETIC_VARIANTS:
         dataset = str(ensure_synthetic_dataset(root, SYNTHETIC_VARIANTS[dataset], SYNTHETIC_SEED, encoder.channels))
     elif dataset.startswith("synthetic"):
-        raise DatasetError(f"Invalid dataset {dataset!r}; expected a path, 'synthetic' or 'synthetic:null'.")
+        raise DatasetError(f"Invalid dataset {dataset!r}; expected a path or one of "
+                           f"{', '.join(repr(v) for v in SYNTHETIC_VARIANTS)}.")
     path = Path(dataset).expanduser()
     if not path.exists():
         raise DatasetError(f"Dataset path {path} does not exist.")
@@ -103,43 +115,22 @@ def resolve_dataset(dataset: str, root: Path, encoder: EncoderConfig) -> list[Pa
         return [path]
     if bids.is_bids_root(path):
         return bids.find_recordings(path, EXTENSIONS)
-    found = sorted(p for p in path.rglob("*") if p.suffix.lower() in EXTENSIONS and p.is_file()
-                   and not any(part.startswith(".") for part in p.relative_to(path).parts))
+    found = sorted(p for p in path.rglob("*") if (p.suffix.lower() in EXTENSIONS or zuco.is_zuco_file(p))
+                   and p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts))
     if not found:
-        raise DatasetError(f"No recordings ({', '.join(EXTENSIONS)}) found under {path}.")
+        raise DatasetError(f"No recordings ({', '.join(EXTENSIONS)}, or ZuCo's results<SUBJECT>_<TASK>.mat) "
+                           f"found under {path}.")
     return found
 
 
 def subject_label(path: Path) -> str | None:
-    """The subject a recording file belongs to, for held-out-subject splits and the check: the
-    ``sub-<label>`` of a file named the BIDS way (what mne-bids parses), else ``None``. The one
-    place a reader of another layout adds its labels, so the trainer and the check agree."""
+    """The subject a recording file belongs to, for held-out-subject splits and the check: a
+    ZuCo file's ``results<SUBJECT>_<TASK>.mat``, the ``sub-<label>`` of a file named the BIDS way
+    (what mne-bids parses), else ``None``. The one place a reader of another layout adds its
+    labels, so the trainer and the check agree."""
+    if zuco.is_zuco_file(path):
+        return zuco.subject_and_task(path)[0]
     return bids.subject_of(path)
-
-
-def _normalise_name(name: str) -> str:
-    """'EEG Fz-REF' -> 'fz', 'CZ' -> 'cz': drop the type prefix and the reference suffix."""
-    name = re.sub(r"^(eeg)[\s_:-]+", "", name.strip(), flags=re.IGNORECASE)
-    return re.split(r"[-\s]", name, maxsplit=1)[0].lower()
-
-
-def map_channels(names: list[str], encoder_channels: tuple[str, ...]) -> tuple[list[int | None], list[str]]:
-    """For each encoder channel, the index of the matching recording channel (or ``None``).
-
-    Returns
-    -------
-    mapping : list of int or None
-        One entry per encoder channel.
-    extras : list of str
-        Recording channels that match no encoder channel (dropped).
-    """
-    by_name: dict[str, int] = {}
-    for i, name in enumerate(names):
-        by_name.setdefault(_normalise_name(name), i)
-    mapping = [by_name.get(ch.lower()) for ch in encoder_channels]
-    used = {i for i in mapping if i is not None}
-    extras = [n for i, n in enumerate(names) if i not in used]
-    return mapping, extras
 
 
 # Preprocessing runs in chunks of the recording so that a recording larger than RAM can be
@@ -160,24 +151,49 @@ exact; above, the standard error of either is ~0.3% of a channel's spread."""
 
 
 @dataclass
-class _Plan:
-    """How one recording is read, filtered and resampled (see :func:`preprocess_recording`)."""
+class Opened:
+    """A recording opened by :func:`open_recording`: header (or, for ZuCo, the signal) and mapping."""
 
     raw: mne.io.BaseRaw
     eeg_names: list[str]
-    mapping: list[int | None]
+    """Its EEG channels, bad ones left out: the rows :meth:`_Plan.process` returns."""
+    channel_map: ChannelMap
+    subject: str | None = None
+    skipped: dict[str, int] = field(default_factory=dict)
+    """ZuCo: sentences and words left out, by reason (see :mod:`trainer.data.zuco`)."""
+
+    @property
+    def notes(self) -> dict:
+        return {"mapping": self.channel_map.summary(), "channels": self.channel_map.describe(),
+                "skipped": dict(self.skipped)}
+
+
+@dataclass
+class _Plan:
+    """How one recording is read, filtered and resampled (see :func:`preprocess_recording`)."""
+
+    opened: Opened
     harmonics: np.ndarray
     h_freq: float
     up: int
     down: int
     n_out: int
 
+    @property
+    def raw(self) -> mne.io.BaseRaw:
+        return self.opened.raw
+
+    @cached_property
+    def referenced(self) -> np.ndarray:
+        return self.opened.channel_map.referenced()
+
     def process(self, start: int, stop: int) -> np.ndarray:
-        """Preprocessed output samples for input samples ``[start, stop)`` (whole input rows), µV."""
+        """Preprocessed output samples for input samples ``[start, stop)``, µV: the encoder's
+        filled rows (:attr:`ChannelMap.rows`), in order."""
         sfreq = self.raw.info["sfreq"]
-        x = self.raw.get_data(picks=self.eeg_names, start=start, stop=stop)
-        # Average reference over all EEG channels present, before the extras are dropped.
-        x -= x.mean(axis=0, keepdims=True)
+        # Average reference over all EEG channels present, then the channel map (by name or
+        # position): both linear, folded into one matrix, so only the encoder's rows are filtered.
+        x = self.referenced @ self.raw.get_data(picks=self.opened.eeg_names, start=start, stop=stop)
         # Line noise is often far stronger than EEG; the low-pass's transition band would let
         # part of it through, so it is notched out first (harmonics too, for high-rate files).
         if len(self.harmonics):
@@ -190,64 +206,76 @@ class _Plan:
         return (x * 1e6).astype(np.float32)
 
 
-def open_recording(path: Path, encoder: EncoderConfig,
-                   min_channel_share: float = 0.5) -> tuple[mne.io.BaseRaw, list[str], list[int | None], list[str]]:
+def _read_raw(path: Path, header_only: bool) -> tuple[mne.io.BaseRaw, str | None, dict[str, int]]:
+    """The unloaded MNE recording, or a ZuCo file's signal; with its subject and skip counts."""
+    if zuco.is_zuco_file(path):
+        read = zuco.read_zuco(path, signal=not header_only)  # raises RecordingError naming the file
+        return read.raw, read.subject, read.skipped
+    if bids.bids_root_of(path) is not None:  # mne-bids applies the sidecars: bad channels, positions
+        return bids.read_raw(path), subject_label(path), {}
+    try:
+        return mne.io.read_raw(path, preload=False, verbose="error"), subject_label(path), {}
+    except Exception as exc:  # MNE raises many types for broken files; all mean "unreadable"
+        raise RecordingError(f"Cannot read {path}: {exc}") from exc
+
+
+def open_recording(path: Path, encoder: EncoderConfig, min_channel_share: float = 0.5,
+                   header_only: bool = False) -> Opened:
     """Open a recording's header (no signal is read) and map its EEG channels onto the encoder's.
 
     The one place that decides whether a recording can be trained on: the trainer calls it
-    before preprocessing, and ``python -m trainer.check_dataset`` before a job is queued.
+    before preprocessing, and ``python -m trainer.check_dataset`` before a job is queued. A ZuCo
+    file has no header to read alone: it is read whole (one subject's file), or with
+    ``header_only`` only its structure, not its EEG.
 
-    Returns
-    -------
-    raw, eeg_names, mapping, extras
-        The unloaded recording, its EEG channels (bad ones left out), and :func:`map_channels`'
-        result for them.
+    Channels are mapped by name when enough names match, else by electrode position when the
+    recording's montage gives every EEG channel one (:func:`trainer.data.channel_map.plan_channels`).
 
     Raises
     ------
     RecordingError
-        MNE cannot read the file.
+        The file cannot be read.
     ChannelError
-        Fewer than ``min_channel_share`` of the encoder's channels are among its EEG channels;
-        the message names the channels found and the ones needed.
+        Fewer than ``min_channel_share`` of the encoder's channels are obtained; the message
+        names the channels found and the ones needed.
     """
-    if bids.bids_root_of(path) is not None:
-        raw = bids.read_raw(path)
-    else:
-        try:
-            raw = mne.io.read_raw(path, preload=False, verbose="error")
-        except Exception as exc:  # MNE raises many types for broken files; all mean "unreadable"
-            raise RecordingError(f"Cannot read {path}: {exc}") from exc
-
+    raw, subject, skipped = _read_raw(path, header_only)
     eeg_names = [raw.ch_names[i] for i in mne.pick_types(raw.info, eeg=True, exclude="bads")]
-    mapping, extras = map_channels(eeg_names, encoder.channels)
-    n_found = sum(i is not None for i in mapping)
     needed = int(np.ceil(min_channel_share * len(encoder.channels)))
-    if n_found < needed:
+    try:
+        cmap = plan_channels(raw.info, eeg_names, encoder.channels, needed)
+    except Exception as exc:  # MNE's interpolation refuses degenerate positions (all in one point...)
+        raise ChannelError(f"Recording {path}: its {len(eeg_names)} EEG channels cannot be mapped onto the encoder's "
+                           f"by position: {exc}") from exc
+    if cmap.n_found < needed:
         wanted = f"at least {needed} are needed ({', '.join(encoder.channels)})"
         if not eeg_names:
             others = ", ".join(f"{name} ({kind})" for name, kind in zip(raw.ch_names[:40], raw.get_channel_types()))
             raise ChannelError(f"Recording {path} has no EEG channels (found: {others or 'none'}); of the encoder's "
                                f"{len(encoder.channels)} channels {wanted}.")
-        raise ChannelError(f"Recording {path} has {n_found} of the encoder's {len(encoder.channels)} channels; "
-                           f"{wanted}; its EEG channels: {', '.join(eeg_names[:40])}.")
-    return raw, eeg_names, mapping, extras
+        by = " by electrode position" if cmap.method == "position" else ""
+        why = "" if cmap.method == "position" else " (matched by name: they have no positions to map by)"
+        raise ChannelError(f"Recording {path} has {cmap.n_found} of the encoder's {len(encoder.channels)} channels{by}; "
+                           f"{wanted}; its EEG channels: {', '.join(eeg_names[:40])}{why}.")
+    return Opened(raw=raw, eeg_names=eeg_names, channel_map=cmap, subject=subject, skipped=skipped)
 
 
 def _plan(path: Path, encoder: EncoderConfig, min_channel_share: float) -> _Plan:
-    raw, eeg_names, mapping, extras = open_recording(path, encoder, min_channel_share)
-    missing = [ch for ch, i in zip(encoder.channels, mapping) if i is None]
+    opened = open_recording(path, encoder, min_channel_share)
+    raw, cmap = opened.raw, opened.channel_map
+    missing = [ch for ch, ok in zip(encoder.channels, cmap.present) if not ok]
     if missing:
         log.info("%s: %d channels missing, zero-filled and masked: %s", path.name, len(missing), ", ".join(missing))
-    if extras:
-        log.info("%s: %d extra channels dropped: %s", path.name, len(extras), ", ".join(extras))
+    if cmap.extras:
+        log.info("%s: %d extra channels dropped: %s", path.name, len(cmap.extras), ", ".join(cmap.extras))
+    if cmap.method == "position":
+        log.info("%s: %s", path.name, cmap.summary())
 
     sfreq = float(raw.info["sfreq"])
     line = float(raw.info.get("line_freq") or DEFAULT_LINE_FREQ)
     ratio = Fraction(encoder.sfreq).limit_denominator(10**6) / Fraction(sfreq).limit_denominator(10**6)
     up, down = ratio.numerator, ratio.denominator
-    return _Plan(raw=raw, eeg_names=eeg_names, mapping=mapping,
-                 harmonics=np.arange(line, sfreq / 2 - 1.0, line),
+    return _Plan(opened=opened, harmonics=np.arange(line, sfreq / 2 - 1.0, line),
                  h_freq=min(H_FREQ, 0.9 * min(sfreq, encoder.sfreq) / 2), up=up, down=down,
                  n_out=int(-(-int(raw.n_times) * up // down)))
 
@@ -294,15 +322,15 @@ def preprocess_recording(path: Path, encoder: EncoderConfig, allocate: Callable[
         Too few of the encoder's channels are present.
     """
     plan = _plan(path, encoder, min_channel_share)
-    raw, up, down = plan.raw, plan.up, plan.down
+    raw, up, down, cmap = plan.raw, plan.up, plan.down, plan.opened.channel_map
     sfreq, n_in = float(raw.info["sfreq"]), int(raw.n_times)
     if chunk_s is None:
-        chunk_s = CHUNK_BYTES / (8 * len(plan.eeg_names) * sfreq)
+        chunk_s = CHUNK_BYTES / (8 * len(plan.opened.eeg_names) * sfreq)
     # Chunk edges and padding are whole multiples of `down` input samples, so each chunk's
     # first output sample falls on the output grid of the whole recording.
     chunk = max(1, round(chunk_s * sfreq / down)) * down
     pad = -(-int(PAD_S * sfreq) // down) * down
-    rows = [(row, index) for row, index in enumerate(plan.mapping) if index is not None]
+    rows = cmap.rows
     data = allocate((len(encoder.channels), plan.n_out))
     stride = -(-plan.n_out // MAX_SCALE_SAMPLES)
     # Every stride-th output sample of each present channel, for the scaling statistics.
@@ -316,10 +344,9 @@ def preprocess_recording(path: Path, encoder: EncoderConfig, allocate: Callable[
             o0 = start * up // down
             o1 = plan.n_out if stop == n_in else stop * up // down
             core = out[:, skip:skip + o1 - o0]
-            for row, index in rows:
-                data[row, o0:o1] = core[index]
+            data[rows, o0:o1] = core
             first_kept = -(-o0 // stride)
-            picked = core[[index for _, index in rows], first_kept * stride - o0::stride]
+            picked = core[:, first_kept * stride - o0::stride]
             sample[:, first_kept:first_kept + picked.shape[1]] = picked
             del picked
             del out, core
@@ -330,7 +357,7 @@ def preprocess_recording(path: Path, encoder: EncoderConfig, allocate: Callable[
     # share one input scale; applied in place, a chunk of the output at a time.
     present = np.zeros(len(encoder.channels), dtype=bool)
     out_chunk = max(1, chunk * up // down)
-    for k, (row, _) in enumerate(rows):
+    for k, row in enumerate(rows):
         median = np.median(sample[k])
         iqr = np.subtract(*np.percentile(sample[k], [75, 25]))
         scale = iqr / 1.349 if iqr > 0 else 1.0  # IQR/1.349 ~ std
@@ -338,8 +365,8 @@ def preprocess_recording(path: Path, encoder: EncoderConfig, allocate: Callable[
             data[row, o:o + out_chunk] = (data[row, o:o + out_chunk] - median) / scale
         present[row] = True
     sentences, words = read_annotations(raw, path)
-    return Recording(path=path, data=data, present=present, sfreq=encoder.sfreq, sentences=sentences, words=words,
-                     subject=subject_label(path))
+    return Recording(path=path, data=data, present=present, sfreq=encoder.sfreq, notes=plan.opened.notes,
+                     sentences=sentences, words=words, subject=plan.opened.subject)
 
 
 def load_recording(path: Path, encoder: EncoderConfig, min_channel_share: float = 0.5) -> Recording:
@@ -347,7 +374,7 @@ def load_recording(path: Path, encoder: EncoderConfig, min_channel_share: float 
     return preprocess_recording(path, encoder, _zeros, min_channel_share)
 
 
-PREPROCESS_VERSION = 3  # bump when preprocessing's output changes, so old caches are rebuilt
+PREPROCESS_VERSION = 4  # bump when preprocessing's output changes, so old caches are rebuilt
 
 
 def _cache_key(path: Path, encoder: EncoderConfig) -> str:
@@ -379,21 +406,47 @@ def load_recording_cached(path: Path, encoder: EncoderConfig, cache: Path) -> Re
         os.replace(tmp, data_path)
         meta = {"path": str(path), "present": rec.present.tolist(), "sfreq": rec.sfreq,
                 "sentences": [[x.onset_s, x.duration_s, x.text] for x in rec.sentences],
-                "words": [[w.onset_s, w.text] for w in rec.words], "subject": rec.subject}
+                "words": [[w.onset_s, w.text] for w in rec.words], "subject": rec.subject, "notes": rec.notes}
         tmp_meta = cache / f".tmp-{key}-{os.getpid()}.json"
         tmp_meta.write_text(json.dumps(meta))
         os.replace(tmp_meta, meta_path)
     meta = json.loads(meta_path.read_text())
     return Recording(path=path, data=np.load(data_path, mmap_mode="r"), present=np.asarray(meta["present"], bool),
                      sfreq=meta["sfreq"], sentences=[Sentence(*x) for x in meta["sentences"]],
-                     words=[Word(*w) for w in meta["words"]], subject=meta.get("subject", subject_label(path)))
+                     words=[Word(*w) for w in meta["words"]], subject=meta.get("subject"),
+                     notes=meta.get("notes", {}))
 
 
-def load_dataset(dataset: str, root: Path, encoder: EncoderConfig) -> list[Recording]:
+def reading_report(rec: Recording) -> tuple[str, dict] | None:
+    """The job event that says how a recording was read, when there is more to say than "all
+    channels by name": channels by position or missing, ZuCo sentences or words skipped."""
+    notes = rec.notes or {}
+    channels, skipped = notes.get("channels", {}), {k: v for k, v in notes.get("skipped", {}).items() if v}
+    if all(how.startswith("by name") for how in channels.values()) and not skipped:
+        return None
+    who = f" (subject {rec.subject})" if rec.subject else ""
+    message = f"{rec.path.name}{who}: {notes.get('mapping', '')}; {len(rec.sentences)} sentences, {len(rec.words)} words"
+    if skipped:
+        message += "; skipped " + ", ".join(f"{n} {zuco.SKIP_REASONS.get(k, k)}" for k, n in skipped.items())
+    return message, {"recording": str(rec.path), "subject": rec.subject, "channels": channels, "skipped": skipped}
+
+
+def load_dataset(dataset: str, root: Path, encoder: EncoderConfig,
+                 report: Callable[[str, dict], None] | None = None) -> list[Recording]:
     """All recordings of a dataset, preprocessed (see :func:`load_recording`) and cached on disk
-    under ``<root>/preprocessed/``, one at a time, so only one recording is ever in RAM whole."""
+    under ``<root>/preprocessed/``, one at a time, so only one recording is ever in RAM whole.
+
+    ``report(message, metrics)`` is called for each recording :func:`reading_report` has
+    something to say about (the trainer sends it as a ``log`` event)."""
     cache = root / "preprocessed"
-    recordings = [load_recording_cached(p, encoder, cache) for p in resolve_dataset(dataset, root, encoder)]
+    recordings = []
+    for path in resolve_dataset(dataset, root, encoder):
+        recordings.append(load_recording_cached(path, encoder, cache))
+        said = reading_report(recordings[-1])
+        if said is not None:
+            log.info("%s", said[0])
+            if report is not None:
+                report(*said)
     total_s = sum(r.data.shape[1] for r in recordings) / encoder.sfreq
     log.info("dataset %s: %d recordings, %.0f s, %d sentences", dataset, len(recordings), total_s,
              sum(len(r.sentences) for r in recordings))

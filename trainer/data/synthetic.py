@@ -245,7 +245,8 @@ def ensure_synthetic_dataset(root: Path, variant: str, seed: int, channels: tupl
     root : Path
         The cache directory (or the job directory).
     variant : str
-        ``'synthetic'`` or ``'synthetic-null'``.
+        ``'synthetic'`` or ``'synthetic-null'``; ``'synthetic-zuco'`` and ``'synthetic-zuco-null'``
+        are written by :func:`trainer.data.zuco_writer.ensure_zuco_dataset` (``fmt`` ignored).
     seed : int
         Generator seed.
     channels : tuple of str
@@ -260,6 +261,10 @@ def ensure_synthetic_dataset(root: Path, variant: str, seed: int, channels: tupl
     Path
         The dataset folder.
     """
+    if variant.startswith("synthetic-zuco"):  # ZuCo-layout .mat files: their own writer and folder
+        from trainer.data.zuco_writer import N_SENTENCES as ZUCO_SENTENCES, ensure_zuco_dataset
+
+        return ensure_zuco_dataset(root, variant, seed, n_sentences if n_sentences != N_SENTENCES else ZUCO_SENTENCES)
     if fmt not in WRITERS:
         raise ValueError(f"Invalid synthetic format {fmt!r}; expected one of {sorted(WRITERS)}.")
     name = f"{variant}-v{GENERATOR_VERSION}-{seed}-{len(channels)}"
@@ -267,21 +272,32 @@ def ensure_synthetic_dataset(root: Path, variant: str, seed: int, channels: tupl
         name += f"-{n_sentences}"
     if fmt != "fif":
         name += f"-{fmt}"
-    final = root / "datasets" / name
+
+    def build(tmp: Path) -> dict:
+        raw = generate_raw(channels, seed, null=variant.endswith("null"), n_sentences=n_sentences)
+        written = WRITERS[fmt](raw, tmp)
+        return {"variant": variant, "seed": seed, "channels": list(channels), "format": fmt,
+                "sentences": n_sentences, "file": str(written.relative_to(tmp)), "vocabulary": list(VOCABULARY)}
+
+    return build_once(root / "datasets" / name, build)
+
+
+def build_once(final: Path, build: Callable[[Path], dict]) -> Path:
+    """``final``, built on first use: ``build(tmp)`` fills a temporary sibling and returns the
+    metadata written to its ``dataset.json``; the folder is then moved into place with
+    ``os.replace``. When two trainers race, the loser drops its copy and uses the winner's, so
+    nobody ever reads a half-written dataset."""
     if (final / "dataset.json").is_file():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    raw = generate_raw(channels, seed, null=variant.endswith("null"), n_sentences=n_sentences)
-    written = WRITERS[fmt](raw, tmp)
-    meta = {"variant": variant, "seed": seed, "channels": list(channels), "format": fmt,
-            "sentences": n_sentences, "file": str(written.relative_to(tmp)), "vocabulary": list(VOCABULARY)}
+    meta = build(tmp)
     (tmp / "dataset.json").write_text(json.dumps(meta, indent=2))
     try:
         os.replace(tmp, final)
-        log.info("generated synthetic dataset %s", final)
+        log.info("generated dataset %s", final)
     except OSError:  # another trainer finished first: its copy is identical
         shutil.rmtree(tmp, ignore_errors=True)
         if not (final / "dataset.json").is_file():
