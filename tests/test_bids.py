@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import mne
 import numpy as np
 import pytest
 
@@ -57,7 +56,8 @@ def test_a_dataset_written_by_mne_bids_reads_as_such(two_by_two):
     assert [r.subject for r in recordings] == ["01", "01", "02", "02"]
 
     cz = CHANNELS_8.index("Cz")
-    raw, eeg_names, _, _ = open_recording(paths[1], TINY)
+    opened = open_recording(paths[1], TINY)
+    raw, eeg_names = opened.raw, opened.eeg_names
     assert raw.info["bads"] == ["Cz"] and "Cz" not in eeg_names  # channels.tsv's status honoured
     assert not recordings[1].present[cz] and not recordings[1].data[cz].any()  # left out: masked, zero
     assert all(r.present.all() for i, r in enumerate(recordings) if i != 1)
