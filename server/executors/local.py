@@ -61,7 +61,7 @@ class LocalExecutor(Executor):
     name = "local"
     measures_memory = True
 
-    def start(self, spec_path: Path, log_path: Path, processes: int) -> "LocalRun":
+    def start(self, spec_path: Path, log_path: Path, processes: int, memory_bytes: int = 0) -> "LocalRun":
         return LocalRun.spawn(spec_path, log_path, processes)
 
     def reattach(self, handle: str, job_dir: Path) -> "LocalRun | None":
