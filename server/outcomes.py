@@ -165,7 +165,8 @@ def _crash(facts: Facts, outcome: AttemptOutcome, config: dict[str, Any], attemp
            max_attempts: int) -> Decision:
     """A crash or an out-of-memory kill: retried from the newest checkpoint while retries last."""
     code = facts.code
-    reason = facts.kill_message if facts.killed_by_us and facts.kill_message else describe_exit(code)
+    reason = (facts.kill_message if facts.killed_by_us and facts.kill_message
+              else facts.exit.detail if facts.exit is not None and facts.exit.detail else describe_exit(code))
     if facts.log_line:
         reason = f"{reason}: {facts.log_line}"
     if facts.exit is not None and facts.exit.root_cause is not None:

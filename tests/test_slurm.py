@@ -201,8 +201,9 @@ def test_a_pipeline_runs_on_slurm(slurm_dir):
 def test_a_job_needing_several_allocations_does_every_step_once(slurm_dir):
     """One-minute allocations, SIGUSR1 40 s before the end (Slurm checks its timers every 30 s,
     so it comes 20 to 50 s in); each allocation trains some steps, checkpoints on the signal and
-    ends out of time, and the next batch job continues from exactly there."""
-    steps = 40
+    ends out of time, and the next batch job continues from exactly there. 50 steps need three
+    allocations on the 2-core CI machines (a step takes about a second there)."""
+    steps = 50
     server = slurm_server(slurm_dir, NEUROLENS_SLURM_SIGNAL_S="40")
     config = {**STAGE1, "steps": steps, "checkpoint_every": 1000, "slurm": {"time": 1}}
     try:
@@ -223,7 +224,10 @@ def test_a_job_needing_several_allocations_does_every_step_once(slurm_dir):
               f"trained step {resumed - stop:.1f} s (sbatch to first progress {first_progress_s(after, events):.1f} s)")
     assert len(history) >= 3, history
     assert [a["outcome"] for a in history] == ["out_of_time"] * (len(history) - 1) + ["succeeded"]
-    assert all(a["exit_code"] == EXIT_OUT_OF_TIME for a in history[:-1])
+    # Checkpointed on the USR1 warning, or (Slurm's timers are coarse: the warning can be missed)
+    # on the SIGTERM that ends the job at its limit; TIMEOUT still says out of time.
+    assert all(a["exit_code"] in (EXIT_OUT_OF_TIME, EXIT_STOPPED) for a in history[:-1])
+    assert any(a["exit_code"] == EXIT_OUT_OF_TIME for a in history[:-1])
     assert len({a["handle"] for a in history}) == len(history)  # a new batch job each time
     # Each attempt starts where the one before checkpointed, and trained nothing after that
     # checkpoint: every step was done once.
@@ -236,12 +240,13 @@ def test_a_job_needing_several_allocations_does_every_step_once(slurm_dir):
 
 @pytest.mark.slow
 @pytest.mark.ci
-def test_an_outside_scancel_maps_to_the_local_statuses(slurm_dir):
+def test_an_outside_scancel_and_a_node_failure_map_to_the_local_statuses(slurm_dir):
     """A plain scancel (SIGTERM) is a stop from outside: checkpointed and paused, as a SIGTERM is
-    locally. A scancel with SIGKILL is a crash (Slurm says it was no out-of-memory kill): retried,
-    micro-batch kept."""
+    locally. A node failure kills the job; Slurm says it was no out-of-memory kill, so it is a
+    crash: retried (once the node is back), micro-batch kept."""
     server = slurm_server(slurm_dir)
     config = {**STAGE1, "steps": 400, "checkpoint_every": 2}
+    node = subprocess.run(["hostname", "-s"], capture_output=True, text=True).stdout.strip()
     try:
         with server.client() as client:
             job_id = client.post("/api/jobs", json={"stage": "stage1", "config": config}).json()["id"]
@@ -251,17 +256,24 @@ def test_an_outside_scancel_maps_to_the_local_statuses(slurm_dir):
             assert job["attempt_history"][0]["outcome"] == "stopped"
             assert "stopped from outside NeuroLens" in job["error"]
             assert client.post(f"/api/jobs/{job_id}/resume").status_code == 200
-            job = training_attempt(client, job_id, 2)
-            subprocess.run(["scancel", "--full", "--signal=KILL", job["attempt_history"][1]["handle"]], check=True)
-            job = wait_for(lambda: (j := client.get(f"/api/jobs/{job_id}").json())["attempts"] >= 3 and j,
-                           "the retry after the kill")
+            training_attempt(client, job_id, 2)
+            try:
+                subprocess.run(["scontrol", "update", f"nodename={node}", "state=down", "reason=neurolens test"],
+                               check=True)
+                job = wait_for(lambda: (j := client.get(f"/api/jobs/{job_id}").json())["attempts"] >= 3 and j,
+                               "the retry after the node failure", timeout=120)
+            finally:
+                # (ReturnToService=2 may have brought it back already; then this has nothing to do)
+                subprocess.run(["scontrol", "update", f"nodename={node}", "state=resume"], capture_output=True)
+            training_attempt(client, job_id, 3, steps=1)
             assert client.post(f"/api/jobs/{job_id}/cancel").status_code == 200
             job = server.wait_for_job(job_id, {"cancelled"}, timeout=120)
     finally:
         server.stop()
-    outcomes = [a["outcome"] for a in job["attempt_history"]]
-    assert outcomes == ["stopped", "crashed", "cancelled"], job["attempt_history"]
-    assert job["attempt_history"][1]["exit_code"] == -SIGKILL
+    history = job["attempt_history"]
+    assert [a["outcome"] for a in history] == ["stopped", "crashed", "cancelled"], history
+    assert history[1]["message"].startswith("Slurm job ") and "ended NODE_FAIL" in history[1]["message"]
+    assert "retrying from the newest checkpoint" in history[1]["message"]
     assert job["config"]["micro_batch_size"] == STAGE1["batch_size"]  # no out-of-memory back-off
 
 
@@ -277,7 +289,10 @@ def test_a_restarted_server_reattaches_to_its_batch_job(slurm_dir):
     finally:
         server.stop()  # a clean shutdown: batch jobs run on without the server
     assert slurm_state(handle) == "RUNNING"
-    server = start_server(server.data_dir, env={"NEUROLENS_EXECUTOR": "slurm", "NEUROLENS_SLURM_POLL_S": "0.5"})
+    # On the same address: the trainer reports to the URL in its spec.
+    port = int(server.url.rsplit(":", 1)[1])
+    server = start_server(server.data_dir, port=port, env={"NEUROLENS_EXECUTOR": "slurm",
+                                                          "NEUROLENS_SLURM_POLL_S": "0.5"})
     try:
         assert f"job {job_id}: re-attached to trainer {handle}" in server.log()
         job = server.wait_for_job(job_id, {"succeeded"}, timeout=240)

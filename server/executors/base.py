@@ -39,12 +39,17 @@ class Exit:
         What a batch system said ended the run, where it knows better than the exit code (one
         of :data:`CAUSES`): 'out_of_memory' (its memory limit), 'out_of_time' (its time limit),
         'preempted' (another job took the allocation), 'killed' (cancelled, node failure: a
-        SIGKILL that was *not* the out-of-memory killer). None where only the exit code is known (the local executor).
+        SIGKILL that was *not* the out-of-memory killer). None where only the exit code is
+        known (the local executor).
+    detail : str or None
+        The executor's own words for how the run ended ('Slurm job 8 ended NODE_FAIL, exit code
+        0:0'), which a crash is reported with instead of the bare exit code.
     """
 
     code: int | None
     root_cause: int | None = None
     cause: str | None = None
+    detail: str | None = None
 
     @property
     def effective_code(self) -> int | None:

@@ -106,7 +106,8 @@ def exit_of(fields: dict[str, str]) -> Exit:
         # A job ended by its node, a cancel before it started or a boot failure reports 0:0;
         # that is no success. Unknown: the job's last event decides (see outcomes.Facts.code).
         code = None
-    return Exit(code, cause=CAUSES.get(state))
+    detail = f"Slurm job {fields.get('JobId', '?')} ended {state}, exit code {fields.get('ExitCode', '?')}"
+    return Exit(code, cause=CAUSES.get(state), detail=detail)
 
 
 def memory_request_mb(predicted_bytes: int, margin_bytes: int) -> int | None:
