@@ -10,6 +10,7 @@ write the data folder.
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 import time
@@ -26,6 +27,7 @@ from server.outcomes import Facts, classify, decide
 from server.settings import Settings
 from tests.conftest import REPO_ROOT, RunningServer, free_port, start_server
 from tests.slurm_cluster import cancel_jobs_under, jobs_under, slurm_cluster  # noqa: F401 (a fixture)
+from tests.trainer_helpers import run_trainer, write_spec
 from trainer.protocol import EXIT_OUT_OF_TIME, EXIT_STOPPED
 
 STAGE1 = {"preset": "tiny", "steps": 12, "batch_size": 8, "checkpoint_every": 4, "log_every_s": 0.5,
@@ -196,21 +198,42 @@ def test_a_pipeline_runs_on_slurm(slurm_dir):
     assert {"model", "report"} <= {a["kind"] for a in stage2["artifacts"]}
 
 
+def steps_for_three_allocations(tmp_path: Path) -> int:
+    """Enough steps that two one-minute allocations cannot train them, on this machine now.
+
+    Slurm checks time limits every 30 s, so with SIGUSR1 40 s before a one-minute limit the
+    first allocation trains at most 50 s minus the trainer's start-up, and each next one about
+    27 s minus it (it starts a few seconds after the check that signalled the one before). A
+    tiny Stage 1 step takes 0.15 to 1 s on the shared 2-core machines, so the count is measured:
+    a short trainer run gives the start-up and the step rate.
+    """
+    spec = write_spec(tmp_path / "calibration", "stage1", {**STAGE1, "steps": 15, "checkpoint_every": 1000},
+                      cache_dir=tmp_path / "data" / "cache")
+    started = time.monotonic()
+    run = run_trainer(spec)
+    assert run.returncode == 0, run.stderr[-2000:]
+    rates = sorted(e["samples_per_s"] / STAGE1["batch_size"] for e in run.events if e.get("samples_per_s"))
+    start_up = time.monotonic() - started - 15 / rates[len(rates) // 2]
+    trainable_s = max(50 - start_up, 5) + max(27 - start_up, 3)
+    steps = math.ceil(trainable_s * rates[len(rates) // 2])
+    print(f"calibration: start-up {start_up:.1f} s, {rates[len(rates) // 2]:.2f} steps/s -> {steps} steps")
+    return steps
+
+
 @pytest.mark.slow
 @pytest.mark.ci
 def test_a_job_needing_several_allocations_does_every_step_once(slurm_dir):
-    """One-minute allocations, SIGUSR1 40 s before the end (Slurm checks its timers every 30 s,
-    so it comes 20 to 50 s in); each allocation trains some steps, checkpoints on the signal and
-    ends out of time, and the next batch job continues from exactly there. 50 steps need three
-    allocations on the 2-core CI machines (a step takes about a second there)."""
-    steps = 50
+    """One-minute allocations, SIGUSR1 40 s before the end (Slurm's timers make that 20 to 50 s
+    in); each allocation trains some steps, checkpoints on the signal and ends out of time, and
+    the next batch job continues from exactly there."""
+    steps = steps_for_three_allocations(slurm_dir)
     server = slurm_server(slurm_dir, NEUROLENS_SLURM_SIGNAL_S="40")
     config = {**STAGE1, "steps": steps, "checkpoint_every": 1000, "slurm": {"time": 1}}
     try:
         with server.client() as client:
             job_id = client.post("/api/jobs", json={"stage": "stage1", "config": config}).json()["id"]
-            job = server.wait_for_job(job_id, {"succeeded"}, timeout=480)
-            events = client.get(f"/api/jobs/{job_id}/events", params={"limit": 1000}).json()["data"]
+            job = server.wait_for_job(job_id, {"succeeded"}, timeout=540)
+            events = client.get(f"/api/jobs/{job_id}/events", params={"limit": 2000}).json()["data"]
     finally:
         server.stop()
     history = job["attempt_history"]

@@ -27,11 +27,13 @@ import shlex
 import subprocess
 import time
 import uuid
+from dataclasses import replace
 from pathlib import Path
 
 from server.executors.base import Executor, Exit, Run
-from server.executors.local import SOURCE_ROOT, trainer_command
+from server.executors.local import SOURCE_ROOT, outcome_code, trainer_command
 from server.settings import Settings
+from trainer.protocol import OUTCOME_FILENAME, SPEC_FILENAME
 
 log = logging.getLogger("neurolens.slurm")
 
@@ -129,6 +131,10 @@ class SlurmExecutor(Executor):
         job_dir = spec_path.parent
         script = job_dir / BATCH_SCRIPT
         write_batch_script(script, spec_path, processes, self.settings)
+        # As locally: under torchrun a clean end exits 0 whatever happened; rank 0 leaves the code.
+        outcome_path = job_dir / OUTCOME_FILENAME if processes > 1 else None
+        if outcome_path is not None:
+            outcome_path.unlink(missing_ok=True)
         options = self.sbatch_options(read_slurm_options(spec_path), processes, memory_bytes)
         args = ["sbatch", "--parsable", f"--job-name=neurolens-{job_dir.name}", f"--output={log_path}",
                 "--open-mode=append", f"--chdir={job_dir}", "--no-requeue", *options, str(script)]
@@ -139,7 +145,7 @@ class SlurmExecutor(Executor):
         if not job_id.isdigit():
             raise SlurmError(f"sbatch answered {out.strip()[:200]!r}, not a job id")
         log.info("submitted %s as Slurm job %s (%s)", script, job_id, " ".join(options))
-        return SlurmRun(job_id, self.settings.slurm_poll_s)
+        return SlurmRun(job_id, self.settings.slurm_poll_s, outcome_path)
 
     def sbatch_options(self, job: dict, processes: int, memory_bytes: int) -> list[str]:
         """sbatch options: the job's ``slurm`` config over the NEUROLENS_SLURM_* defaults, the
@@ -170,7 +176,11 @@ class SlurmExecutor(Executor):
             return None
         if fields is None or Path(fields.get("Command", "")) != job_dir / BATCH_SCRIPT:
             return None
-        return SlurmRun(handle, self.settings.slurm_poll_s)
+        try:
+            devices = json.loads((job_dir / SPEC_FILENAME).read_text(encoding="utf-8"))["config"].get("devices", 1)
+        except (OSError, ValueError, KeyError, AttributeError):
+            devices = 1
+        return SlurmRun(handle, self.settings.slurm_poll_s, job_dir / OUTCOME_FILENAME if devices > 1 else None)
 
     def check(self) -> None:
         """Submit a test job that writes a file in the data folder, and refuse to start unless the
@@ -246,9 +256,10 @@ def write_batch_script(script: Path, spec_path: Path, processes: int, settings: 
 class SlurmRun(Run):
     """One batch job, known by its Slurm job id; its state is read at most every ``poll_s``."""
 
-    def __init__(self, job_id: str, poll_s: float) -> None:
+    def __init__(self, job_id: str, poll_s: float, outcome_path: Path | None = None) -> None:
         self.handle = job_id
         self.poll_s = poll_s
+        self.outcome_path = outcome_path
         self._read_at = 0.0
         self._state = "PENDING"
         self._exit: Exit | None = None
@@ -271,6 +282,8 @@ class SlurmRun(Run):
         self._state = fields.get("JobState", "")
         if self._state in ENDED_STATES:
             self._exit = exit_of(fields)
+            if self._exit.code == 0 and self.outcome_path is not None:
+                self._exit = replace(self._exit, code=outcome_code(self.outcome_path))
             log.info("Slurm job %s ended %s, exit code %s", self.handle, self._state, fields.get("ExitCode"))
 
     def poll(self) -> Exit | None:
