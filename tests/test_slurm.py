@@ -324,3 +324,25 @@ def test_a_restarted_server_reattaches_to_its_batch_job(slurm_dir):
     (attempt,) = job["attempt_history"]
     assert attempt["handle"] == handle and attempt["outcome"] == "succeeded"
     assert handle not in jobs_under(slurm_dir) or slurm_state(handle) == "COMPLETED"
+
+
+@pytest.mark.slow
+def test_two_processes_train_under_srun_and_honour_the_time_warning(slurm_dir):
+    """`devices: 2`: torchrun as one srun task with two CPUs, two gloo processes on one node. The
+    time-limit warning, delivered the way Slurm delivers it (USR1 to the batch shell), passes
+    through srun and torchrun to the workers: checkpointed, out of time, continued."""
+    server = slurm_server(slurm_dir)
+    try:
+        with server.client() as client:
+            job_id = client.post("/api/jobs", json={"stage": "stage1", "config": {**STAGE1, "steps": 40,
+                                                                                  "devices": 2}}).json()["id"]
+            job = training_attempt(client, job_id, 1)
+            subprocess.run(["scancel", "--batch", "--signal=USR1", job["attempt_history"][0]["handle"]], check=True)
+            job = server.wait_for_job(job_id, {"succeeded"}, timeout=300)
+    finally:
+        server.stop()
+    first, second = job["attempt_history"]
+    assert first["outcome"] == "out_of_time" and first["exit_code"] == EXIT_OUT_OF_TIME, first
+    assert second["start_step"] == first["end_step"] > 0 and second["outcome"] == "succeeded"
+    log = (server.data_dir / "jobs" / str(job_id) / "trainer.log").read_text()
+    assert "[rank 1]" in log  # the second process trained too

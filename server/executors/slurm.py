@@ -231,24 +231,39 @@ def read_slurm_options(spec_path: Path) -> dict:
 
 
 def write_batch_script(script: Path, spec_path: Path, processes: int, settings: Settings) -> None:
-    """The batch script: the local executor's trainer command, ``exec``ed so that the batch shell
-    *is* the trainer and Slurm's signals (the time-limit USR1, a cancel's TERM) reach it."""
+    """The batch script: the local executor's trainer command, so that Slurm's signals (the
+    time-limit USR1, a cancel's TERM) reach the trainer.
+
+    One process is ``exec``ed: the batch shell *is* the trainer. ``devices`` > 1 runs torchrun as
+    one ``srun`` task with the job's CPUs; torchrun ignores USR1 (it would die of it), and the
+    batch shell, which Slurm's ``B:`` warning reaches, passes it to every process of that step,
+    so each worker checkpoints. How the run ended is rank 0's ``outcome.json``.
+    """
     command = shlex.join(trainer_command(spec_path, processes))
-    python_path = shlex.quote(str(SOURCE_ROOT))
-    text = (
-        "#!/bin/bash\n"
-        f"# NeuroLens job {spec_path.parent.name}: written by server/executors/slurm.py for each attempt.\n"
-        "export PYTHONUNBUFFERED=1\n"
-        f"export PYTHONPATH={python_path}${{PYTHONPATH:+:$PYTHONPATH}}\n"
-        f'echo "slurm job $SLURM_JOB_ID on $(hostname) started $(date -u +%FT%TZ)" >&2\n'
-        "# A warning that comes before the trainer installs its handler must not end the job (USR1's\n"
-        "# default action); ignored until then, the job ends at its limit and resumes from the newest\n"
-        "# periodic checkpoint.\n"
-        "trap '' USR1\n"
-        f"exec {command}\n"
-    )
+    lines = [
+        "#!/bin/bash",
+        f"# NeuroLens job {spec_path.parent.name}: written by server/executors/slurm.py for each attempt.",
+        "export PYTHONUNBUFFERED=1",
+        f"export PYTHONPATH={shlex.quote(str(SOURCE_ROOT))}${{PYTHONPATH:+:$PYTHONPATH}}",
+        'echo "slurm job $SLURM_JOB_ID on $(hostname) started $(date -u +%FT%TZ)" >&2',
+        "# A warning that comes before the trainer installs its handler must not end the job (USR1's",
+        "# default action); ignored until then, the job ends at its limit (SIGTERM: a checkpoint too).",
+        "trap '' USR1",
+    ]
+    if processes <= 1:
+        lines.append(f"exec {command}")
+    else:
+        inner = shlex.quote(f"trap '' USR1; exec {command}")
+        lines += [
+            f"srun --ntasks=1 --nodes=1 --cpus-per-task=${{SLURM_CPUS_PER_TASK:-{processes}}} bash -c {inner} &",
+            "step=$!",
+            "trap 'scancel --signal=USR1 \"$SLURM_JOB_ID.0\"' USR1",
+            "# wait returns early when the trap runs; wait again until srun has really ended.",
+            'while :; do wait "$step"; code=$?; kill -0 "$step" 2>/dev/null || break; done',
+            'exit "$code"',
+        ]
     partial = script.with_name(f".{script.name}.partial")
-    partial.write_text(text, encoding="utf-8")
+    partial.write_text("\n".join(lines) + "\n", encoding="utf-8")
     partial.chmod(0o700)
     os.replace(partial, script)
 
@@ -282,7 +297,9 @@ class SlurmRun(Run):
         self._state = fields.get("JobState", "")
         if self._state in ENDED_STATES:
             self._exit = exit_of(fields)
-            if self._exit.code == 0 and self.outcome_path is not None:
+            if self.outcome_path is not None and (self.outcome_path.exists() or self._exit.code == 0):
+                # torchrun exits 0 after a clean end (or non-zero when a signal reached it first):
+                # rank 0's file says how the run ended.
                 self._exit = replace(self._exit, code=outcome_code(self.outcome_path))
             log.info("Slurm job %s ended %s, exit code %s", self.handle, self._state, fields.get("ExitCode"))
 
