@@ -6,7 +6,7 @@ import ipaddress
 import os
 from pathlib import Path
 
-from pydantic import AliasChoices, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -19,7 +19,9 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535)
     executor: str = Field("local", description="What runs the trainers: one of server.executors.EXECUTORS "
                                                "('local': processes on this machine; 'slurm': batch jobs).")
-    advertised_url: str = Field("", validation_alias=AliasChoices("public_url", "neurolens_public_url"),
+    # Named by its variable alone: `public_url` is the bound address's property, and an alias
+    # without the prefix would read any PUBLIC_URL in the environment.
+    advertised_url: str = Field("", validation_alias="neurolens_public_url",
                                 description="NEUROLENS_PUBLIC_URL: the server's URL as trainers see it (on a "
                                             "cluster, the login node's address from a compute node); empty means "
                                             "the bound address.")

@@ -241,8 +241,8 @@ def test_a_job_needing_several_allocations_does_every_step_once(slurm_dir):
     # first trained step, against an uninterrupted step.
     for before, after in zip(history, history[1:]):
         stop = max(at(e["created_at"]) for e in events if e["kind"] == "checkpoint" and e["step"] == before["end_step"])
-        resumed = min(at(e["created_at"]) for e in events
-                      if e["kind"] == "progress" and (e["step"] or 0) > after["start_step"] and at(e["created_at"]) > stop)
+        resumed = min(at(e["created_at"]) for e in events if e["kind"] == "progress"
+                      and (e["step"] or 0) > after["start_step"] and at(e["created_at"]) > stop)
         print(f"attempt {before['number']} -> {after['number']}: checkpoint at step {before['end_step']} to the next "
               f"trained step {resumed - stop:.1f} s (sbatch to first progress {first_progress_s(after, events):.1f} s)")
     assert len(history) >= 3, history

@@ -2,9 +2,9 @@
 
 Runs one job attempt and exits with :data:`~trainer.protocol.EXIT_OK` (training reached its
 steps), :data:`~trainer.protocol.EXIT_STOPPED` (a pause or cancel was honoured after a
-checkpoint), :data:`~trainer.protocol.EXIT_OUT_OF_TIME` (Slurm's SIGUSR1 before the time limit was
-honoured after a checkpoint) or :data:`~trainer.protocol.EXIT_FAILED` (a clean failure, explained by the last
-``error`` event). Any other exit code is a crash. Logging goes to stderr; offline events (empty
+checkpoint), :data:`~trainer.protocol.EXIT_OUT_OF_TIME` (Slurm's SIGUSR1 before the time limit,
+honoured after a checkpoint) or :data:`~trainer.protocol.EXIT_FAILED` (a clean failure,
+explained by the last ``error`` event). Any other exit code is a crash. Logging goes to stderr; offline events (empty
 ``api_url``) go to stdout as JSON lines.
 """
 
