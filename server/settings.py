@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import shlex
 from pathlib import Path
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -62,6 +63,17 @@ class Settings(BaseSettings):
     dataset_check_timeout_s: float = Field(60.0, gt=0, description="Time allowed to open every recording of a "
                                                                   "dataset (headers only) before a job is queued.")
     memory_margin_bytes: int = Field(256 * 1024**2, ge=0, description="Free memory kept back for the OS and the user's other work.")
+
+    @field_validator("slurm_extra")
+    @classmethod
+    def _sbatch_options(cls, value: str) -> str:
+        try:
+            options = shlex.split(value)
+        except ValueError as exc:
+            raise ValueError(f"cannot split it into sbatch options ({exc})") from None
+        if any(not option.startswith("-") for option in options):
+            raise ValueError("expected sbatch options only, each starting with '-', e.g. '--account=lab'")
+        return value
 
     @model_validator(mode="after")
     def _read_token_file(self) -> "Settings":

@@ -154,6 +154,18 @@ def test_the_server_refuses_slurm_without_its_commands(tmp_path):
     assert "sbatch not found" in done.stderr and "NEUROLENS_EXECUTOR=local" in done.stderr
 
 
+@pytest.mark.parametrize("extra, problem", [
+    ("--account='lab", "cannot split it into sbatch options"),
+    ("job.sh", "expected sbatch options only"),
+])
+def test_the_server_refuses_bad_default_sbatch_options(tmp_path, extra, problem):
+    done = subprocess.run([sys.executable, "-m", "server", "--port", str(free_port()), "--data-dir", str(tmp_path)],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
+                          env={"PATH": str(tmp_path), "NEUROLENS_EXECUTOR": "slurm", "NEUROLENS_SLURM_EXTRA": extra})
+    assert done.returncode == 2
+    assert "invalid slurm_extra" in done.stderr and problem in done.stderr
+
+
 # --- on the cluster --------------------------------------------------------------------------
 
 

@@ -158,7 +158,7 @@ class SlurmExecutor(Executor):
                                     ("time", "--time", settings.slurm_time), ("gres", "--gres", settings.slurm_gres)):
             if value := job.get(name, default):
                 options.append(f"{flag}={value}")
-        # One task per process of a data-parallel job, all on the allocation's first node.
+        # A data-parallel job's torchrun is one task with a core per process (see write_batch_script).
         cpus = job.get("cpus", settings.slurm_cpus) or (processes if processes > 1 else 0)
         if cpus:
             options.append(f"--cpus-per-task={cpus}")
