@@ -29,19 +29,34 @@ browser:
 		echo "chromium is not installed and cannot be installed here: the dashboard browser tests will be skipped"; \
 	fi
 
+# The Slurm executor's tests run against a real one-node cluster: Debian's slurmctld, slurmd,
+# slurm-client and munge, installed here when missing and we may (as for the browser). The tests
+# start the cluster themselves (deploy/slurm/cluster.sh, as root) or skip and say why.
+.PHONY: slurm
+slurm:
+	@if command -v slurmctld >/dev/null 2>&1 && command -v slurmd >/dev/null 2>&1 && command -v sbatch >/dev/null 2>&1 \
+		&& command -v munged >/dev/null 2>&1; then :; \
+	elif [ -n "$(APT_GET)" ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "Installing Debian's slurmctld, slurmd, slurm-client and munge for the Slurm tests"; \
+		$(APT_GET) update -qq && DEBIAN_FRONTEND=noninteractive $(APT_GET) install -y -qq --no-install-recommends \
+			slurmctld slurmd slurm-client munge >/dev/null; \
+	else \
+		echo "Slurm is not installed and cannot be installed here: the Slurm tests will be skipped"; \
+	fi
+
 run: $(VENV)/.installed
 	$(BIN)/neurolens serve --demo
 
-test: $(VENV)/.installed browser
+test: $(VENV)/.installed browser slurm
 	$(PY) -m pytest -q
 
 # The slow tests CI also runs after `make test` (marked `ci`): end-to-end runs worth their
 # minutes on every submission, kept out of the default suite so that it stays near 10 minutes.
-test-ci: $(VENV)/.installed browser
+test-ci: $(VENV)/.installed browser slurm
 	$(PY) -m pytest -q -m ci
 
 # The slow tests too (full-size presets, long kills-and-resumes).
-test-all: $(VENV)/.installed browser
+test-all: $(VENV)/.installed browser slurm
 	$(PY) -m pytest -q -m ""
 
 bench: $(VENV)/.installed

@@ -8,6 +8,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from server.app import serve
+from server.executors import make_executor
 from server.settings import Settings, describe_settings_error
 
 
@@ -26,6 +27,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         settings = Settings(**overrides)
         settings.check_exposure()
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        make_executor(settings).check()  # e.g. Slurm: is the data folder shared with the nodes?
     except ValidationError as exc:
         parser.exit(2, f"error: {describe_settings_error(exc)}\n")
     except ValueError as exc:

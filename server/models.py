@@ -53,6 +53,7 @@ class AttemptOutcome(str, Enum):
     lost = "lost"                    # the server restarted and found its trainer gone
     crashed = "crashed"              # any other exit: a bug, a kill from outside, a silent trainer
     out_of_memory = "out_of_memory"  # a SIGKILL NeuroLens did not send: the out-of-memory killer
+    out_of_time = "out_of_time"      # a batch job's allocation ended (time limit, preemption); requeued
     not_started = "not_started"      # the executor could not start it
 
     @property

@@ -15,7 +15,7 @@ from typing import Any
 
 from server.executors.base import SIGKILL, Exit, describe_exit
 from server.models import AttemptOutcome, JobStatus, WaitReason
-from trainer.protocol import EXIT_FAILED, EXIT_OK, EXIT_STOPPED
+from trainer.protocol import EXIT_FAILED, EXIT_OK, EXIT_OUT_OF_TIME, EXIT_STOPPED
 
 # The longest a crashed job waits before its retry: a crash loop must not spin the CPU.
 MAX_RETRY_DELAY_S = 30.0
@@ -90,10 +90,19 @@ def classify(facts: Facts) -> AttemptOutcome:
         return AttemptOutcome.interrupted
     if code == EXIT_FAILED:
         return AttemptOutcome.failed
+    # The allocation ended: the trainer honoured the time-limit warning (or a preemption's
+    # SIGTERM, with a checkpoint), or the batch system ended it at the limit before it could
+    # (then it resumes from its newest periodic checkpoint).
+    if code == EXIT_OUT_OF_TIME or facts.exit.cause in ("out_of_time", "preempted"):
+        return AttemptOutcome.out_of_time
     if code == EXIT_STOPPED:
         return AttemptOutcome.stopped
+    if facts.exit.cause == "out_of_memory":
+        return AttemptOutcome.out_of_memory
     effective = facts.exit.root_cause if facts.exit.root_cause is not None else code
-    if effective == -SIGKILL and not facts.killed_by_us:
+    # A SIGKILL we did not send is the out-of-memory killer, unless a batch system says it was
+    # its own cancel, preemption or node failure: a crash, retried without the memory back-off.
+    if effective == -SIGKILL and not facts.killed_by_us and facts.exit.cause != "killed":
         return AttemptOutcome.out_of_memory
     return AttemptOutcome.crashed
 
@@ -140,6 +149,10 @@ def decide(facts: Facts, *, config: dict[str, Any], job_error: str | None, job_r
     if outcome == AttemptOutcome.failed:
         error = job_error or "trainer failed; see its log"
         return Decision(outcome, JobStatus.failed, error, error=error)
+    if outcome == AttemptOutcome.out_of_time:
+        # Not a failure: the allocation ended. Queued again at once, spending no retry.
+        return Decision(outcome, JobStatus.queued, "the batch job's allocation ended (time limit or preemption); "
+                                                   "continuing in a new one from the newest checkpoint")
     if outcome == AttemptOutcome.stopped:
         # Stopped without a request of ours: the trainer said why (a full disk), or a signal from
         # outside NeuroLens asked it to end. Either way it checkpointed: resumable.
@@ -152,7 +165,8 @@ def _crash(facts: Facts, outcome: AttemptOutcome, config: dict[str, Any], attemp
            max_attempts: int) -> Decision:
     """A crash or an out-of-memory kill: retried from the newest checkpoint while retries last."""
     code = facts.code
-    reason = facts.kill_message if facts.killed_by_us and facts.kill_message else describe_exit(code)
+    reason = (facts.kill_message if facts.killed_by_us and facts.kill_message
+              else facts.exit.detail if facts.exit is not None and facts.exit.detail else describe_exit(code))
     if facts.log_line:
         reason = f"{reason}: {facts.log_line}"
     if facts.exit is not None and facts.exit.root_cause is not None:

@@ -24,6 +24,7 @@ import logging
 import os
 import threading
 import time
+from datetime import datetime
 from pathlib import Path
 
 import psutil
@@ -77,6 +78,8 @@ class Scheduler:
         # Where each running attempt's lines begin in its job's trainer log, so that a crash is
         # never explained by an earlier attempt's last line (unknown after a restart: 0).
         self._log_start: dict[int, int] = {}
+        # When each run was last seen waiting in its batch queue (see Run.pending).
+        self._pending_seen: dict[int, datetime] = {}
         # Trainer events the database could not take (a full disk); written before the attempt ends.
         self.backlog = jobs.EventBacklog()
         self._db_warned_at = 0.0
@@ -97,6 +100,10 @@ class Scheduler:
         self._wake.set()
         if self._thread is not None:
             self._thread.join(10)
+        if self.executor.outlives_server:
+            # Batch jobs run on without us; the next start re-attaches to them by their handle.
+            self.runs.clear()
+            return
         for run in self.runs.values():
             run.stop()  # the trainer checkpoints and exits; whatever is left is killed below
         deadline = time.monotonic() + SHUTDOWN_GRACE_S
@@ -170,6 +177,7 @@ class Scheduler:
                 self._warn_database(exc)
                 continue
             del self.runs[job_id]
+            self._pending_seen.pop(job_id, None)
 
     def _warn_database(self, exc: OperationalError) -> None:
         if time.monotonic() - self._db_warned_at > 60:
@@ -217,7 +225,12 @@ class Scheduler:
                 others = sum(r or 0 for other, r in samples.items() if other != job_id)
                 self._guard_memory(session, job, attempt, rss, others)
                 jobs.record_memory_sample(session, attempt, rss)
-            silent_s = (now - attempt.last_heartbeat_at).total_seconds() if attempt.last_heartbeat_at else 0.0
+            if run.pending():
+                # Waiting in a batch queue is not silence: the heartbeat clock starts when it runs.
+                self._pending_seen[job_id] = now
+                continue
+            heard = max(filter(None, (attempt.last_heartbeat_at, self._pending_seen.get(job_id))), default=None)
+            silent_s = (now - heard).total_seconds() if heard else 0.0
             if attempt.killed_by_us:
                 continue  # already on its way out
             if silent_s > self.settings.heartbeat_timeout_s:
@@ -267,7 +280,7 @@ class Scheduler:
             if len(self.runs) >= self.settings.concurrency:
                 jobs.wait(session, job, None)  # in line for a free slot
                 continue
-            if not self._fits_in_memory(session, job):
+            if not self.executor.admits_memory and not self._fits_in_memory(session, job):
                 jobs.wait(session, job, WaitReason.memory.value)
                 continue
             self._spawn(session, job, encoder_path)
@@ -336,7 +349,7 @@ class Scheduler:
         token = new_token()
         spec = JobSpec(
             job_id=job.id, stage=job.stage, dataset=job.dataset, config=job.config,
-            job_dir=str(job_dir), api_url=self.settings.public_url, token=token,
+            job_dir=str(job_dir), api_url=self.settings.trainer_url, token=token,
             encoder_path=str(encoder_path) if encoder_path else None,
             cache_dir=str(self.settings.cache_dir.resolve()), attempt=job.attempts + 1,
             resume_from=self._resume_path(session, job),
@@ -357,7 +370,8 @@ class Scheduler:
         log_path = job_dir / LOG_FILENAME
         self._log_start[job.id] = log_path.stat().st_size if log_path.exists() else 0
         try:
-            run = self.executor.start(spec_path, log_path, processes=job.config.get("devices", 1))
+            run = self.executor.start(spec_path, log_path, processes=job.config.get("devices", 1),
+                                      memory_bytes=job.predicted_peak_bytes or 0)
         except OSError as exc:
             jobs.start_failed(session, job, attempt, f"could not start the trainer: {exc}")
             return

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import shlex
 from pathlib import Path
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -18,7 +19,26 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     executor: str = Field("local", description="What runs the trainers: one of server.executors.EXECUTORS "
-                                               "('local': processes on this machine).")
+                                               "('local': processes on this machine; 'slurm': batch jobs).")
+    # Named by its variable alone: `public_url` is the bound address's property, and an alias
+    # without the prefix would read any PUBLIC_URL in the environment.
+    advertised_url: str = Field("", validation_alias="neurolens_public_url",
+                                description="NEUROLENS_PUBLIC_URL: the server's URL as trainers see it (on a "
+                                            "cluster, the login node's address from a compute node); empty means "
+                                            "the bound address.")
+    # The slurm executor's defaults; a job's config `slurm: {...}` overrides each (trainer.config).
+    slurm_partition: str = Field("", description="sbatch --partition; empty: the cluster's default.")
+    slurm_time: str = Field("", description="sbatch --time (minutes, or D-HH:MM:SS); empty: the partition's.")
+    slurm_gres: str = Field("", description="sbatch --gres, e.g. 'gpu:1'; empty: none.")
+    slurm_cpus: int = Field(0, ge=0, description="sbatch --cpus-per-task; 0: Slurm's default (1).")
+    slurm_extra: str = Field("", description="More sbatch options for every job, shell-quoted, e.g. '--account=lab'.")
+    slurm_signal_s: int = Field(300, ge=1, description="Seconds before the time limit Slurm sends SIGUSR1: the "
+                                                       "trainer checkpoints and the job continues in a new allocation.")
+    slurm_memory_margin_bytes: int = Field(512 * 1024**2, ge=0,
+                                           description="Added to a job's predicted peak for its --mem request.")
+    slurm_poll_s: float = Field(2.0, gt=0, description="Seconds between `scontrol show job` reads of one job.")
+    slurm_check_timeout_s: float = Field(300.0, ge=0, description="How long the start-up check job (is the data "
+                                                                  "folder shared?) may take; 0 skips the check.")
     concurrency: int = Field(1, ge=1, description="Trainer subprocesses allowed to run at once.")
     heartbeat_timeout_s: float = Field(120.0, gt=0, description="A trainer silent this long is killed and its attempt fails.")
     max_attempts: int = Field(3, ge=1, description="Attempts per job before a crashing trainer fails it.")
@@ -43,6 +63,17 @@ class Settings(BaseSettings):
     dataset_check_timeout_s: float = Field(60.0, gt=0, description="Time allowed to open every recording of a "
                                                                   "dataset (headers only) before a job is queued.")
     memory_margin_bytes: int = Field(256 * 1024**2, ge=0, description="Free memory kept back for the OS and the user's other work.")
+
+    @field_validator("slurm_extra")
+    @classmethod
+    def _sbatch_options(cls, value: str) -> str:
+        try:
+            options = shlex.split(value)
+        except ValueError as exc:
+            raise ValueError(f"cannot split it into sbatch options ({exc})") from None
+        if any(not option.startswith("-") for option in options):
+            raise ValueError("expected sbatch options only, each starting with '-', e.g. '--account=lab'")
+        return value
 
     @model_validator(mode="after")
     def _read_token_file(self) -> "Settings":
@@ -98,8 +129,13 @@ class Settings(BaseSettings):
         return f"sqlite:///{(self.data_dir / 'neurolens.db').resolve()}"
 
     @property
+    def trainer_url(self) -> str:
+        """URL trainers report to: NEUROLENS_PUBLIC_URL where set, else :attr:`public_url`."""
+        return self.advertised_url.rstrip("/") or self.public_url
+
+    @property
     def public_url(self) -> str:
-        """URL trainers use to reach this server (a wildcard bind is reached over loopback)."""
+        """URL of the bound address (a wildcard bind is reached over loopback)."""
         host = "127.0.0.1" if self.host in ("0.0.0.0", "", "::") else self.host
         if ":" in host:
             host = f"[{host}]"

@@ -2,8 +2,9 @@
 
 Runs one job attempt and exits with :data:`~trainer.protocol.EXIT_OK` (training reached its
 steps), :data:`~trainer.protocol.EXIT_STOPPED` (a pause or cancel was honoured after a
-checkpoint) or :data:`~trainer.protocol.EXIT_FAILED` (a clean failure, explained by the last
-``error`` event). Any other exit code is a crash. Logging goes to stderr; offline events (empty
+checkpoint), :data:`~trainer.protocol.EXIT_OUT_OF_TIME` (Slurm's SIGUSR1 before the time limit,
+honoured after a checkpoint) or :data:`~trainer.protocol.EXIT_FAILED` (a clean failure,
+explained by the last ``error`` event). Any other exit code is a crash. Logging goes to stderr; offline events (empty
 ``api_url``) go to stdout as JSON lines.
 """
 
@@ -25,7 +26,7 @@ from trainer.checkpoint import atomic_write_text
 from trainer.config import ConfigError
 from trainer.distributed import World, shutdown, world_from_env
 from trainer.exceptions import TrainerError
-from trainer.protocol import EXIT_FAILED, EXIT_OK, EXIT_STOPPED, OUTCOME_FILENAME, JobSpec
+from trainer.protocol import EXIT_FAILED, EXIT_OK, EXIT_OUT_OF_TIME, EXIT_STOPPED, OUTCOME_FILENAME, JobSpec
 from trainer.reporter import Reporter
 from trainer.stages import get_stage, parse_config
 
@@ -55,7 +56,7 @@ def run(spec_path: Path) -> int:
         log.error("%s", exc)
         return EXIT_FAILED
     code = run_job(spec, world)
-    if not world.distributed or code not in (EXIT_OK, EXIT_FAILED, EXIT_STOPPED):
+    if not world.distributed or code not in (EXIT_OK, EXIT_FAILED, EXIT_STOPPED, EXIT_OUT_OF_TIME):
         return code
     if world.is_main:
         atomic_write_text(Path(spec.job_dir) / OUTCOME_FILENAME, json.dumps({"exit_code": code}))
@@ -72,8 +73,16 @@ def run_job(spec: JobSpec, world: World) -> int:
         log.info("received signal %d; stopping at the next step", signum)
         reporter.stop_requested = reporter.stop_requested or "cancel"
 
+    # SIGUSR1 is Slurm's warning that the time limit is near (sbatch --signal=B:USR1@...): the
+    # same checkpoint and stop, but the run ends as out of time, to be continued in a new allocation.
+    def on_time_warning(_signum: int, _frame: object) -> None:
+        log.info("received SIGUSR1: the time limit is near; checkpointing and stopping at the next step")
+        reporter.stop_requested = reporter.stop_requested or "out_of_time"
+
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, on_signal)
+    if hasattr(signal, "SIGUSR1"):  # not on Windows, where there is no batch system to send it
+        signal.signal(signal.SIGUSR1, on_time_warning)
 
     with reporter:
         try:
@@ -85,7 +94,8 @@ def run_job(spec: JobSpec, world: World) -> int:
             reporter.event("started", message=f"{spec.stage} attempt {spec.attempt} on {spec.dataset}{processes}")
             # Heartbeats from here on, so that loading a large dataset does not look like a hang.
             reporter.start_heartbeats()
-            return get_stage(spec.stage).load_runner()(spec, config, reporter, world)
+            code = get_stage(spec.stage).load_runner()(spec, config, reporter, world)
+            return EXIT_OUT_OF_TIME if code == EXIT_STOPPED and reporter.stop_requested == "out_of_time" else code
         except (TrainerError, ConfigError) as exc:
             log.error("%s", exc)
             reporter.event("error", message=str(exc))

@@ -254,6 +254,68 @@ BART_PRESETS: dict[str, BartPreset] = {
 }
 
 
+# What a job's `slurm` options may hold. Names and values go to sbatch as arguments (never
+# through a shell), but are still held to Slurm's own spelling so that a typo is a 422 at POST.
+SLURM_OPTIONS = ("partition", "time", "gres", "cpus", "extra")
+_SLURM_NAME = re.compile(r"[A-Za-z0-9_.,:-]{1,200}")
+# Slurm's --time forms: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S.
+_SLURM_TIME = re.compile(r"\d{1,7}(:\d{1,2}){0,2}|\d{1,5}-\d{1,2}(:\d{1,2}){0,2}")
+_SLURM_EXTRA = re.compile(r"--[a-z][a-z0-9-]*(=[^\s]{1,500})?")
+# Options NeuroLens sets itself: the memory it admitted the job by, the time-limit signal the
+# trainer honours, where the log goes, and the batch script's own settings.
+SLURM_RESERVED = ("--mem", "--mem-per-cpu", "--mem-per-gpu", "--signal", "--output", "--error", "--open-mode",
+                  "--chdir", "--job-name", "--parsable", "--wrap", "--partition", "--time", "--gres",
+                  "--cpus-per-task", "--requeue", "--no-requeue", "--export")
+
+
+def check_slurm_options(data: Any) -> dict[str, Any]:
+    """A job's ``slurm`` options, checked: only the names of :data:`SLURM_OPTIONS`, in Slurm's
+    spelling; ``extra`` options must not take over one NeuroLens sets (:data:`SLURM_RESERVED`).
+
+    Raises
+    ------
+    ConfigError
+        Naming the option, the value and what is allowed.
+    """
+    if not isinstance(data, dict):
+        raise ConfigError(f"Invalid slurm {_short(data)}; expected an object with some of: {', '.join(SLURM_OPTIONS)}.")
+    unknown = sorted(set(data) - set(SLURM_OPTIONS))
+    if unknown:
+        raise ConfigError(f"Unknown slurm option {unknown[0]!r}; expected some of: {', '.join(SLURM_OPTIONS)}.")
+    out: dict[str, Any] = {}
+    for name in ("partition", "gres"):
+        if name in data:
+            if not isinstance(data[name], str) or not _SLURM_NAME.fullmatch(data[name]):
+                raise ConfigError(f"Invalid slurm.{name} {_short(data[name])}; expected a Slurm name such as "
+                                  f"{'gpu' if name == 'partition' else 'gpu:1'} (letters, digits, _ . , : -).")
+            out[name] = data[name]
+    if "time" in data:
+        time = data["time"]
+        if isinstance(time, int) and not isinstance(time, bool) and 1 <= time <= MAX_COUNT:
+            time = str(time)
+        if not isinstance(time, str) or not _SLURM_TIME.fullmatch(time):
+            raise ConfigError(f"Invalid slurm.time {_short(data['time'])}; expected minutes (30) or Slurm's "
+                              f"D-HH:MM:SS forms ('2:00:00', '1-12').")
+        out["time"] = time
+    if "cpus" in data:
+        _expect_in_range("slurm.cpus", data["cpus"], 1, 4096)
+        out["cpus"] = data["cpus"]
+    if "extra" in data:
+        extra = data["extra"]
+        if not isinstance(extra, list) or len(extra) > 32:
+            raise ConfigError(f"Invalid slurm.extra {_short(extra)}; expected a list of at most 32 sbatch options.")
+        for option in extra:
+            if not isinstance(option, str) or not _SLURM_EXTRA.fullmatch(option):
+                raise ConfigError(f"Invalid slurm.extra option {_short(option)}; expected '--name' or '--name=value' "
+                                  f"(one sbatch long option, no spaces).")
+            if option.split("=", 1)[0] in SLURM_RESERVED:
+                raise ConfigError(f"Invalid slurm.extra option {option!r}; NeuroLens sets "
+                                  f"{option.split('=', 1)[0]} itself (use the slurm options partition, time, gres, "
+                                  f"cpus, or the job's memory prediction).")
+        out["extra"] = list(extra)
+    return out
+
+
 @dataclass
 class TrainConfigBase:
     """Fields shared by both stages. Unknown keys in a job config are refused."""
@@ -296,9 +358,16 @@ class TrainConfigBase:
     default true, also leaves out other subjects' sentences of the same texts); Stage 1 leaves
     their recordings out of training. Subjects are checked against the dataset at submission."""
 
+    slurm: dict[str, Any] | None = None
+    """Options of the Slurm batch job (executor 'slurm' only), each overriding the server's
+    NEUROLENS_SLURM_* default: 'partition', 'time' (minutes or D-HH:MM:SS), 'gres' ('gpu:1'),
+    'cpus' (per task) and 'extra' (a list of further sbatch options, each '--name=value')."""
+
     PRESET_NAMES: ClassVar[tuple[str, ...]] = ()
 
     def __post_init__(self) -> None:
+        if self.slurm is not None:
+            self.slurm = check_slurm_options(self.slurm)
         expect_choice("preset", self.preset, self.PRESET_NAMES)
         _expect_positive("steps", self.steps)
         _expect_positive("batch_size", self.batch_size)
@@ -526,5 +595,6 @@ def config_fields(cls: type[TrainConfigBase]) -> list[dict[str, Any]]:
 
 __all__ = [
     "BART_BOUNDS", "BART_PRESETS", "CHANNELS_32", "CHANNELS_8", "ConfigError", "EncoderConfig", "MIN_LOG_EVERY_S",
-    "Stage1Config", "Stage2Config", "TrainConfigBase", "check_bart_config", "config_fields", "expect_choice",
+    "SLURM_OPTIONS", "Stage1Config", "Stage2Config", "TrainConfigBase", "check_bart_config", "check_slurm_options",
+    "config_fields", "expect_choice",
 ]

@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 # A rank that waits longer than this in a collective has lost its peers (one crashed).
 COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=10)
-_STOP_CODES = {None: 0, "pause": 1, "cancel": 2}
+_STOP_CODES = {None: 0, "pause": 1, "out_of_time": 2, "cancel": 3}
 
 
 @dataclass(frozen=True)
@@ -145,7 +145,7 @@ def die_with_parent() -> None:
 
 
 def agree_on_stop(world: World, requested: str | None, device: torch.device) -> str | None:
-    """The stop request every rank acts on: the strongest any rank has seen (cancel > pause)."""
+    """The stop request every rank acts on: the strongest any rank has seen (cancel > out of time > pause)."""
     if not world.distributed:
         return requested
     code = torch.tensor([_STOP_CODES[requested]], dtype=torch.int32, device=device)

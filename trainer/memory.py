@@ -1,12 +1,14 @@
 """Memory: resident-set sampling, and the optimizer step fused into the backward pass.
 
-The server samples the whole process tree itself; :func:`rss_bytes` and :func:`peak_rss_bytes`
-are what the trainer reports about itself in its progress events. :class:`FusedOptimizer` is
+The local server samples the whole process tree itself; :func:`rss_bytes` and
+:func:`peak_rss_bytes` are what the trainer reports about its own tree in its progress events (the
+only figures where the server cannot see the trainer's machine). :class:`FusedOptimizer` is
 what lets Stage 1 train the 265M-parameter encoder without a full set of gradients in memory.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any, Callable
 
@@ -16,20 +18,44 @@ import torch
 _PROCESS = psutil.Process()
 
 
+def _tree_root() -> psutil.Process:
+    """The process whose tree is this trainer: under torchrun its agent (every rank is a child of
+    it), else this process. Where the server cannot see the trainer (a Slurm node) these reports
+    are the only memory figures there are, so they must count every process, not rank 0 alone."""
+    if os.environ.get("TORCHELASTIC_RUN_ID"):
+        try:
+            return _PROCESS.parent() or _PROCESS
+        except psutil.Error:
+            pass
+    return _PROCESS
+
+
 def rss_bytes() -> int:
-    """Current resident set size of this process in bytes."""
-    return int(_PROCESS.memory_info().rss)
+    """Current resident set size of the trainer's process tree in bytes (see :func:`_tree_root`)."""
+    root = _tree_root()
+    try:
+        processes = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        processes = [_PROCESS]
+    total = 0
+    for process in processes:
+        try:
+            total += process.memory_info().rss
+        except psutil.Error:  # ended between the listing and the reading
+            pass
+    return total or int(_PROCESS.memory_info().rss)
 
 
 def peak_rss_bytes() -> int:
-    """Peak resident set size of this process in bytes since it started.
+    """Peak resident set size of this process in bytes since it started, never below the tree's
+    current :func:`rss_bytes`.
 
     Linux reports ``ru_maxrss`` in KiB and macOS in bytes; Windows has no ``getrusage`` but
     psutil exposes the peak working set as ``peak_wset``.
     """
     if sys.platform == "win32":
         info = _PROCESS.memory_info()
-        return int(getattr(info, "peak_wset", info.rss))
+        return max(int(getattr(info, "peak_wset", info.rss)), rss_bytes())
     import resource
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -10,7 +10,7 @@ only, authenticated by the per-job token in the spec:
   inside the job directory; the server hashes it and adds it to the artifact store.
 
 Its exit code tells the server how the run ended (:data:`EXIT_OK`, :data:`EXIT_STOPPED`,
-:data:`EXIT_FAILED`; anything else is a crash). Pydantic and the torch-free stage registry
+:data:`EXIT_FAILED`, :data:`EXIT_OUT_OF_TIME`; anything else is a crash). Pydantic and the torch-free stage registry
 only: the server imports this module and must not pull in torch.
 """
 
@@ -30,6 +30,9 @@ EXIT_FAILED = 2
 """The trainer failed cleanly (bad data, bad config); the last ``error`` event says why."""
 EXIT_STOPPED = 3
 """A stop request (pause or cancel) was honoured after writing a checkpoint."""
+EXIT_OUT_OF_TIME = 4
+"""The batch system's time-limit warning (SIGUSR1) was honoured after writing a checkpoint: the
+run needs another allocation, and resumes from that checkpoint."""
 
 SPEC_FILENAME = "spec.json"
 OUTCOME_FILENAME = "outcome.json"

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from server.executors.base import Executor
 from server.executors.local import LocalExecutor
+from server.executors.slurm import SlurmExecutor
 from server.settings import Settings
 
-EXECUTORS: dict[str, type[Executor]] = {LocalExecutor.name: LocalExecutor}
+EXECUTORS: dict[str, type[Executor]] = {LocalExecutor.name: LocalExecutor, SlurmExecutor.name: SlurmExecutor}
 
 
 def make_executor(settings: Settings) -> Executor:

@@ -20,6 +20,7 @@ from pathlib import Path
 from server.settings import Settings
 
 SIGKILL = getattr(signal, "SIGKILL", 9)
+CAUSES = ("out_of_memory", "out_of_time", "preempted", "killed")
 
 
 @dataclass(frozen=True)
@@ -34,10 +35,21 @@ class Exit:
     root_cause : int or None
         For a data-parallel run: the exit code of the worker whose failure ended it (torchrun
         itself exits 1 whatever happened), when the launcher reported one.
+    cause : str or None
+        What a batch system said ended the run, where it knows better than the exit code (one
+        of :data:`CAUSES`): 'out_of_memory' (its memory limit), 'out_of_time' (its time limit),
+        'preempted' (another job took the allocation), 'killed' (cancelled, node failure: a
+        SIGKILL that was *not* the out-of-memory killer). None where only the exit code is
+        known (the local executor).
+    detail : str or None
+        The executor's own words for how the run ended ('Slurm job 8 ended NODE_FAIL, exit code
+        0:0'), which a crash is reported with instead of the bare exit code.
     """
 
     code: int | None
     root_cause: int | None = None
+    cause: str | None = None
+    detail: str | None = None
 
     @property
     def effective_code(self) -> int | None:
@@ -107,6 +119,11 @@ class Run(ABC):
     def wait(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds for the trainer to end; True when it has."""
 
+    def pending(self) -> bool:
+        """Whether the trainer waits for resources (a batch queue) and has not started: no
+        heartbeat is due from it yet."""
+        return False
+
 
 class Executor(ABC):
     """Starts trainers for job attempts and finds them again."""
@@ -115,13 +132,22 @@ class Executor(ABC):
     # Whether Run.rss_bytes measures the trainer's whole process tree. Where it does, that is the
     # memory figure kept; where it cannot (another machine), the trainer's own reports are.
     measures_memory: bool = False
+    # Whether the executor admits jobs by their predicted memory itself (a batch system's --mem):
+    # then the server's own free-RAM check, which judges the wrong machine, is skipped.
+    admits_memory: bool = False
+    # Whether trainers keep running when the server shuts down (batch jobs do, and a restarted
+    # server re-attaches to them); local trainers are stopped and requeued instead.
+    outlives_server: bool = False
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
 
     @abstractmethod
-    def start(self, spec_path: Path, log_path: Path, processes: int) -> Run:
+    def start(self, spec_path: Path, log_path: Path, processes: int, memory_bytes: int = 0) -> Run:
         """Start ``python -m trainer run spec_path`` (under torchrun when ``processes`` > 1).
+
+        ``memory_bytes`` is the job's predicted peak (0: unknown), for an executor that asks for
+        memory (a batch job's ``--mem``); the local executor admitted the job by it already.
 
         Raises
         ------
@@ -132,3 +158,13 @@ class Executor(ABC):
     @abstractmethod
     def reattach(self, handle: str, job_dir: Path) -> Run | None:
         """The run named ``handle`` if it is still the trainer of ``job_dir``; None otherwise."""
+
+    def check(self) -> None:
+        """Refuse to serve, with a message saying what to fix, when trainers could not work here
+        (checked once at server start; nothing to check for the local executor).
+
+        Raises
+        ------
+        ValueError
+            Naming the problem and the setting or requirement that fixes it.
+        """

@@ -43,6 +43,15 @@ def torchrun_root_cause(log_path: Path, max_bytes: int = 16384) -> int | None:
     return int(found[-1]) if found else None
 
 
+def outcome_code(path: Path) -> int:
+    """Rank 0's exit code of a data-parallel run (see trainer.protocol.OUTCOME_FILENAME); a
+    torchrun that exited 0 without one ended abnormally (1)."""
+    try:
+        return int(json.loads(path.read_text(encoding="utf-8"))["exit_code"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 1
+
+
 def trainer_command(spec_path: Path, processes: int = 1) -> list[str]:
     """The command line of a trainer: one process, or ``processes`` under torchrun.
 
@@ -61,7 +70,7 @@ class LocalExecutor(Executor):
     name = "local"
     measures_memory = True
 
-    def start(self, spec_path: Path, log_path: Path, processes: int) -> "LocalRun":
+    def start(self, spec_path: Path, log_path: Path, processes: int, memory_bytes: int = 0) -> "LocalRun":
         return LocalRun.spawn(spec_path, log_path, processes)
 
     def reattach(self, handle: str, job_dir: Path) -> "LocalRun | None":
@@ -136,11 +145,7 @@ class LocalRun(Run):
         return Exit(None) if finished else None
 
     def _outcome(self) -> int:
-        """Rank 0's exit code; a torchrun that exited 0 without one ended abnormally (1)."""
-        try:
-            return int(json.loads(self.outcome_path.read_text(encoding="utf-8"))["exit_code"])
-        except (OSError, ValueError, KeyError, TypeError):
-            return 1
+        return outcome_code(self.outcome_path)
 
     def rss_bytes(self) -> int | None:
         """Resident memory of the trainer and every process it started, in bytes."""
