@@ -117,6 +117,9 @@ DATABASES = ("sqlite", "postgresql")
 # Runs a test once per database: its `database` (or `shared_database`) fixture gives the URL.
 BOTH_DATABASES = pytest.mark.parametrize("database", DATABASES, indirect=True)
 BOTH_SHARED_DATABASES = pytest.mark.parametrize("shared_database", DATABASES, indirect=True, scope="module")
+# For a test of the default suite that is worth a PostgreSQL run in CI only (minutes, not seconds).
+SQLITE_NOW_POSTGRESQL_IN_CI = pytest.mark.parametrize(
+    "database", ["sqlite", pytest.param("postgresql", marks=(pytest.mark.slow, pytest.mark.ci))], indirect=True)
 
 
 @pytest.fixture(scope="session")
