@@ -21,6 +21,7 @@ from server.db import make_engine, upgrade_database
 from server.jobs import StaleJob, start_attempt
 from server.models import Attempt, Job
 from tests.conftest import BOTH_DATABASES, RunningServer, start_server
+from tests.test_faults import wait_for_step
 from tests.test_server_basics import url_of
 
 JOBS = 40
@@ -81,17 +82,6 @@ def attempts(server: RunningServer, job_id: int) -> list[dict]:
         return client.get(f"/api/jobs/{job_id}").json()["attempt_history"]
 
 
-def wait_for_step(server: RunningServer, job_id: int, step: int, timeout: float = 180) -> dict:
-    deadline = time.monotonic() + timeout
-    with server.client() as client:
-        while time.monotonic() < deadline:
-            job = client.get(f"/api/jobs/{job_id}").json()
-            if job["status"] == "running" and job["progress"]["step"] >= step:
-                return job
-            time.sleep(0.2)
-    raise AssertionError(f"job {job_id} never reached step {step}: {job}")
-
-
 @pytest.mark.slow
 @pytest.mark.ci  # the done-when test for PostgreSQL: three servers in turn, two to four minutes
 def test_two_servers_on_one_postgresql_database_run_each_job_once_and_a_standby_takes_over(
@@ -109,13 +99,13 @@ def test_two_servers_on_one_postgresql_database_run_each_job_once_and_a_standby_
     try:
         with a.client() as client:
             long_id = client.post("/api/jobs", json={"stage": "stage1", "config": LONG}).json()["id"]
-            wait_for_step(a, long_id, 0)
+            wait_for_step(a, long_id, 0, timeout=180)
             short_ids = [client.post("/api/jobs", json={"stage": "stage1", "config": SHORT}).json()["id"]
                          for _ in range(3)]
         b = start_server(data_dir, database=database, env=env)
         first_short = b.wait_for_job(short_ids[0], {"succeeded"})
         assert first_short["attempt_history"][0]["server_url"] == b.url
-        running = wait_for_step(a, long_id, 4)  # past its checkpoint at step 3
+        running = wait_for_step(a, long_id, 4, timeout=180)  # past its checkpoint at step 3
         assert [x["server_url"] for x in running["attempt_history"]] == [a.url]  # B left it alone
 
         a.stop()  # a clean stop hands the running job back to the queue
@@ -129,7 +119,7 @@ def test_two_servers_on_one_postgresql_database_run_each_job_once_and_a_standby_
         victim, survivor = (b, c) if history[1]["server_url"] == b.url else (c, b)
         assert history[1]["server_url"] == victim.url, history
         orphan = psutil.Process(int(history[1]["handle"]))
-        wait_for_step(b, long_id, history[1]["start_step"] + 3)
+        wait_for_step(b, long_id, history[1]["start_step"] + 3, timeout=180)
         victim.stop(signal.SIGKILL)  # its trainer lives on, reporting to no one
         deadline = time.monotonic() + 120
         while len(attempts(survivor, long_id)) < 3 and time.monotonic() < deadline:
