@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from sqlalchemy import case, delete, func, update
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlmodel import Session, select
 
 from server.exceptions import Conflict, InvalidInput, NotFound
@@ -346,7 +346,13 @@ def start_attempt(session: Session, job: Job, executor: str, token: str, server_
     update_if_status(session, job, JobStatus.queued, commit=False, **_status_values(
         JobStatus.running, started_at=job.started_at or now, error=None, attempts=attempt.number))
     session.add(attempt)
-    session.commit()
+    try:
+        session.commit()
+    except IntegrityError as exc:
+        # The job went queued -> running -> queued on another server since it was read here:
+        # the status matched again, but this attempt's number is taken (unique per job).
+        session.rollback()
+        raise StaleJob(f"Job {job.id} changed while it was being updated; try again.") from exc
     session.refresh(job)
     session.refresh(attempt)
     return attempt

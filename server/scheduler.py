@@ -379,31 +379,37 @@ class Scheduler:
         return str(self.store.path_of(artifact.storage_path)) if artifact is not None else None
 
     def _spawn(self, session: Session, job: Job, encoder_path: Path | None) -> None:
-        token = new_token()
-        # Claim the job before anything else: if a user cancelled it a moment ago, or another
-        # server sharing the database claimed it first, the claim fails and nothing is written
-        # (not even the spec, which the winner's trainer reads from the shared job folder).
-        try:
-            attempt = jobs.start_attempt(session, job, self.executor.name, token, self.settings.public_url)
-        except StaleJob:
-            return
         job_dir = self.job_dir(job.id)
+        job_dir.mkdir(parents=True, exist_ok=True)
+        token = new_token()
         spec = JobSpec(
             job_id=job.id, stage=job.stage, dataset=job.dataset, config=job.config,
             job_dir=str(job_dir), api_url=self.settings.public_url, token=token,
             encoder_path=str(encoder_path) if encoder_path else None,
-            cache_dir=str(self.settings.cache_dir.resolve()), attempt=attempt.number,
+            cache_dir=str(self.settings.cache_dir.resolve()), attempt=job.attempts + 1,
             resume_from=self._resume_path(session, job),
         )
         spec_path = job_dir / SPEC_FILENAME
-        log_path = job_dir / LOG_FILENAME
+        # A name of this attempt's own: another server sharing the job folder may be writing its
+        # spec for the same job at this moment, and only the claim's winner puts its spec in place.
+        partial = job_dir / f".{SPEC_FILENAME}.{token[:12]}.partial"
         try:
-            job_dir.mkdir(parents=True, exist_ok=True)
-            partial = job_dir / f".{SPEC_FILENAME}.partial"
             # The spec holds the job's token: readable by this user only.
             fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "w") as fh:
                 json.dump(spec.model_dump(), fh, indent=2)
+        except OSError:
+            partial.unlink(missing_ok=True)  # a full disk: the job stays queued; the next tick tries again
+            raise
+        # Claim the job before starting its trainer: if a user cancelled it a moment ago, or
+        # another server claimed it first, the claim fails and no trainer is started.
+        try:
+            attempt = jobs.start_attempt(session, job, self.executor.name, token, self.settings.public_url)
+        except StaleJob:
+            partial.unlink(missing_ok=True)
+            return
+        log_path = job_dir / LOG_FILENAME
+        try:
             os.replace(partial, spec_path)
             self._log_start[job.id] = log_path.stat().st_size if log_path.exists() else 0
             run = self.executor.start(spec_path, log_path, processes=job.config.get("devices", 1))

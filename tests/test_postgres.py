@@ -77,6 +77,32 @@ def test_of_two_claims_on_one_queued_job_exactly_one_wins(tmp_path, database):
     engine.dispose()
 
 
+@BOTH_DATABASES
+def test_a_claim_on_a_read_from_before_another_servers_whole_attempt_is_refused(tmp_path, database):
+    """Queued, run elsewhere, queued again: the status matches once more, but the attempt number
+    read before is taken; the claim fails cleanly (StaleJob) and a fresh read claims it."""
+    from server.jobs import end_attempt
+    from server.outcomes import Facts
+
+    url = url_of(database, tmp_path)
+    upgrade_database(url)
+    engine = make_engine(url)
+    with Session(engine) as stale, Session(engine) as other:
+        job = Job(stage="stage1", dataset="synthetic", config={}, total=2)
+        stale.add(job)
+        stale.commit()
+        stale.refresh(job)  # read here as queued, with no attempts yet
+        elsewhere = other.get(Job, job.id)
+        end_attempt(other, elsewhere, start_attempt(other, elsewhere, "local", "t1", "http://b"), Facts(exit=None), 3)
+        assert elsewhere.status.value == "queued" and elsewhere.attempts == 1
+        with pytest.raises(StaleJob):
+            start_attempt(stale, job, "local", "t2", "http://a")
+        stale.refresh(job)
+        assert start_attempt(stale, job, "local", "t3", "http://a").number == 2
+        assert [a.server_url for a in stale.exec(select(Attempt).order_by(Attempt.number))] == ["http://b", "http://a"]
+    engine.dispose()
+
+
 def attempts(server: RunningServer, job_id: int) -> list[dict]:
     with server.client() as client:
         return client.get(f"/api/jobs/{job_id}").json()["attempt_history"]
