@@ -44,19 +44,34 @@ slurm:
 		echo "Slurm is not installed and cannot be installed here: the Slurm tests will be skipped"; \
 	fi
 
+# The database tests also run on PostgreSQL: a throwaway cluster that tests/postgres.py starts
+# from Debian's postgresql-15 binaries, installed here when missing and we may. Otherwise those
+# tests skip and say why.
+PG_BIN ?= /usr/lib/postgresql/15/bin
+
+.PHONY: postgres
+postgres:
+	@if [ -x $(PG_BIN)/initdb ]; then :; \
+	elif [ -n "$(APT_GET)" ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "Installing Debian's postgresql-15 for the database tests"; \
+		$(APT_GET) update -qq && DEBIAN_FRONTEND=noninteractive $(APT_GET) install -y -qq --no-install-recommends postgresql-15 >/dev/null; \
+	else \
+		echo "postgresql-15 is not installed and cannot be installed here: the PostgreSQL tests will be skipped"; \
+	fi
+
 run: $(VENV)/.installed
 	$(BIN)/neurolens serve --demo
 
-test: $(VENV)/.installed browser slurm
+test: $(VENV)/.installed browser slurm postgres
 	$(PY) -m pytest -q
 
 # The slow tests CI also runs after `make test` (marked `ci`): end-to-end runs worth their
 # minutes on every submission, kept out of the default suite so that it stays near 10 minutes.
-test-ci: $(VENV)/.installed browser slurm
+test-ci: $(VENV)/.installed browser slurm postgres
 	$(PY) -m pytest -q -m ci
 
 # The slow tests too (full-size presets, long kills-and-resumes).
-test-all: $(VENV)/.installed browser slurm
+test-all: $(VENV)/.installed browser slurm postgres
 	$(PY) -m pytest -q -m ""
 
 bench: $(VENV)/.installed

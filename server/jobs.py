@@ -21,8 +21,8 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable
 
-from sqlalchemy import delete, func, update
-from sqlalchemy.exc import OperationalError
+from sqlalchemy import case, delete, func, update
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlmodel import Session, select
 
 from server.exceptions import Conflict, InvalidInput, NotFound
@@ -337,19 +337,31 @@ def _retry_stale(action, session: Session, job: Job, *args) -> Job:
 # --- attempts: start, report, end ---------------------------------------------------------
 
 
-def start_attempt(session: Session, job: Job, executor: str, token: str) -> Attempt:
-    """Claim a queued job for a new attempt whose trainer will carry ``token``.
+def start_attempt(session: Session, job: Job, executor: str, token: str, server_url: str | None = None) -> Attempt:
+    """Claim a queued job for a new attempt whose trainer will carry ``token``, started by the
+    server at ``server_url``.
 
     The claim fails with :class:`StaleJob` (nothing written) if the job left ``queued`` since it
-    was read, e.g. a user cancelled it a moment ago; then no trainer is started.
+    was read, e.g. a user cancelled it a moment ago; then no trainer is started. It is safe
+    between servers sharing one database: the UPDATE's ``WHERE status = 'queued'`` is judged on
+    the row as committed (SQLite runs one writer at a time; PostgreSQL makes a second UPDATE of
+    a row wait for the first's commit, then re-checks the condition on the new row), so of two
+    servers claiming the same job exactly one changes a row; the other gets :class:`StaleJob`.
     """
     now = utcnow()
     attempt = Attempt(job_id=job.id, number=job.attempts + 1, executor=executor, started_at=now,
-                      start_step=job.step, token_sha256=hash_token(token), last_heartbeat_at=now)
+                      start_step=job.step, token_sha256=hash_token(token), last_heartbeat_at=now,
+                      server_url=server_url)
     update_if_status(session, job, JobStatus.queued, commit=False, **_status_values(
         JobStatus.running, started_at=job.started_at or now, error=None, attempts=attempt.number))
     session.add(attempt)
-    session.commit()
+    try:
+        session.commit()
+    except IntegrityError as exc:
+        # The job went queued -> running -> queued on another server since it was read here:
+        # the status matched again, but this attempt's number is taken (unique per job).
+        session.rollback()
+        raise StaleJob(f"Job {job.id} changed while it was being updated; try again.") from exc
     session.refresh(job)
     session.refresh(attempt)
     return attempt
@@ -363,9 +375,11 @@ def attempt_running(session: Session, attempt: Attempt, handle: str) -> None:
     session.commit()
 
 
-def reattached(session: Session, attempt: Attempt) -> None:
-    """A restarted server found the attempt's trainer alive: give it a full heartbeat timeout."""
+def reattached(session: Session, attempt: Attempt, server_url: str | None = None) -> None:
+    """A restarted server found the attempt's trainer alive: give it a full heartbeat timeout,
+    and make the attempt its own (one recorded before servers were, too)."""
     attempt.last_heartbeat_at = utcnow()
+    attempt.server_url = server_url or attempt.server_url
     session.add(attempt)
     session.commit()
 
@@ -530,8 +544,10 @@ def record_memory_sample(session: Session, attempt: Attempt, rss: int) -> None:
     One UPDATE with the maximum taken in SQL: the API's concurrent writes (events, stop
     requests) are neither lost nor overwritten.
     """
+    # CASE, not max(a, b): two-argument max is SQLite's; PostgreSQL spells it greatest().
+    peak = func.coalesce(Attempt.peak_rss_bytes, 0)
     session.execute(update(Attempt).where(Attempt.id == attempt.id, Attempt.ended_at.is_(None)).values(
-        rss_bytes=rss, peak_rss_bytes=func.max(func.coalesce(Attempt.peak_rss_bytes, 0), rss)))
+        rss_bytes=rss, peak_rss_bytes=case((peak > rss, peak), else_=rss)))
     _bump(session, attempt.job_id)
     session.commit()
 

@@ -10,7 +10,7 @@ from sqlalchemy import JSON, Column, UniqueConstraint
 from pydantic import field_validator
 from sqlmodel import Field, SQLModel
 
-from trainer.protocol import MEMORY_FIGURES, PEAK_FIGURES, ArtifactKind, MemoryFigures, merge_memory
+from trainer.protocol import MEMORY_FIGURES, PEAK_FIGURES, ArtifactKind, Int64, MemoryFigures, merge_memory
 from trainer.stages import STAGES
 
 
@@ -104,20 +104,20 @@ class Job(SQLModel, table=True):
     """The job: what to train and where it stands. What each run of its trainer did is an
     :class:`Attempt`; a job's rows change only through :mod:`server.jobs`."""
 
-    id: int | None = Field(default=None, primary_key=True)
+    id: int | None = Field(default=None, primary_key=True, sa_type=Int64)
     stage: str = Field(index=True)
     dataset: str
     config: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
-    after_job_id: int | None = Field(default=None, foreign_key="job.id")
-    encoder_artifact_id: int | None = Field(default=None, foreign_key="artifact.id")
-    checkpoint_artifact_id: int | None = Field(default=None, foreign_key="artifact.id")
+    after_job_id: int | None = Field(default=None, foreign_key="job.id", sa_type=Int64)
+    encoder_artifact_id: int | None = Field(default=None, foreign_key="artifact.id", sa_type=Int64)
+    checkpoint_artifact_id: int | None = Field(default=None, foreign_key="artifact.id", sa_type=Int64)
     status: JobStatus = Field(default=JobStatus.queued, index=True)
     reason: str | None = None
-    step: int = 0
-    total: int = 0
+    step: int = Field(0, sa_type=Int64)
+    total: int = Field(0, sa_type=Int64)
     eta_s: float | None = None
     metrics: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
-    predicted_peak_bytes: int | None = None
+    predicted_peak_bytes: int | None = Field(None, sa_type=Int64)
     # Attempts started so far; the newest is the one running, if any.
     attempts: int = 0
     # Only attempts numbered above this spend the job's retries: a user's retry sets it to the
@@ -139,18 +139,21 @@ class AttemptBase(MemoryFigures):
     handle: str | None = Field(None, description="The executor's name for the run: a process id, a batch job id.")
     started_at: datetime = Field(default_factory=utcnow)
     ended_at: datetime | None = None
-    start_step: int = Field(0, description="The step its checkpoint held when it started.")
-    end_step: int | None = None
+    start_step: int = Field(0, sa_type=Int64, description="The step its checkpoint held when it started.")
+    end_step: int | None = Field(None, sa_type=Int64)
     exit_code: int | None = Field(None, description="The trainer's exit code; negative when a signal ended it.")
     outcome: AttemptOutcome | None = Field(None, description="Why it ended; null while it runs.")
     message: str | None = Field(None, description="How it ended, in words.")
+    # Only the server that started an attempt supervises it (its trainer reports there); another
+    # server sharing the database leaves it alone while its heartbeat is fresh.
+    server_url: str | None = Field(None, description="The public URL of the server that started it.")
 
 
 class Attempt(AttemptBase, table=True):
     __table_args__ = (UniqueConstraint("job_id", "number"),)
 
-    id: int | None = Field(default=None, primary_key=True)
-    job_id: int = Field(foreign_key="job.id", index=True)
+    id: int | None = Field(default=None, primary_key=True, sa_type=Int64)
+    job_id: int = Field(foreign_key="job.id", index=True, sa_type=Int64)
     # sha256 of the attempt's trainer token; the token itself lives only in the job's spec.json.
     token_sha256: str | None = None
     last_heartbeat_at: datetime | None = None
@@ -161,7 +164,7 @@ class Attempt(AttemptBase, table=True):
     # the operating system's out-of-memory killer.
     killed_by_us: bool = False
     # The attempt's first reported step and when it came: the ETA's rate is measured from there.
-    eta_from_step: int | None = None
+    eta_from_step: int | None = Field(None, sa_type=Int64)
     eta_from_at: datetime | None = None
 
 
@@ -196,11 +199,11 @@ class Memory(MemoryFigures):
 
 
 class Artifact(SQLModel, table=True):
-    id: int | None = Field(default=None, primary_key=True)
-    job_id: int | None = Field(default=None, index=True)
+    id: int | None = Field(default=None, primary_key=True, sa_type=Int64)
+    job_id: int | None = Field(default=None, index=True, sa_type=Int64)
     kind: ArtifactKind = Field(index=True)
     filename: str
-    size_bytes: int
+    size_bytes: int = Field(sa_type=Int64)
     sha256: str
     # Path of the stored file relative to the artifact store root; never taken from a request.
     storage_path: str
@@ -278,10 +281,10 @@ class JobsPublic(SQLModel):
 
 
 class JobEventBase(MemoryFigures):
-    job_id: int = Field(foreign_key="job.id", index=True)
+    job_id: int = Field(foreign_key="job.id", index=True, sa_type=Int64)
     kind: str
-    step: int | None = None
-    total: int | None = None
+    step: int | None = Field(None, sa_type=Int64)
+    total: int | None = Field(None, sa_type=Int64)
     loss: float | None = None
     lr: float | None = None
     samples_per_s: float | None = None
@@ -291,7 +294,7 @@ class JobEventBase(MemoryFigures):
 
 
 class JobEvent(JobEventBase, table=True):
-    id: int | None = Field(default=None, primary_key=True)
+    id: int | None = Field(default=None, primary_key=True, sa_type=Int64)
 
 
 class JobEventPublic(JobEventBase):

@@ -11,7 +11,12 @@ once when the API wakes it). Each tick:
    fits, up to the concurrency limit.
 
 At start-up it reconciles: a job marked running whose trainer is still alive is re-attached;
-one whose trainer is gone is queued again, to resume from its newest checkpoint.
+one whose trainer is gone is queued again, to resume from its newest checkpoint. Servers may
+share one database (a standby): each attempt records the server that started it, and a server
+touches another's running attempt only once its heartbeat is stale (that server is gone, and its
+trainer cannot report anywhere); it checks for such orphans at start-up and every few seconds.
+Claiming a queued job is a compare-and-set on its status (:func:`server.jobs.start_attempt`),
+so of two servers that both read it as queued, exactly one starts it.
 
 What runs a trainer is the executor's business (:mod:`server.executors`); the scheduler sees
 only its :class:`~server.executors.base.Run`.
@@ -24,7 +29,7 @@ import logging
 import os
 import threading
 import time
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import psutil
@@ -53,6 +58,8 @@ TICK_S = 0.5
 # A trainer gets this long to checkpoint and exit after a stop request reached it.
 STOP_GRACE_S = 60.0
 SHUTDOWN_GRACE_S = 15.0
+# How often a running server looks for attempts whose server is gone (a stale heartbeat).
+ORPHAN_CHECK_S = 5.0
 
 
 def uses_gpu(config: dict, gpus: list[Gpu]) -> bool:
@@ -83,6 +90,7 @@ class Scheduler:
         # Trainer events the database could not take (a full disk); written before the attempt ends.
         self.backlog = jobs.EventBacklog()
         self._db_warned_at = 0.0
+        self._orphans_checked = time.monotonic()
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -134,6 +142,9 @@ class Scheduler:
         with Session(self.engine) as session:
             self._reap(session)
             self._watch(session)
+            if time.monotonic() - self._orphans_checked >= ORPHAN_CHECK_S:
+                self._orphans_checked = time.monotonic()
+                self._recover(session, at_start=False)
             self._admit(session)
 
     def job_dir(self, job_id: int) -> Path:
@@ -143,21 +154,57 @@ class Scheduler:
 
     def reconcile(self) -> None:
         with Session(self.engine) as session:
-            for job in session.exec(select(Job).where(Job.status == JobStatus.running)).all():
-                attempt = jobs.open_attempt(session, job.id)
-                run = None
-                if attempt is not None and attempt.handle and attempt.executor == self.executor.name:
-                    run = self.executor.reattach(attempt.handle, self.job_dir(job.id))
-                if run is not None:
-                    log.info("job %s: re-attached to trainer %s", job.id, run.handle)
-                    self.runs[job.id] = run
-                    jobs.reattached(session, attempt)
-                    continue
-                log.info("job %s: trainer gone after a server restart; queued to resume", job.id)
-                if attempt is None:  # cannot happen through server.jobs; repair rather than stall
+            self._recover(session, at_start=True)
+
+    def _is_mine(self, attempt: Attempt) -> bool:
+        """Whether this server started the attempt: its URL is where the trainer reports (the same
+        server restarted on its port is the same server). Attempts from before servers were
+        recorded count as everyone's: they predate sharing a database."""
+        return attempt.server_url in (None, self.settings.public_url)
+
+    def _recover(self, session: Session, *, at_start: bool) -> None:
+        """Re-attach to this server's live trainers (at start-up), and queue again the jobs whose
+        trainer is gone: this server's, at start-up; another server's, once its heartbeat is
+        older than the heartbeat timeout, which a live server's trainer never lets it be."""
+        stale_before = utcnow() - timedelta(seconds=self.settings.heartbeat_timeout_s)
+        for job in session.exec(select(Job).where(Job.status == JobStatus.running)).all():
+            if job.id in self.runs:
+                continue
+            attempt = jobs.open_attempt(session, job.id)
+            if attempt is None:  # cannot happen through server.jobs; repair rather than stall
+                try:
                     jobs.update_if_status(session, job, JobStatus.running, status=JobStatus.queued)
-                    continue
+                except StaleJob:
+                    pass
+                continue
+            mine = self._is_mine(attempt)
+            if not mine and attempt.last_heartbeat_at is not None and attempt.last_heartbeat_at > stale_before:
+                continue  # another server's, and that server is alive: never ours to judge
+            if mine and not at_start:
+                continue  # this server's attempt between its claim and its run: _spawn's to finish
+            run = None
+            if attempt.handle and attempt.executor == self.executor.name:
+                run = self.executor.reattach(attempt.handle, self.job_dir(job.id))
+            if run is not None and mine:
+                log.info("job %s: re-attached to trainer %s", job.id, run.handle)
+                self.runs[job.id] = run
+                jobs.reattached(session, attempt, self.settings.public_url)
+                continue
+            if run is not None:
+                # Its server is gone, so it cannot report; two trainers must never write one
+                # job's checkpoints, so it goes before the job is queued again.
+                jobs.mark_killed(session, attempt, f"its server {attempt.server_url} is gone; killed")
+                run.kill()
+                run.wait(10)
+            if mine:
+                log.info("job %s: trainer gone after a server restart; queued to resume", job.id)
+            else:
+                log.warning("job %s: no heartbeat from server %s for over %.0f s; queued to resume here", job.id,
+                            attempt.server_url, self.settings.heartbeat_timeout_s)
+            try:
                 jobs.end_attempt(session, job, attempt, Facts(exit=None), self.settings.max_attempts)
+            except StaleJob:
+                pass  # its server ended it meanwhile after all
 
     # --- reaping -------------------------------------------------------------------------
 
@@ -355,21 +402,28 @@ class Scheduler:
             resume_from=self._resume_path(session, job),
         )
         spec_path = job_dir / SPEC_FILENAME
-        partial = job_dir / f".{SPEC_FILENAME}.partial"
-        # The spec holds the job's token: readable by this user only.
-        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            json.dump(spec.model_dump(), fh, indent=2)
-        os.replace(partial, spec_path)
-        # Claim the job before starting its trainer: if a user cancelled it a moment ago, the
-        # claim fails and no trainer is started.
+        # A name of this attempt's own: another server sharing the job folder may be writing its
+        # spec for the same job at this moment, and only the claim's winner puts its spec in place.
+        partial = job_dir / f".{SPEC_FILENAME}.{token[:12]}.partial"
         try:
-            attempt = jobs.start_attempt(session, job, self.executor.name, token)
+            # The spec holds the job's token: readable by this user only.
+            fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as fh:
+                json.dump(spec.model_dump(), fh, indent=2)
+        except OSError:
+            partial.unlink(missing_ok=True)  # a full disk: the job stays queued; the next tick tries again
+            raise
+        # Claim the job before starting its trainer: if a user cancelled it a moment ago, or
+        # another server claimed it first, the claim fails and no trainer is started.
+        try:
+            attempt = jobs.start_attempt(session, job, self.executor.name, token, self.settings.public_url)
         except StaleJob:
+            partial.unlink(missing_ok=True)
             return
         log_path = job_dir / LOG_FILENAME
-        self._log_start[job.id] = log_path.stat().st_size if log_path.exists() else 0
         try:
+            os.replace(partial, spec_path)
+            self._log_start[job.id] = log_path.stat().st_size if log_path.exists() else 0
             run = self.executor.start(spec_path, log_path, processes=job.config.get("devices", 1),
                                       memory_bytes=job.predicted_peak_bytes or 0)
         except OSError as exc:

@@ -11,9 +11,13 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 import pytest
+
+if TYPE_CHECKING:
+    from tests.postgres import PostgresCluster
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -73,12 +77,17 @@ class RunningServer:
 
 
 def start_server(data_dir: Path, *, port: int | None = None, env: dict[str, str] | None = None,
-                 args: tuple[str, ...] = ()) -> RunningServer:
-    """Start `python -m server` on a free port and wait until /api/health answers."""
+                 args: tuple[str, ...] = (), database: str = "") -> RunningServer:
+    """Start `python -m server` on a free port and wait until /api/health answers.
+
+    ``database`` is the server's database URL (the :func:`database` fixture's); empty means
+    SQLite in ``data_dir``.
+    """
     port = port or free_port()
     data_dir.mkdir(parents=True, exist_ok=True)
     log_path = data_dir.parent / f"server-{port}.log"
-    full_env = {**os.environ, "NEUROLENS_DATA_DIR": str(data_dir), "PYTHONUNBUFFERED": "1"}
+    full_env = {**os.environ, "NEUROLENS_DATA_DIR": str(data_dir), "PYTHONUNBUFFERED": "1",
+                "NEUROLENS_DATABASE_URL": database}
     full_env.update(env or {})
     with open(log_path, "ab") as log:
         process = subprocess.Popen(
@@ -101,10 +110,58 @@ def start_server(data_dir: Path, *, port: int | None = None, env: dict[str, str]
     raise AssertionError(f"server did not become healthy:\n{server.log()}")
 
 
+# --- databases: SQLite by default; a test or module parametrized with BOTH_DATABASES runs on each --
+
+
+DATABASES = ("sqlite", "postgresql")
+# Runs a test once per database: its `database` (or `shared_database`) fixture gives the URL.
+BOTH_DATABASES = pytest.mark.parametrize("database", DATABASES, indirect=True)
+BOTH_SHARED_DATABASES = pytest.mark.parametrize("shared_database", DATABASES, indirect=True, scope="module")
+# For a test of the default suite that is worth a PostgreSQL run in CI only (minutes, not seconds).
+SQLITE_NOW_POSTGRESQL_IN_CI = pytest.mark.parametrize(
+    "database", ["sqlite", pytest.param("postgresql", marks=(pytest.mark.slow, pytest.mark.ci))], indirect=True)
+
+
+@pytest.fixture(scope="session")
+def postgres_cluster() -> Iterator["PostgresCluster"]:
+    """One throwaway PostgreSQL 15 cluster for the whole session (tests/postgres.py)."""
+    from tests.postgres import PostgresCluster, missing_reason
+
+    reason = missing_reason()
+    if reason:
+        pytest.skip(f"no PostgreSQL for the tests: {reason}")
+    cluster = PostgresCluster(free_port()).start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def _database_url(request: pytest.FixtureRequest) -> str:
+    kind = getattr(request, "param", "sqlite")
+    if kind == "sqlite":
+        return ""  # the server's default: a file in its data directory
+    if kind != "postgresql":
+        raise ValueError(f"Invalid database {kind!r}; expected one of {DATABASES}.")
+    return request.getfixturevalue("postgres_cluster").create_database()
+
+
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[RunningServer]:
-    """A fresh server with its own SQLite file and data directory."""
-    running = start_server(tmp_path / "data")
+def database(request: pytest.FixtureRequest) -> str:
+    """URL of a fresh empty database for this test's server ('' = SQLite in its data dir)."""
+    return _database_url(request)
+
+
+@pytest.fixture(scope="module")
+def shared_database(request: pytest.FixtureRequest) -> str:
+    """The same as :func:`database`, for the module's :func:`shared_server`."""
+    return _database_url(request)
+
+
+@pytest.fixture
+def server(tmp_path: Path, database: str) -> Iterator[RunningServer]:
+    """A fresh server with its own database and data directory."""
+    running = start_server(tmp_path / "data", database=database)
     try:
         yield running
     finally:
@@ -112,9 +169,9 @@ def server(tmp_path: Path) -> Iterator[RunningServer]:
 
 
 @pytest.fixture(scope="module")
-def shared_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+def shared_server(tmp_path_factory: pytest.TempPathFactory, shared_database: str) -> Iterator[RunningServer]:
     """One server for a whole module of tests that do not depend on each other's jobs."""
-    running = start_server(tmp_path_factory.mktemp("shared") / "data")
+    running = start_server(tmp_path_factory.mktemp("shared") / "data", database=shared_database)
     try:
         yield running
     finally:

@@ -15,7 +15,7 @@ import pytest
 from server.executors.base import Exit
 from server.models import AttemptOutcome, JobStatus, WaitReason
 from server.outcomes import Facts, classify, decide
-from tests.conftest import start_server
+from tests.conftest import BOTH_DATABASES, start_server
 from tests.test_faults import trainer_processes
 from trainer.protocol import EXIT_FAILED, EXIT_OK, EXIT_STOPPED
 
@@ -48,8 +48,9 @@ def wait_for_training(client, job_id: int, attempt: int, steps: int = 2, timeout
 
 @pytest.mark.slow
 @pytest.mark.ci  # the done-when test: about a minute, worth it on every submission
-def test_pauses_spend_no_retry_and_each_attempt_is_recorded(tmp_path):
-    server = start_server(tmp_path / "data", env={"NEUROLENS_MAX_ATTEMPTS": "2"})
+@BOTH_DATABASES
+def test_pauses_spend_no_retry_and_each_attempt_is_recorded(tmp_path, database):
+    server = start_server(tmp_path / "data", env={"NEUROLENS_MAX_ATTEMPTS": "2"}, database=database)
     try:
         with server.client() as client:
             job_id = client.post("/api/jobs", json={"stage": "stage1", "config": CONFIG}).json()["id"]

@@ -16,9 +16,14 @@ from tests.conftest import REPO_ROOT
 
 
 @pytest.fixture
-def service() -> dict:
+def compose() -> dict:
     compose = yaml.safe_load((REPO_ROOT / "docker-compose.yml").read_text())
-    assert list(compose["services"]) == ["neurolens"]
+    assert list(compose["services"]) == ["neurolens", "postgres"]
+    return compose
+
+
+@pytest.fixture
+def service(compose: dict) -> dict:
     return compose["services"]["neurolens"]
 
 
@@ -68,3 +73,26 @@ def test_dockerfile_pins_the_same_torch_as_the_project() -> None:
     torch_pin = next(d for d in pyproject["project"]["dependencies"] if d.startswith("torch"))
     assert re.search(rf"pip install [^\n]*download\.pytorch\.org/whl/cpu[^\n]*{re.escape(torch_pin)}", dockerfile)
     assert dockerfile.startswith("#") and "FROM python:3.11-slim" in dockerfile
+
+
+def test_postgres_is_a_profile_the_server_can_use(compose: dict) -> None:
+    """`docker compose up` alone runs SQLite; `--profile postgres` adds PostgreSQL 15 on a volume
+    of its own, and the URL the README and the compose file give reaches it."""
+    from sqlalchemy.engine import make_url
+
+    postgres, server = compose["services"]["postgres"], compose["services"]["neurolens"]
+    assert postgres["profiles"] == ["postgres"] and "profiles" not in server
+    assert postgres["image"] == "postgres:15"
+    assert server["depends_on"]["postgres"] == {"condition": "service_healthy", "required": False}
+    assert server["environment"]["NEUROLENS_DATABASE_URL"] == "${NEUROLENS_DATABASE_URL:-}"
+    mounts = {v.split(":")[1]: v.split(":")[0] for v in postgres["volumes"]}
+    assert mounts["/var/lib/postgresql/data"] in compose["volumes"]
+    assert "pg_isready" in postgres["healthcheck"]["test"]
+    env = postgres["environment"]
+    password = re.fullmatch(r"\$\{POSTGRES_PASSWORD:-(.+)\}", env["POSTGRES_PASSWORD"]).group(1)
+    for text in ((REPO_ROOT / "docker-compose.yml").read_text(), (REPO_ROOT / "README.md").read_text()):
+        found = re.search(r"NEUROLENS_DATABASE_URL=(postgresql\+psycopg://\S+@postgres:\S+)", text)
+        assert found, "no NEUROLENS_DATABASE_URL for the compose service"
+        url = make_url(found.group(1))
+        assert (url.drivername, url.username, url.password, url.host, url.port, url.database) == (
+            "postgresql+psycopg", env["POSTGRES_USER"], password, "postgres", 5432, env["POSTGRES_DB"])

@@ -9,10 +9,13 @@ import time
 import psutil
 from safetensors import safe_open
 
+from tests.conftest import BOTH_DATABASES, SQLITE_NOW_POSTGRESQL_IN_CI
+
 STAGE1 = {"preset": "tiny", "steps": 30, "checkpoint_every": 10, "log_every_s": 0.5}
 STAGE2 = {"preset": "tiny", "steps": 30, "checkpoint_every": 10, "log_every_s": 0.5}
 
 
+@SQLITE_NOW_POSTGRESQL_IN_CI
 def test_stage1_then_download_then_stage2(server, tmp_path):
     with server.client() as client:
         response = client.post("/api/jobs", json={"stage": "stage1", "dataset": "synthetic", "config": STAGE1})
@@ -129,6 +132,7 @@ def test_cancel_a_queued_job_and_etag(server):
         server.wait_for_job(blocker["id"], {"cancelled"}, timeout=60)
 
 
+@BOTH_DATABASES
 def test_cancel_right_after_submit_leaves_no_trainer(server):
     """Submit-then-cancel races the scheduler's start of the trainer; the cancel must win."""
     with server.client() as client:

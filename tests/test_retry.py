@@ -8,14 +8,15 @@ import time
 
 import pytest
 
-from tests.conftest import start_server
+from tests.conftest import BOTH_DATABASES, start_server
 from tests.test_faults import JOB, resumed_steps, trainer_processes, wait_for_step
 
 
 @pytest.mark.slow
 @pytest.mark.ci
-def test_a_failed_job_is_retried_from_its_checkpoint_and_keeps_its_history(tmp_path):
-    server = start_server(tmp_path / "data", env={"NEUROLENS_MAX_ATTEMPTS": "1"})
+@BOTH_DATABASES
+def test_a_failed_job_is_retried_from_its_checkpoint_and_keeps_its_history(tmp_path, database):
+    server = start_server(tmp_path / "data", env={"NEUROLENS_MAX_ATTEMPTS": "1"}, database=database)
     try:
         with server.client() as client:
             job = client.post("/api/jobs", json=JOB).json()

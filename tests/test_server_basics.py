@@ -10,7 +10,22 @@ import time
 import pytest
 
 from server.db import alembic_config, upgrade_database
-from tests.conftest import REPO_ROOT
+from tests.conftest import BOTH_DATABASES, BOTH_SHARED_DATABASES, REPO_ROOT
+
+
+def url_of(database: str, tmp_path) -> str:
+    """The ``database`` fixture's URL, or a SQLite file in ``tmp_path`` for 'sqlite'."""
+    return database or f"sqlite:///{tmp_path / 'db.sqlite'}"
+
+
+def table_names(url: str) -> set[str]:
+    from sqlalchemy import create_engine, inspect
+
+    engine = create_engine(url)
+    try:
+        return set(inspect(engine).get_table_names())
+    finally:
+        engine.dispose()
 
 
 def test_server_does_not_import_torch_or_the_client_library():
@@ -22,19 +37,16 @@ def test_server_does_not_import_torch_or_the_client_library():
     assert result.stdout.strip() == "", "server imports " + result.stdout
 
 
-def test_migrations_build_and_remove_the_schema(tmp_path):
+@BOTH_DATABASES
+def test_migrations_build_and_remove_the_schema(tmp_path, database):
     from alembic import command
 
-    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    url = url_of(database, tmp_path)
     upgrade_database(url)
-    tables = {row[0] for row in sqlite3.connect(tmp_path / "db.sqlite").execute(
-        "SELECT name FROM sqlite_master WHERE type='table'")}
-    assert {"job", "jobevent", "artifact", "alembic_version"} <= tables
+    assert {"job", "attempt", "jobevent", "artifact", "alembic_version"} <= table_names(url)
     command.downgrade(alembic_config(url), "base")
-    tables = {row[0] for row in sqlite3.connect(tmp_path / "db.sqlite").execute(
-        "SELECT name FROM sqlite_master WHERE type='table'")}
-    assert tables == {"alembic_version"}
-    upgrade_database(url)  # and back up again
+    assert table_names(url) == {"alembic_version"}
+    upgrade_database(url)  # and back up again (PostgreSQL: the enum types went with their tables)
 
 
 def test_the_attempts_migration_keeps_a_running_trainer_reattachable(tmp_path):
@@ -60,7 +72,8 @@ def test_the_attempts_migration_keeps_a_running_trainer_reattachable(tmp_path):
         (4242, "abc", 30, 123456)]
 
 
-def test_migrations_match_the_models(tmp_path):
+@BOTH_DATABASES
+def test_migrations_match_the_models(tmp_path, database):
     """The schema Alembic builds is the one the SQLModel tables describe (nothing forgotten)."""
     from alembic.autogenerate import compare_metadata
     from alembic.migration import MigrationContext
@@ -69,14 +82,46 @@ def test_migrations_match_the_models(tmp_path):
 
     import server.models  # noqa: F401  (registers the tables)
 
-    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    url = url_of(database, tmp_path)
     upgrade_database(url)
-    with create_engine(url).connect() as connection:
+    engine = create_engine(url)
+    with engine.connect() as connection:
         differences = compare_metadata(MigrationContext.configure(connection), SQLModel.metadata)
+    engine.dispose()
     assert differences == []
 
 
-def test_health_system_presets_and_docs(server):
+@BOTH_DATABASES
+def test_byte_counts_past_32_bits_are_stored_and_peaks_taken_in_portable_sql(tmp_path, database):
+    """PostgreSQL's INTEGER is 32-bit, and two-argument max() is SQLite's only: a trainer of 5 GB,
+    sampled twice, keeps its figures and its peak on both databases."""
+    from sqlmodel import Session
+
+    from server.db import make_engine
+    from server.jobs import record_memory_sample, start_attempt
+    from server.models import Artifact, Attempt, Job
+
+    url = url_of(database, tmp_path)
+    upgrade_database(url)
+    engine = make_engine(url)
+    with Session(engine) as session:
+        job = Job(stage="stage1", dataset="synthetic", config={}, total=100, predicted_peak_bytes=6 * 10**9)
+        session.add(job)
+        session.commit()
+        attempt = start_attempt(session, job, "local", "token", "http://127.0.0.1:1")
+        record_memory_sample(session, attempt, 5 * 10**9)
+        record_memory_sample(session, attempt, 4 * 10**9)
+        session.add(Artifact(kind="model", filename="m", size_bytes=3 * 2**31, sha256="0" * 64, storage_path="m"))
+        session.commit()
+        stored = session.get(Attempt, attempt.id)
+        session.refresh(stored)
+        assert (stored.rss_bytes, stored.peak_rss_bytes) == (4 * 10**9, 5 * 10**9)
+        assert stored.server_url == "http://127.0.0.1:1"
+    engine.dispose()
+
+
+@BOTH_DATABASES
+def test_health_system_presets_and_docs(server, database):
     with server.client() as client:
         assert client.get("/api/health").json()["status"] == "ok"
         system = client.get("/api/system").json()
@@ -88,7 +133,7 @@ def test_health_system_presets_and_docs(server):
         assert client.get("/docs").status_code == 200
         assert "/api/jobs" in client.get("/openapi.json").json()["paths"]
     # The database lives in the data directory by default.
-    assert (server.data_dir / "neurolens.db").exists()
+    assert (server.data_dir / "neurolens.db").exists() == (database == "")
 
 
 BAD_JOBS = [
@@ -110,11 +155,14 @@ BAD_JOBS = [
     ({"stage": "stage1", "dataset": "synthetic:other"}, 422, "Invalid dataset 'synthetic:other'"),
     ({"stage": "stage2"}, 422, "needs exactly one of 'after'"),
     ({"stage": "stage2", "after": 999}, 404, "Job 999 named in 'after' not found."),
+    # Past PostgreSQL's 32-bit INTEGER: ids are BIGINT there.
+    ({"stage": "stage2", "after": 2**62}, 404, f"Job {2**62} named in 'after' not found."),
     ({"stage": "stage2", "encoder_artifact": 999}, 404, "Artifact 999 named in 'encoder_artifact' not found."),
     ({"stage": "stage1", "after": 1}, 422, "apply to stage2 jobs only"),
 ]
 
 
+@BOTH_SHARED_DATABASES
 @pytest.mark.parametrize(("body", "status", "message"), BAD_JOBS, ids=[m[:30] for _, _, m in BAD_JOBS])
 def test_bad_job_requests_are_refused_and_change_nothing(shared_server, body, status, message):
     with shared_server.client() as client:
@@ -127,15 +175,19 @@ def test_bad_job_requests_are_refused_and_change_nothing(shared_server, body, st
         assert [job["id"] for job in after["data"]] == [job["id"] for job in before["data"]]
 
 
+@BOTH_SHARED_DATABASES
 def test_unknown_ids_are_404_with_a_message(shared_server):
     with shared_server.client() as client:
-        for path in ("/api/jobs/42", "/api/jobs/42/events", "/api/artifacts/42", "/api/artifacts/42/download"):
-            response = client.get(path)
-            assert response.status_code == 404
-            assert "42 not found" in response.json()["detail"]
-        assert client.post("/api/jobs/42/cancel").status_code == 404
+        for job_id in (42, 2**40):
+            for path in (f"/api/jobs/{job_id}", f"/api/jobs/{job_id}/events", f"/api/artifacts/{job_id}",
+                         f"/api/artifacts/{job_id}/download"):
+                response = client.get(path)
+                assert response.status_code == 404
+                assert f"{job_id} not found" in response.json()["detail"]
+            assert client.post(f"/api/jobs/{job_id}/cancel").status_code == 404
 
 
+@BOTH_DATABASES
 def test_trainer_endpoints_refuse_callers_without_the_job_token(server, tmp_path):
     with server.client() as client:
         job = client.post("/api/jobs", json={"stage": "stage1", "config": {"steps": 1}}).json()

@@ -20,7 +20,8 @@ from enum import Enum
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator
-from sqlmodel import SQLModel
+from sqlalchemy import BigInteger, Integer
+from sqlmodel import Field as ColumnField, SQLModel
 
 from trainer.stages import get_stage
 
@@ -83,6 +84,16 @@ class JobSpec(BaseModel):
 INT64_MAX = 2**63 - 1
 
 
+# The column type of ids, steps and byte counts: 64-bit on every database. PostgreSQL's INTEGER is
+# 32-bit (a trainer of 3 GB would not fit); SQLite's is 64-bit already, and only an INTEGER
+# PRIMARY KEY is its auto-incrementing rowid, so there the columns stay INTEGER.
+Int64 = BigInteger().with_variant(Integer(), "sqlite")
+
+
+def _bytes(description: str):
+    return ColumnField(None, ge=0, le=INT64_MAX, sa_type=Int64, description=description)
+
+
 class MemoryFigures(SQLModel):
     """The memory figures a trainer reports and the server stores, declared once.
 
@@ -91,18 +102,12 @@ class MemoryFigures(SQLModel):
     with ``peak`` in it is a high-water mark (merged by maximum); the others are the value now.
     """
 
-    rss_bytes: int | None = Field(None, ge=0, le=INT64_MAX,
-                                 description="Resident memory of the trainer's processes now.")
-    peak_rss_bytes: int | None = Field(None, ge=0, le=INT64_MAX,
-                                      description="Peak resident memory of this attempt's trainer.")
-    gpu_allocated_bytes: int | None = Field(None, ge=0, le=INT64_MAX,
-                                           description="CUDA memory held by tensors now (rank 0's GPU).")
-    gpu_reserved_bytes: int | None = Field(None, ge=0, le=INT64_MAX,
-                                          description="CUDA memory held by the caching allocator now.")
-    gpu_peak_allocated_bytes: int | None = Field(None, ge=0, le=INT64_MAX,
-                                                description="Peak of gpu_allocated_bytes in this attempt.")
-    gpu_peak_reserved_bytes: int | None = Field(None, ge=0, le=INT64_MAX,
-                                               description="Peak of gpu_reserved_bytes in this attempt.")
+    rss_bytes: int | None = _bytes("Resident memory of the trainer's processes now.")
+    peak_rss_bytes: int | None = _bytes("Peak resident memory of this attempt's trainer.")
+    gpu_allocated_bytes: int | None = _bytes("CUDA memory held by tensors now (rank 0's GPU).")
+    gpu_reserved_bytes: int | None = _bytes("CUDA memory held by the caching allocator now.")
+    gpu_peak_allocated_bytes: int | None = _bytes("Peak of gpu_allocated_bytes in this attempt.")
+    gpu_peak_reserved_bytes: int | None = _bytes("Peak of gpu_reserved_bytes in this attempt.")
 
 
 MEMORY_FIGURES = tuple(MemoryFigures.model_fields)

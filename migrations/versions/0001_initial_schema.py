@@ -105,3 +105,7 @@ def downgrade() -> None:
         batch_op.drop_index(batch_op.f('ix_artifact_job_id'))
 
     op.drop_table('artifact')
+    # PostgreSQL keeps an enum's type after its table goes (SQLite has none): drop them too, or
+    # upgrading again fails with "type ... already exists".
+    for name in ('jobstatus', 'artifactkind'):
+        sa.Enum(name=name).drop(op.get_bind(), checkfirst=True)

@@ -3,15 +3,15 @@
 SQLite stores the outcome as text without a constraint, so only PostgreSQL's native enum type
 needs the new value.
 
-Revision ID: 0006
-Revises: 0005
+Revision ID: 0007
+Revises: 0006
 Create Date: 2026-12-02 01:00:00
 """
 from alembic import op
 
 
-revision = '0006'
-down_revision = '0005'
+revision = '0007'
+down_revision = '0006'
 branch_labels = None
 depends_on = None
 
