@@ -160,7 +160,7 @@ class Scheduler:
         """Whether this server started the attempt: its URL is where the trainer reports (the same
         server restarted on its port is the same server). Attempts from before servers were
         recorded count as everyone's: they predate sharing a database."""
-        return attempt.server_url in (None, self.settings.public_url)
+        return attempt.server_url in (None, self.settings.server_name)
 
     def _recover(self, session: Session, *, at_start: bool) -> None:
         """Re-attach to this server's live trainers (at start-up), and queue again the jobs whose
@@ -188,7 +188,7 @@ class Scheduler:
             if run is not None and mine:
                 log.info("job %s: re-attached to trainer %s", job.id, run.handle)
                 self.runs[job.id] = run
-                jobs.reattached(session, attempt, self.settings.public_url)
+                jobs.reattached(session, attempt, self.settings.server_name)
                 continue
             if run is not None:
                 # Its server is gone, so it cannot report; two trainers must never write one
@@ -416,7 +416,7 @@ class Scheduler:
         # Claim the job before starting its trainer: if a user cancelled it a moment ago, or
         # another server claimed it first, the claim fails and no trainer is started.
         try:
-            attempt = jobs.start_attempt(session, job, self.executor.name, token, self.settings.public_url)
+            attempt = jobs.start_attempt(session, job, self.executor.name, token, self.settings.server_name)
         except StaleJob:
             partial.unlink(missing_ok=True)
             return

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import shlex
+import socket
 from pathlib import Path
 
 from pydantic import Field, ValidationError, field_validator, model_validator
@@ -132,6 +133,17 @@ class Settings(BaseSettings):
     def trainer_url(self) -> str:
         """URL trainers report to: NEUROLENS_PUBLIC_URL where set, else :attr:`public_url`."""
         return self.advertised_url.rstrip("/") or self.public_url
+
+    @property
+    def server_name(self) -> str:
+        """How this server names itself in the attempts it starts, so that servers sharing a
+        database tell theirs apart: NEUROLENS_PUBLIC_URL where set, else the bound address, or on
+        a wildcard bind this host's name and port (two such servers would both be 127.0.0.1)."""
+        if self.advertised_url:
+            return self.advertised_url.rstrip("/")
+        if self.host in ("0.0.0.0", "", "::"):
+            return f"http://{socket.gethostname()}:{self.port}"
+        return self.public_url
 
     @property
     def public_url(self) -> str:
