@@ -157,9 +157,10 @@ class Scheduler:
             self._recover(session, at_start=True)
 
     def _is_mine(self, attempt: Attempt) -> bool:
-        """Whether this server started the attempt: its URL is where the trainer reports (the same
-        server restarted on its port is the same server). Attempts from before servers were
-        recorded count as everyone's: they predate sharing a database."""
+        """Whether this server started the attempt: the attempt records the server's name
+        (:attr:`Settings.server_name`; the same server restarted on its address is the same
+        server). Attempts from before servers were recorded count as everyone's: they predate
+        sharing a database."""
         return attempt.server_url in (None, self.settings.server_name)
 
     def _recover(self, session: Session, *, at_start: bool) -> None:

@@ -25,7 +25,7 @@ from server.executors.slurm import SlurmExecutor, exit_of, memory_request_mb
 from server.models import AttemptOutcome
 from server.outcomes import Facts, classify, decide
 from server.settings import Settings
-from tests.conftest import REPO_ROOT, RunningServer, free_port, start_server
+from tests.conftest import BOTH_DATABASES, REPO_ROOT, RunningServer, free_port, start_server
 from tests.slurm_cluster import cancel_jobs_under, jobs_under, slurm_cluster  # noqa: F401 (a fixture)
 from tests.trainer_helpers import run_trainer, write_spec
 from trainer.protocol import EXIT_OUT_OF_TIME, EXIT_STOPPED
@@ -45,9 +45,9 @@ def slurm_dir(slurm_cluster, tmp_path: Path) -> Iterator[Path]:  # noqa: F811 (t
         cancel_jobs_under(tmp_path)
 
 
-def slurm_server(tmp_path: Path, **env: str) -> RunningServer:
+def slurm_server(tmp_path: Path, database: str = "", **env: str) -> RunningServer:
     return start_server(tmp_path / "data", env={"NEUROLENS_EXECUTOR": "slurm", "NEUROLENS_SLURM_POLL_S": "0.5",
-                                                 **env})
+                                                 **env}, database=database)
 
 
 def slurm_state(job_id: str) -> str:
@@ -80,10 +80,12 @@ def at(stamp: str) -> float:
     return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
 
 
-def first_progress_s(attempt: dict, events: list[dict]) -> float:
-    """Seconds from an attempt's submission (sbatch) to its trainer's first progress event."""
+def first_progress_s(attempt: dict, events: list[dict]) -> float | None:
+    """Seconds from an attempt's submission (sbatch) to its trainer's first progress event (None
+    when it reported none: a last attempt with a step or two left)."""
     start = at(attempt["started_at"])
-    return min(at(e["created_at"]) for e in events if e["kind"] == "progress" and at(e["created_at"]) >= start) - start
+    reported = [at(e["created_at"]) for e in events if e["kind"] == "progress" and at(e["created_at"]) >= start]
+    return min(reported) - start if reported else None
 
 
 # --- without a cluster -----------------------------------------------------------------------
@@ -187,8 +189,9 @@ def test_the_server_refuses_a_data_folder_the_jobs_cannot_write(slurm_dir):
 
 @pytest.mark.slow
 @pytest.mark.ci
-def test_a_pipeline_runs_on_slurm(slurm_dir):
-    server = slurm_server(slurm_dir)
+@BOTH_DATABASES
+def test_a_pipeline_runs_on_slurm(slurm_dir, database):
+    server = slurm_server(slurm_dir, database)
     try:
         with server.client() as client:
             stage1 = client.post("/api/jobs", json={"stage": "stage1", "config": STAGE1}).json()
@@ -198,7 +201,9 @@ def test_a_pipeline_runs_on_slurm(slurm_dir):
             events = client.get(f"/api/jobs/{stage1['id']}/events", params={"limit": 1000}).json()["data"]
     finally:
         server.stop()
-    print(f"sbatch to the first progress event: {first_progress_s(stage1['attempt_history'][0], events):.1f} s")
+    first = first_progress_s(stage1["attempt_history"][0], events)
+    assert first is not None, "the Stage 1 trainer reported no progress"
+    print(f"sbatch to the first progress event: {first:.1f} s")
     for job in (stage1, stage2):
         assert job["status"] == "succeeded"
         (attempt,) = job["attempt_history"]
@@ -234,12 +239,13 @@ def steps_for_three_allocations(tmp_path: Path) -> int:
 
 @pytest.mark.slow
 @pytest.mark.ci
-def test_a_job_needing_several_allocations_does_every_step_once(slurm_dir):
+@BOTH_DATABASES
+def test_a_job_needing_several_allocations_does_every_step_once(slurm_dir, database):
     """One-minute allocations, SIGUSR1 40 s before the end (Slurm's timers make that 20 to 50 s
     in); each allocation trains some steps, checkpoints on the signal and ends out of time, and
     the next batch job continues from exactly there."""
     steps = steps_for_three_allocations(slurm_dir)
-    server = slurm_server(slurm_dir, NEUROLENS_SLURM_SIGNAL_S="40")
+    server = slurm_server(slurm_dir, database, NEUROLENS_SLURM_SIGNAL_S="40")
     config = {**STAGE1, "steps": steps, "checkpoint_every": 1000, "slurm": {"time": 1}}
     try:
         with server.client() as client:
@@ -253,10 +259,14 @@ def test_a_job_needing_several_allocations_does_every_step_once(slurm_dir):
     # first trained step, against an uninterrupted step.
     for before, after in zip(history, history[1:]):
         stop = max(at(e["created_at"]) for e in events if e["kind"] == "checkpoint" and e["step"] == before["end_step"])
-        resumed = min(at(e["created_at"]) for e in events if e["kind"] == "progress"
-                      and (e["step"] or 0) > after["start_step"] and at(e["created_at"]) > stop)
+        # The first report of a step trained after it; a last attempt with only a few steps left
+        # may report nothing before its `finished` event.
+        trained = [at(e["created_at"]) for e in events if e["kind"] in ("progress", "finished")
+                   and (e["step"] or 0) > after["start_step"] and at(e["created_at"]) > stop]
+        first = first_progress_s(after, events)
         print(f"attempt {before['number']} -> {after['number']}: checkpoint at step {before['end_step']} to the next "
-              f"trained step {resumed - stop:.1f} s (sbatch to first progress {first_progress_s(after, events):.1f} s)")
+              f"trained step {min(trained) - stop:.1f} s (sbatch to first progress {first:.1f} s)"
+              if trained and first is not None else "(no step reported after it before the job finished)")
     assert len(history) >= 3, history
     assert [a["outcome"] for a in history] == ["out_of_time"] * (len(history) - 1) + ["succeeded"]
     # Checkpointed on the USR1 warning, or (Slurm's timers are coarse: the warning can be missed)
@@ -275,11 +285,12 @@ def test_a_job_needing_several_allocations_does_every_step_once(slurm_dir):
 
 @pytest.mark.slow
 @pytest.mark.ci
-def test_an_outside_scancel_and_a_node_failure_map_to_the_local_statuses(slurm_dir):
+@BOTH_DATABASES
+def test_an_outside_scancel_and_a_node_failure_map_to_the_local_statuses(slurm_dir, database):
     """A plain scancel (SIGTERM) is a stop from outside: checkpointed and paused, as a SIGTERM is
     locally. A node failure kills the job; Slurm says it was no out-of-memory kill, so it is a
     crash: retried (once the node is back), micro-batch kept."""
-    server = slurm_server(slurm_dir)
+    server = slurm_server(slurm_dir, database)
     config = {**STAGE1, "steps": 400, "checkpoint_every": 2}
     node = subprocess.run(["hostname", "-s"], capture_output=True, text=True).stdout.strip()
     try:
@@ -314,8 +325,9 @@ def test_an_outside_scancel_and_a_node_failure_map_to_the_local_statuses(slurm_d
 
 @pytest.mark.slow
 @pytest.mark.ci
-def test_a_restarted_server_reattaches_to_its_batch_job(slurm_dir):
-    server = slurm_server(slurm_dir)
+@BOTH_DATABASES
+def test_a_restarted_server_reattaches_to_its_batch_job(slurm_dir, database):
+    server = slurm_server(slurm_dir, database)
     config = {**STAGE1, "steps": 30}
     try:
         with server.client() as client:
@@ -327,7 +339,7 @@ def test_a_restarted_server_reattaches_to_its_batch_job(slurm_dir):
     # On the same address: the trainer reports to the URL in its spec.
     port = int(server.url.rsplit(":", 1)[1])
     server = start_server(server.data_dir, port=port, env={"NEUROLENS_EXECUTOR": "slurm",
-                                                          "NEUROLENS_SLURM_POLL_S": "0.5"})
+                                                          "NEUROLENS_SLURM_POLL_S": "0.5"}, database=database)
     try:
         assert f"job {job_id}: re-attached to trainer {handle}" in server.log()
         job = server.wait_for_job(job_id, {"succeeded"}, timeout=240)
