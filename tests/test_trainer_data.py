@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from trainer.config import CHANNELS_8, EncoderConfig
-from trainer.data.recordings import load_recording, map_channels, resolve_dataset, windows
+from trainer.data.channel_map import map_channels
+from trainer.data.recordings import load_recording, resolve_dataset, windows
 from trainer.data.synthetic import VOCABULARY, ensure_synthetic_dataset, generate_raw
 from trainer.data.text import read_events_tsv, split_by_text
 from trainer.exceptions import ChannelError, DatasetError, RecordingError

@@ -51,7 +51,7 @@ from scipy.signal import resample_poly
 
 from trainer.config import EncoderConfig
 from trainer.data import bids, zuco
-from trainer.data.channel_map import ChannelMap, map_channels, plan_channels  # noqa: F401 (map_channels: re-exported)
+from trainer.data.channel_map import ChannelMap, plan_channels
 from trainer.data.synthetic import ensure_synthetic_dataset
 from trainer.data.text import Sentence, Word, read_annotations
 from trainer.exceptions import ChannelError, DatasetError, RecordingError
