@@ -33,10 +33,8 @@ from server.outcomes import Decision, Facts, decide
 from trainer.artifact_format import ArtifactFormatError, read_header
 from trainer.config import ConfigError, EncoderConfig, TrainConfigBase
 from trainer.memory_prediction import predict_peak_bytes
-from trainer.protocol import ArtifactKind, TrainerEvent, merge_memory
+from trainer.protocol import SYNTHETIC_DATASETS, ArtifactKind, TrainerEvent, merge_memory
 from trainer.stages import STAGES, parse_config, stage_names
-
-SYNTHETIC_DATASETS = ("synthetic", "synthetic:null", "synthetic:zuco", "synthetic:zuco-null")
 
 log = logging.getLogger("neurolens.jobs")
 

@@ -41,6 +41,9 @@ OUTCOME_FILENAME = "outcome.json"
 non-zero worker exit as a failure of its own (code 1), so the workers exit 0 after a clean end
 and the server reads how it ended from this file."""
 LOG_FILENAME = "trainer.log"
+# The built-in datasets a job may name instead of a path; the server checks names, the trainer
+# generates them (trainer/data/recordings.py), so both read this one list.
+SYNTHETIC_DATASETS = ("synthetic", "synthetic:null", "synthetic:zuco", "synthetic:zuco-null")
 
 
 class ArtifactKind(str, Enum):

@@ -55,12 +55,13 @@ from trainer.data.channel_map import ChannelMap, plan_channels
 from trainer.data.synthetic import ensure_synthetic_dataset
 from trainer.data.text import Sentence, Word, read_annotations
 from trainer.exceptions import ChannelError, DatasetError, RecordingError
+from trainer.protocol import SYNTHETIC_DATASETS
 
 log = logging.getLogger(__name__)
 
 EXTENSIONS = (".fif", ".edf", ".bdf", ".vhdr", ".set")
-SYNTHETIC_VARIANTS = {"synthetic": "synthetic", "synthetic:null": "synthetic-null",
-                      "synthetic:zuco": "synthetic-zuco", "synthetic:zuco-null": "synthetic-zuco-null"}
+# Each built-in dataset's name and the folder it is generated in.
+SYNTHETIC_VARIANTS = {name: name.replace(":", "-") for name in SYNTHETIC_DATASETS}
 SYNTHETIC_SEED = 0  # fixed, so Stage 1 and Stage 2 jobs with different training seeds share data
 L_FREQ, H_FREQ = 0.5, 45.0
 DEFAULT_LINE_FREQ = 50.0  # Hz; most of the world. A file that records 60 Hz says so in line_freq.
