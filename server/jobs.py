@@ -29,7 +29,7 @@ from server.exceptions import Conflict, InvalidInput, NotFound
 from server.models import (
     Artifact, Attempt, AttemptOutcome, Job, JobCreate, JobEvent, JobPublic, JobStatus, WaitReason, utcnow,
 )
-from server.outcomes import Decision, Facts, decide
+from server.outcomes import MAX_IDLE_ALLOCATIONS, Decision, Facts, decide
 from trainer.artifact_format import ArtifactFormatError, read_header
 from trainer.config import ConfigError, EncoderConfig, TrainConfigBase
 from trainer.memory_prediction import predict_peak_bytes
@@ -568,6 +568,26 @@ def pause_for_memory(session: Session, job: Job, attempt: Attempt, message: str)
     session.refresh(attempt)
 
 
+def _idle_allocations(session: Session, job: Job, attempt: Attempt) -> int:
+    """``attempt`` and the attempts just before it that ended out of time with nothing new saved.
+
+    An attempt saved something when it reported a checkpoint beyond its start step; one that did
+    not leaves the next attempt to start from the same step."""
+    saved = session.exec(select(JobEvent.id).where(
+        JobEvent.job_id == job.id, JobEvent.kind == "checkpoint", JobEvent.step > attempt.start_step,
+        JobEvent.created_at >= attempt.started_at).limit(1)).first()
+    if saved is not None:
+        return 0
+    idle = 1
+    earlier = session.exec(select(Attempt).where(Attempt.job_id == job.id, Attempt.number < attempt.number)
+                           .order_by(Attempt.number.desc()).limit(MAX_IDLE_ALLOCATIONS)).all()
+    for previous in earlier:
+        if previous.outcome != AttemptOutcome.out_of_time or previous.start_step != attempt.start_step:
+            break
+        idle += 1
+    return idle
+
+
 def end_attempt(session: Session, job: Job, attempt: Attempt, facts: Facts, max_attempts: int) -> Decision:
     """Close ``attempt`` as ``facts`` say and move the job on, in one transaction.
 
@@ -577,7 +597,8 @@ def end_attempt(session: Session, job: Job, attempt: Attempt, facts: Facts, max_
         Attempt.job_id == job.id, Attempt.id != attempt.id, Attempt.number > job.retry_budget_from,
         Attempt.outcome.in_([o for o in AttemptOutcome if o.spends_retry]))).one()
     decision = decide(facts, config=job.config, job_error=job.error, job_reason=job.reason,
-                      attempts=job.attempts, failures=failures, max_attempts=max_attempts)
+                      attempts=job.attempts, failures=failures, max_attempts=max_attempts,
+                      idle_allocations=_idle_allocations(session, job, attempt))
     values: dict[str, Any] = {"reason": decision.reason}
     if decision.error is not None:
         values["error"] = decision.error

@@ -19,6 +19,9 @@ from trainer.protocol import EXIT_FAILED, EXIT_OK, EXIT_OUT_OF_TIME, EXIT_STOPPE
 
 # The longest a crashed job waits before its retry: a crash loop must not spin the CPU.
 MAX_RETRY_DELAY_S = 30.0
+# Allocations in a row that ended by their time limit before a new checkpoint: the limit is too
+# short for one checkpoint interval, and requeueing would wait in Slurm's queue forever.
+MAX_IDLE_ALLOCATIONS = 3
 LOST_MESSAGE = "server restarted while the trainer ran; resuming from the newest checkpoint"
 
 
@@ -117,7 +120,7 @@ def halved_micro_batch(config: dict) -> int | None:
 
 
 def decide(facts: Facts, *, config: dict[str, Any], job_error: str | None, job_reason: str | None,
-           attempts: int, failures: int, max_attempts: int) -> Decision:
+           attempts: int, failures: int, max_attempts: int, idle_allocations: int = 0) -> Decision:
     """The job's next state after an attempt ended as ``facts`` say.
 
     Parameters
@@ -132,6 +135,9 @@ def decide(facts: Facts, *, config: dict[str, Any], job_error: str | None, job_r
         Earlier attempts that spent a retry. Pauses, cancels, restarts and shutdowns spend none.
     max_attempts : int
         Crashed attempts after which the job fails.
+    idle_allocations : int
+        Attempts in a row, this one included, that ended by their time limit with no step
+        checkpointed beyond the one they started from.
     """
     outcome = classify(facts)
     if outcome == AttemptOutcome.succeeded:
@@ -148,6 +154,11 @@ def decide(facts: Facts, *, config: dict[str, Any], job_error: str | None, job_r
         return Decision(outcome, JobStatus.queued, LOST_MESSAGE, error=LOST_MESSAGE)
     if outcome == AttemptOutcome.failed:
         error = job_error or "trainer failed; see its log"
+        return Decision(outcome, JobStatus.failed, error, error=error)
+    if outcome == AttemptOutcome.out_of_time and idle_allocations >= MAX_IDLE_ALLOCATIONS:
+        error = (f"{idle_allocations} batch allocations in a row ended at their time limit before a new checkpoint; "
+                 f"the time limit is too short for {config.get('checkpoint_every', 'one checkpoint interval of')} "
+                 f"steps: raise the executor's time limit or lower checkpoint_every")
         return Decision(outcome, JobStatus.failed, error, error=error)
     if outcome == AttemptOutcome.out_of_time:
         # Not a failure: the allocation ended. Queued again at once, spending no retry.

@@ -11,13 +11,16 @@ import signal
 import time
 
 import pytest
+from sqlmodel import Session
 
+from server import jobs
+from server.db import make_engine, upgrade_database
 from server.executors.base import Exit
-from server.models import AttemptOutcome, JobStatus, WaitReason
-from server.outcomes import Facts, classify, decide
+from server.models import AttemptOutcome, Job, JobEvent, JobStatus, WaitReason
+from server.outcomes import MAX_IDLE_ALLOCATIONS, Facts, classify, decide
 from tests.conftest import BOTH_DATABASES, start_server
 from tests.test_faults import trainer_processes
-from trainer.protocol import EXIT_FAILED, EXIT_OK, EXIT_STOPPED
+from trainer.protocol import EXIT_FAILED, EXIT_OK, EXIT_OUT_OF_TIME, EXIT_STOPPED
 
 CONFIG = {"preset": "tiny", "steps": 200, "batch_size": 8, "checkpoint_every": 5, "log_every_s": 0.3,
           "probe_words": 0, "val_windows": 16}
@@ -150,3 +153,34 @@ def test_a_kill_of_ours_reports_why_and_stops_are_resumable():
                        job_reason=WaitReason.memory.value)
     assert guard.status == JobStatus.paused and guard.reason == "memory"
     assert decide_for(Facts(exit=None)).status == JobStatus.queued
+
+
+def test_allocations_too_short_for_a_checkpoint_fail_the_job_instead_of_requeueing_forever(tmp_path):
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    upgrade_database(url)
+    with Session(make_engine(url)) as session:
+        job = Job(stage="stage1", dataset="synthetic", config={"batch_size": 8, "micro_batch_size": 8,
+                                                               "checkpoint_every": 50}, total=100)
+        session.add(job)
+        session.commit()
+
+        def one_allocation(checkpoint_at: int | None):
+            attempt = jobs.start_attempt(session, job, "slurm", token=f"t{job.attempts}")
+            if checkpoint_at is not None:
+                session.add(JobEvent(job_id=job.id, kind="checkpoint", step=checkpoint_at))
+                job.step = checkpoint_at
+                session.add(job)
+                session.commit()
+            return jobs.end_attempt(session, job, attempt, Facts(exit=Exit(EXIT_OUT_OF_TIME)), max_attempts=3)
+
+        # An allocation that saved a checkpoint resets the count; idle ones are requeued, up to the limit.
+        assert one_allocation(None).status == JobStatus.queued
+        assert one_allocation(50).status == JobStatus.queued
+        for _ in range(MAX_IDLE_ALLOCATIONS - 1):
+            assert one_allocation(None).status == JobStatus.queued
+        last = one_allocation(None)
+        assert last.status == JobStatus.failed
+        assert f"{MAX_IDLE_ALLOCATIONS} batch allocations in a row" in last.error
+        assert "too short for 50 steps" in last.error and "checkpoint_every" in last.error
+        session.refresh(job)
+        assert job.status == JobStatus.failed and job.step == 50  # its checkpoint is kept for a retry
