@@ -9,9 +9,12 @@ import numpy as np
 import pytest
 
 from tests.trainer_helpers import run_trainer, write_spec
-from trainer.config import CHANNELS_8
+from trainer.config import CHANNELS_8, EncoderConfig
 from trainer.data.synthetic import WRITERS, _pink_noise, generate_raw
-from trainer.evaluate import _ridge_predict, centroid_probe_hits, paired_bootstrap_interval, ridge_probe_hits
+from trainer.evaluate import (
+    PROBE_COMPUTE_SHARE, _ridge_predict, centroid_probe_hits, paired_bootstrap_interval, probe_word_budget,
+    ridge_probe_hits,
+)
 
 
 def test_dual_ridge_equals_primal_ridge():
@@ -21,6 +24,17 @@ def test_dual_ridge_equals_primal_ridge():
         x, x_eval = rng.standard_normal((40, n_features)), rng.standard_normal((7, n_features))
         primal = x_eval @ np.linalg.solve(x.T @ x + 10.0 * np.eye(n_features), x.T @ y)
         np.testing.assert_allclose(_ridge_predict(x, y, x_eval, 10.0), primal, rtol=1e-8, atol=1e-10)
+
+
+def test_the_probe_is_held_to_a_share_of_the_training_compute():
+    large = EncoderConfig.from_name("large")
+    words = probe_word_budget(large, steps=200, batch_size=8, requested=1500)
+    # Two encoders' forward passes over each word against forward and backward over each sample.
+    assert 2 * words <= PROBE_COMPUTE_SHARE * 3 * 200 * 8 < 2 * (words + 1)
+    assert probe_word_budget(large, steps=20_000, batch_size=8, requested=1500) == 1500  # a long run: all
+    assert probe_word_budget(large, steps=1, batch_size=1, requested=1500) == 100  # never fewer than that
+    # A tiny encoder's forward passes are nearly free: the requested words, however short the run.
+    assert probe_word_budget(EncoderConfig.from_name("tiny"), steps=10, batch_size=8, requested=3000) == 3000
 
 
 def test_probe_reads_a_class_signal_and_not_noise():

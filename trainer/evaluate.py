@@ -15,6 +15,27 @@ from trainer.models.multiview import MultiViewEncoder
 
 PROBE_MAX_WORDS = 1500
 PROBE_RESPONSE_S = 0.5  # the part of a window after a word onset that the probe looks at
+# The probe runs two encoders (trained, random init) forward over each word's window. It may
+# use this share of the training run's compute, and never less than PROBE_FREE_FLOP (a minute
+# or so of a laptop core pair), which a tiny or small encoder's 1500 words fit in.
+PROBE_COMPUTE_SHARE = 0.1
+PROBE_FREE_FLOP = 2e12
+PROBE_MIN_WORDS = 100
+
+
+def probe_word_budget(config: EncoderConfig, steps: int, batch_size: int, requested: int) -> int:
+    """How many word windows the end-of-run probe may use: ``requested`` or fewer, so that its
+    forward passes cost at most :data:`PROBE_COMPUTE_SHARE` of the training run's.
+
+    A forward pass costs about 2 x parameters x tokens per window, a training sample about 6 x
+    that (forward, backward); the tokens cancel in the share, but not in the free floor. A large
+    encoder's 1500 words cost as much as ~125 training steps of batch 8: more than half of a
+    200-step run, spent at "100%".
+    """
+    tokens = 2 * len(config.channels) * config.n_patches  # two views
+    forward_flop = 2.0 * config.approx_parameters() * tokens
+    budget = max(PROBE_COMPUTE_SHARE * 3 * forward_flop * steps * batch_size, PROBE_FREE_FLOP)
+    return min(requested, max(PROBE_MIN_WORDS, int(budget // (2 * forward_flop))))
 
 
 def word_probe_data(recordings: list[Recording], config: EncoderConfig, max_words: int = PROBE_MAX_WORDS

@@ -24,7 +24,7 @@ from trainer.config import ConfigError, Stage1Config
 from trainer.distributed import World
 from trainer.data.recordings import Recording, load_dataset, windows
 from trainer.data.text import check_test_subjects
-from trainer.evaluate import word_probe_finish, word_probe_start
+from trainer.evaluate import probe_word_budget, word_probe_finish, word_probe_start
 from trainer.exceptions import CheckpointError, DatasetError
 from trainer.memory import FusedOptimizer
 from trainer.models.multiview import MultiViewEncoder, SSLHead, count_parameters, random_token_mask
@@ -213,7 +213,11 @@ def run(spec: JobSpec, config: Stage1Config, reporter: Reporter, world: World) -
         "recordings_train": len(trained_on), "recordings_held_out": len(recordings) - len(trained_on),
         "subjects_train": len({r.subject for r in trained_on if r.subject is not None}),
     }
-    probe = (word_probe_start(encoder, recordings, device, config.probe_words, batch=config.micro_batch_size)
+    probe_words = probe_word_budget(encoder.config, config.steps, config.batch_size, config.probe_words)
+    if probe_words < config.probe_words:
+        reporter.event("log", message=f"word probe on at most {probe_words} of probe_words={config.probe_words} "
+                                      f"words: it is held to a tenth of the training's compute")
+    probe = (word_probe_start(encoder, recordings, device, probe_words, batch=config.micro_batch_size)
              if config.probe_words else None)
     training.register(ArtifactKind.encoder, export.save_encoder(encoder, job_dir / FINAL_DIRNAME / ENCODER_FILENAME))
     training.register_checkpoint()
