@@ -198,6 +198,56 @@ def matched_noise(train_batches: Iterable[np.ndarray], mean: np.ndarray, n_train
     return noise + mean
 
 
+def retrieval_on_test(model: EEGToText, features: FeatureSource, test: np.ndarray, references: list[str],
+                   labels: np.ndarray, noise: np.ndarray, seed: int, device: torch.device
+                   ) -> tuple[dict[str, float | None], dict, np.ndarray, np.ndarray]:
+    """Retrieval on the test split: score matrices from EEG and noise, then :func:`retrieval_metrics`.
+
+    Rows are test sentences (a seeded subset past :data:`RETRIEVAL_MAX`), candidates the
+    distinct texts among them: a text read twice is one candidate, right for both readings.
+
+    Returns
+    -------
+    metrics : dict
+        The :data:`RETRIEVAL_KEYS` (all ``None`` with fewer than two distinct texts).
+    details : dict
+        The report's ``retrieval`` section: rows, candidates, score, permutations, a note when
+        capped, the seconds it took.
+    positions : ndarray
+        The rows' positions in ``test``.
+    top1_hits : ndarray
+        Per row, whether EEG ranked its own text first.
+    """
+    started = time.perf_counter()
+    positions = _retrieval_rows(len(test), seed)
+    first_row: dict[str, int] = {}
+    for i in positions:
+        first_row.setdefault(references[i], int(test[i]))
+    candidate_texts = list(first_row)
+    number = {t: j for j, t in enumerate(candidate_texts)}
+    targets = np.asarray([number[references[i]] for i in positions], dtype=np.int64)
+    details: dict = {
+        "sentences": int(len(positions)), "candidate_texts": len(candidate_texts),
+        "score": "mean token log-likelihood, teacher-forced", "permutations": RETRIEVAL_PERMUTATIONS,
+        "note": (f"capped: {len(positions)} of {len(test)} test sentences, chosen at random (seed {seed})"
+                 if len(positions) < len(test) else None)}
+    if len(candidate_texts) < 2:  # one text cannot be told from itself: nothing to rank
+        details.update(note="fewer than 2 distinct test texts: no retrieval", seconds=0.0)
+        return {key: None for key in RETRIEVAL_KEYS}, details, positions, np.zeros(len(positions), dtype=bool)
+    candidates = labels[[first_row[t] for t in candidate_texts]]
+    eeg_scores = retrieval_scores(model, features(test[positions]), candidates, device)
+    # Noise sits at chance whatever the model (its rows carry no sentence), so fewer rows
+    # measure it: half the cost of a second full matrix saved.
+    noisy = np.arange(min(len(positions), RETRIEVAL_NOISE_ROWS))
+    noise_scores = retrieval_scores(model, _chunks(noise[positions[noisy]], DECODE_BATCH), candidates, device)
+    scores = {"eeg": (eeg_scores, targets), "noise": (noise_scores, targets[noisy]),
+              # Each row's features are the next-listed sentence's: the same matrix, re-paired.
+              "shuffled": (eeg_scores[np.roll(np.arange(len(positions)), 1)], targets)}
+    metrics = retrieval_metrics(scores, seed)
+    details.update(noise_sentences=int(len(noisy)), seconds=round(time.perf_counter() - started, 2))
+    return metrics, details, positions, retrieval_hits(eeg_scores, targets, 1)
+
+
 def _retrieval_rows(n_test: int, seed: int) -> np.ndarray:
     """Positions (into the test split) that the retrieval matrices cover: all, or a seeded subset."""
     if n_test <= RETRIEVAL_MAX:
@@ -281,57 +331,26 @@ def evaluate(model: EEGToText, tokenizer, features: FeatureSource, texts: list[s
     metrics["test_bleu1_eeg_minus_noise_ci_low"] = interval["low"]
     metrics["test_bleu1_eeg_minus_noise_ci_high"] = interval["high"]
 
-    # Retrieval: rows are test sentences (a seeded subset past RETRIEVAL_MAX), candidates the
-    # distinct texts among them; a text read twice is one candidate, right for both readings.
-    positions = _retrieval_rows(len(test), config.seed)
-    first_row: dict[str, int] = {}
-    for i in positions:
-        first_row.setdefault(references[i], int(test[i]))
-    candidate_texts = list(first_row)
-    number = {t: j for j, t in enumerate(candidate_texts)}
-    targets = np.asarray([number[references[i]] for i in positions], dtype=np.int64)
-    details: dict = {"retrieval": {
-        "sentences": int(len(positions)), "candidate_texts": len(candidate_texts),
-        "score": "mean token log-likelihood, teacher-forced", "permutations": RETRIEVAL_PERMUTATIONS,
-        "note": (f"capped: {len(positions)} of {len(test)} test sentences, chosen at random (seed {config.seed})"
-                 if len(positions) < len(test) else None)}}
-    retrieval_started = time.perf_counter()
-    if len(candidate_texts) >= 2:
-        candidates = labels[[first_row[t] for t in candidate_texts]]
-        eeg_scores = retrieval_scores(model, features(test[positions]), candidates, device)
-        # Noise sits at chance whatever the model (its rows carry no sentence), so fewer rows
-        # measure it: half the cost of a full matrix saved.
-        noisy = np.arange(min(len(positions), RETRIEVAL_NOISE_ROWS))
-        scores = {"eeg": (eeg_scores, targets),
-                  "noise": (retrieval_scores(model, _chunks(noise[positions[noisy]], DECODE_BATCH), candidates,
-                                             device), targets[noisy]),
-                  # Each row's features are the next-listed sentence's: the same matrix, re-paired.
-                  "shuffled": (eeg_scores[np.roll(np.arange(len(positions)), 1)], targets)}
-        metrics.update(retrieval_metrics(scores, config.seed))
-        details["retrieval"]["noise_sentences"] = int(len(noisy))
-        top1_hits = retrieval_hits(eeg_scores, targets, 1)
-    else:  # one text cannot be told from itself: nothing to rank
-        metrics.update({key: None for key in RETRIEVAL_KEYS})
-        details["retrieval"]["note"] = "fewer than 2 distinct test texts: no retrieval"
-        top1_hits = np.zeros(len(positions), dtype=bool)
-    details["retrieval"]["seconds"] = round(time.perf_counter() - retrieval_started, 2)
+    retrieval, retrieval_details, positions, top1_hits = retrieval_on_test(
+        model, features, test, references, labels, noise, config.seed, device)
+    metrics.update(retrieval)
 
+    extra: dict = {}
     if lengths is not None:
         guesses = length_only_predictions([texts[i] for i in index["train"]], lengths[index["train"]],
                                           lengths[test], length_unit)
         metrics["test_bleu1_length_only"] = bleu1(guesses, references)
         metrics["test_rouge1_length_only"] = rouge1(guesses, references)["f1"]
         metrics["test_bleu1_eeg_minus_length_only"] = metrics["test_bleu1_eeg"] - metrics["test_bleu1_length_only"]
-        details["length_only"] = {"by": length_unit, "examples": [
+        extra["length_only"] = {"by": length_unit, "examples": [
             {"reference": r, "length": float(lengths[i]), "length_only": g}
             for r, i, g in list(zip(references, test, guesses))[:3]]}
     metrics["val_loss_teacher_forced_diagnostic"] = teacher_forced_loss(
         model, features(index["val"]), labels[index["val"]], device)
     test_subjects = [subjects[i] for i in test] if subjects is not None else []
-    details["per_subject"] = (per_subject(test_subjects, predictions, references, positions,
-                                          top1_hits)
-                              if any(s is not None for s in test_subjects) else None)
-    details["evaluation_seconds"] = round(time.perf_counter() - started, 2)
+    extra["per_subject"] = (per_subject(test_subjects, predictions, references, positions, top1_hits)
+                            if any(s is not None for s in test_subjects) else None)
+    details = {"retrieval": retrieval_details, **extra, "evaluation_seconds": round(time.perf_counter() - started, 2)}
     examples = [{"reference": r, "from_eeg": e, "from_noise": n, "from_shuffled_eeg": s}
                 for r, e, n, s in list(zip(references, predictions["eeg"], predictions["noise"],
                                            predictions["shuffled"]))[:REPORT_EXAMPLES]]

@@ -98,6 +98,6 @@ def verdict(m: dict, facts: RunFacts) -> dict:
     if bleu_ok and retrieval_ok:
         return {"reads_eeg": True, "sentence": f"reads the EEG: {evidence}", "advice": []}
     lead = ("weak evidence that the model reads the EEG (the two tests disagree)" if bleu_ok or
-            (retrieval_ok and "test_retrieval_p_eeg_vs_shuffled" in m) else
+            (retrieval_ok and m.get("test_retrieval_p_eeg_vs_shuffled") is not None) else
             "no evidence that the model reads the EEG")
     return {"reads_eeg": False, "sentence": f"{lead}: {evidence}", "advice": advice(m, facts)}
