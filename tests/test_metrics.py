@@ -189,3 +189,18 @@ def test_per_subject_figures_split_the_test_sentences_by_reader():
                           "retrieval_sentences": 2},
                    "s2": {"sentences": 1, "bleu1_eeg": 0.0, "bleu1_noise": 0.0, "retrieval_top1_eeg": None,
                           "retrieval_sentences": 0}}
+
+
+def test_retrieval_is_capped_by_a_compute_budget():
+    from trainer.text_eval import RETRIEVAL_MAX, RETRIEVAL_MIN, _retrieval_rows, retrieval_limit
+
+    model = tiny_model(vocab=512)
+    tiny = sum(p.numel() for p in model.bart.model.decoder.parameters())
+    assert retrieval_limit(tiny, 16, "cpu") == RETRIEVAL_MAX  # the tiny preset: every test sentence up to 200
+    # The small preset's decoder (about 44M parameters) over 20 tokens: ~23 sentences on a CPU, 200 on a GPU.
+    assert 20 <= retrieval_limit(44_000_000, 20, "cpu") <= 30
+    assert retrieval_limit(44_000_000, 20, "cuda") == RETRIEVAL_MAX
+    assert retrieval_limit(10**12, 32, "cpu") == RETRIEVAL_MIN
+    rows = _retrieval_rows(300, 50, seed=0)
+    assert len(rows) == 50 and len(set(rows)) == 50 and rows.max() < 300 and np.all(np.diff(rows) > 0)
+    assert (rows == _retrieval_rows(300, 50, seed=0)).all() and _retrieval_rows(30, 50, 0).tolist() == list(range(30))

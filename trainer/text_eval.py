@@ -49,8 +49,15 @@ DECODE_BATCH = 32
 REPORT_EXAMPLES = 10
 RETRIEVAL_MAX = 200
 """Most test sentences a retrieval score matrix covers: its cost grows with the square."""
+RETRIEVAL_MIN = 20
+"""Fewest test sentences a compute budget may cap retrieval to (chance is then 5%)."""
+RETRIEVAL_BUDGET = {"cpu": 5e11, "accelerator": 1e14}
+"""Multiply-adds one retrieval matrix may cost (decoder parameters x tokens x pairs). The tiny
+preset stays far below it at 200 sentences; ``small`` on a CPU is capped at about 23 (its
+decoder ran 6 GMAC/s on a loaded 2-core machine: some 80 s), on a GPU not at all."""
 RETRIEVAL_NOISE_ROWS = 40
-"""Matched-noise rows scored against the candidates (the noise control's top-k is over these)."""
+"""Most matched-noise rows scored against the candidates (the noise control's top-k is over
+these): half the EEG rows, at least :data:`RETRIEVAL_MIN`."""
 RETRIEVAL_PERMUTATIONS = 1000
 RETRIEVAL_LOGITS = 2**22
 """Logit elements (pairs x tokens x vocabulary) per decoder pass: 16 MB in float32 (larger passes
@@ -203,7 +210,7 @@ def retrieval_on_test(model: EEGToText, features: FeatureSource, test: np.ndarra
                    ) -> tuple[dict[str, float | None], dict, np.ndarray, np.ndarray]:
     """Retrieval on the test split: score matrices from EEG and noise, then :func:`retrieval_metrics`.
 
-    Rows are test sentences (a seeded subset past :data:`RETRIEVAL_MAX`), candidates the
+    Rows are test sentences (a seeded subset past :func:`retrieval_limit`), candidates the
     distinct texts among them: a text read twice is one candidate, right for both readings.
 
     Returns
@@ -219,7 +226,9 @@ def retrieval_on_test(model: EEGToText, features: FeatureSource, test: np.ndarra
         Per row, whether EEG ranked its own text first.
     """
     started = time.perf_counter()
-    positions = _retrieval_rows(len(test), seed)
+    tokens = int((labels[test] != -100).sum(1).max()) if len(test) else 1
+    limit = retrieval_limit(sum(p.numel() for p in model.bart.model.decoder.parameters()), tokens, device.type)
+    positions = _retrieval_rows(len(test), limit, seed)
     first_row: dict[str, int] = {}
     for i in positions:
         first_row.setdefault(references[i], int(test[i]))
@@ -229,8 +238,9 @@ def retrieval_on_test(model: EEGToText, features: FeatureSource, test: np.ndarra
     details: dict = {
         "sentences": int(len(positions)), "candidate_texts": len(candidate_texts),
         "score": "mean token log-likelihood, teacher-forced", "permutations": RETRIEVAL_PERMUTATIONS,
-        "note": (f"capped: {len(positions)} of {len(test)} test sentences, chosen at random (seed {seed})"
-                 if len(positions) < len(test) else None)}
+        "note": (f"capped: {len(positions)} of {len(test)} test sentences, chosen at random (seed {seed}), so that "
+                 f"the matrix costs at most {RETRIEVAL_BUDGET['cpu' if device.type == 'cpu' else 'accelerator']:.0e} "
+                 f"multiply-adds on {device.type}" if len(positions) < len(test) else None)}
     if len(candidate_texts) < 2:  # one text cannot be told from itself: nothing to rank
         details.update(note="fewer than 2 distinct test texts: no retrieval", seconds=0.0)
         return {key: None for key in RETRIEVAL_KEYS}, details, positions, np.zeros(len(positions), dtype=bool)
@@ -238,7 +248,7 @@ def retrieval_on_test(model: EEGToText, features: FeatureSource, test: np.ndarra
     eeg_scores = retrieval_scores(model, features(test[positions]), candidates, device)
     # Noise sits at chance whatever the model (its rows carry no sentence), so fewer rows
     # measure it: half the cost of a second full matrix saved.
-    noisy = np.arange(min(len(positions), RETRIEVAL_NOISE_ROWS))
+    noisy = np.arange(min(len(positions), RETRIEVAL_NOISE_ROWS, max(RETRIEVAL_MIN, len(positions) // 2)))
     noise_scores = retrieval_scores(model, _chunks(noise[positions[noisy]], DECODE_BATCH), candidates, device)
     scores = {"eeg": (eeg_scores, targets), "noise": (noise_scores, targets[noisy]),
               # Each row's features are the next-listed sentence's: the same matrix, re-paired.
@@ -248,11 +258,24 @@ def retrieval_on_test(model: EEGToText, features: FeatureSource, test: np.ndarra
     return metrics, details, positions, retrieval_hits(eeg_scores, targets, 1)
 
 
-def _retrieval_rows(n_test: int, seed: int) -> np.ndarray:
+def retrieval_limit(decoder_parameters: int, tokens: int, device_type: str) -> int:
+    """How many test sentences a retrieval matrix may cover on ``device_type``.
+
+    The matrix scores ``n x n`` (sentence, text) pairs, each a decoder pass over ``tokens``
+    tokens costing about ``decoder_parameters`` multiply-adds per token, so ``n`` is the largest
+    number whose matrix fits :data:`RETRIEVAL_BUDGET`, within [:data:`RETRIEVAL_MIN`,
+    :data:`RETRIEVAL_MAX`].
+    """
+    budget = RETRIEVAL_BUDGET["cpu" if device_type == "cpu" else "accelerator"]
+    n = int(np.sqrt(budget / max(1, decoder_parameters * tokens)))
+    return int(min(RETRIEVAL_MAX, max(RETRIEVAL_MIN, n)))
+
+
+def _retrieval_rows(n_test: int, limit: int, seed: int) -> np.ndarray:
     """Positions (into the test split) that the retrieval matrices cover: all, or a seeded subset."""
-    if n_test <= RETRIEVAL_MAX:
+    if n_test <= limit:
         return np.arange(n_test)
-    return np.sort(np.random.default_rng(seed).choice(n_test, RETRIEVAL_MAX, replace=False))
+    return np.sort(np.random.default_rng(seed).choice(n_test, limit, replace=False))
 
 
 def per_subject(subjects: list[str | None], predictions: dict[str, list[str]], references: list[str],
