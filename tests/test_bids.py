@@ -266,6 +266,7 @@ def test_a_cross_subject_stage2_job_holds_out_exactly_the_named_subjects(tmp_pat
             done = server.wait_for_job(stage2.json()["id"], {"succeeded"})
             report_artifact = next(a for a in done["artifacts"] if a["kind"] == "report")
             report = client.get(f"/api/artifacts/{report_artifact['id']}/download").json()
+            logs = [e for e in client.get(f"/api/jobs/{done['id']}/events").json()["data"] if e["kind"] == "log"]
             failed = server.wait_for_job(starved.json()["id"], {"failed"})
             assert "No training sentences left: the subjects other than 01, 03 read only sentences the held-out " \
                    "subjects read too (30 left out); set split.text_disjoint to false" in failed["error"]
@@ -278,3 +279,6 @@ def test_a_cross_subject_stage2_job_holds_out_exactly_the_named_subjects(tmp_pat
     assert report["split"]["test_texts_seen_in_training"] == 0
     assert done["metrics"]["split"] == "subjects" and done["metrics"]["sentences_test"] == 30
     assert (done["metrics"]["subjects_train"], done["metrics"]["subjects_test"]) == (2, 1)
+    # Per-subject figures are the held-out reader's; the verdict is the job's last log line.
+    assert list(report["per_subject"]) == ["03"] and report["per_subject"]["03"]["sentences"] == 30
+    assert logs[-1]["message"] == "Stage 2 verdict: " + report["verdict"]["sentence"]

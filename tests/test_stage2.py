@@ -29,7 +29,8 @@ SINGLE_THREAD = {"OMP_NUM_THREADS": "1"}
 STAGE1 = {"preset": "tiny", "steps": 30, "batch_size": 8, "probe_words": 0, "val_windows": 16, "log_every_s": 5.0}
 STAGE2 = {"preset": "tiny", "steps": 600, "batch_size": 16, "lr": 3e-3, "warmup_steps": 10, "checkpoint_every": 600,
           "log_every_s": 5.0, "max_target_tokens": 16}
-METRICS = ("bleu1", "bleu2", "bleu3", "bleu4", "rouge1_precision", "rouge1_recall", "rouge1_f1", "wer", "distinct")
+METRICS = ("bleu1", "bleu2", "bleu3", "bleu4", "rouge1_precision", "rouge1_recall", "rouge1_f1", "wer", "distinct",
+           "content_bleu1", "content_rouge1", "retrieval_top1", "retrieval_top5")
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +56,10 @@ def finished_metrics(result) -> dict:
     [event] = [e for e in result.events if e["kind"] == "finished"]
     m = event["metrics"]
     print(f"\nBLEU-1 eeg {m['test_bleu1_eeg']:.3f} noise {m['test_bleu1_noise']:.3f} shuffled "
-          f"{m['test_bleu1_shuffled']:.3f}; eeg - noise 95% [{m['test_bleu1_eeg_minus_noise_ci_low']:+.3f}, "
-          f"{m['test_bleu1_eeg_minus_noise_ci_high']:+.3f}]")
+          f"{m['test_bleu1_shuffled']:.3f} length-only {m['test_bleu1_length_only']:.3f}; eeg - noise 95% "
+          f"[{m['test_bleu1_eeg_minus_noise_ci_low']:+.3f}, {m['test_bleu1_eeg_minus_noise_ci_high']:+.3f}]; "
+          f"retrieval top-1 eeg {m['test_retrieval_top1_eeg']:.3f} shuffled {m['test_retrieval_top1_shuffled']:.3f} "
+          f"chance {m['test_retrieval_top1_chance']:.3f} p {m['test_retrieval_p_eeg_vs_shuffled']:.4f}")
     return m
 
 
@@ -65,11 +68,11 @@ def signal_run(tmp_path_factory, encoder_path, cache_dir):
     job_dir = tmp_path_factory.mktemp("stage2-signal")
     result = stage2(job_dir, encoder_path, cache_dir)
     assert result.returncode == EXIT_OK, result.stderr[-3000:]
-    return job_dir, finished_metrics(result)
+    return job_dir, finished_metrics(result), result.events
 
 
 def test_on_synthetic_the_eeg_minus_noise_interval_lies_above_zero(signal_run):
-    job_dir, metrics = signal_run
+    job_dir, metrics, signal_events = signal_run
     report = json.loads((job_dir / "final" / "report.json").read_text())
     assert report["metrics"] == metrics and report["decoding"] == "free-running generate()"
     for source in ("eeg", "noise", "shuffled"):
@@ -87,6 +90,35 @@ def test_on_synthetic_the_eeg_minus_noise_interval_lies_above_zero(signal_run):
     assert {e["reference"] for e in report["examples"]} and all(
         set(e) == {"reference", "from_eeg", "from_noise", "from_shuffled_eeg"} for e in report["examples"])
 
+    # Retrieval: every test sentence ranked every test text; EEG beats re-paired EEG.
+    n_texts = report["retrieval"]["candidate_texts"]
+    assert report["retrieval"]["sentences"] == metrics["sentences_test"] and report["retrieval"]["note"] is None
+    assert metrics["test_retrieval_top1_chance"] == pytest.approx(1 / n_texts)
+    assert metrics["test_retrieval_top5_chance"] == pytest.approx(5 / n_texts)
+    assert metrics["test_retrieval_top1_eeg"] > 2 * metrics["test_retrieval_top1_chance"]
+    assert metrics["test_retrieval_top5_eeg"] >= metrics["test_retrieval_top1_eeg"]
+    assert metrics["test_retrieval_p_eeg_vs_shuffled"] < 0.05
+    print(f"retrieval {report['retrieval']['seconds']} s of a {report['evaluation_seconds']} s evaluation")
+    # Cheap beside the rest of the evaluation (docs/notes/stage2-verdict.md).
+    assert report["retrieval"]["seconds"] < 0.5 * report["evaluation_seconds"]
+    # Content words and the length-only control: the model is above both kinds of guessing.
+    assert metrics["test_content_bleu1_eeg"] > metrics["test_content_bleu1_noise"]
+    assert 0 < metrics["test_bleu1_length_only"] < 1 and 0 < metrics["test_rouge1_length_only"] < 1
+    assert metrics["test_bleu1_eeg_minus_length_only"] == pytest.approx(
+        metrics["test_bleu1_eeg"] - metrics["test_bleu1_length_only"])
+    assert report["length_only"]["by"] == "fixated words"
+    # The verdict, in the report and as the job's last log line.
+    assert report["verdict"]["reads_eeg"] is True and report["verdict"]["advice"] == []
+    assert report["verdict"]["sentence"].startswith("reads the EEG: BLEU-1 from EEG exceeds noise by ")
+    assert "verdict" not in metrics and all(isinstance(v, (int, float, str, type(None))) for v in metrics.values())
+    [*_, last_log] = [e for e in signal_events if e["kind"] == "log"]
+    assert last_log["message"] == "Stage 2 verdict: " + report["verdict"]["sentence"]
+    # The synthetic dataset is one BIDS subject, "01": its figures are the test split's.
+    [(subject, figures)] = report["per_subject"].items()
+    assert subject == "01" and figures["sentences"] == metrics["sentences_test"]
+    assert figures["bleu1_eeg"] == pytest.approx(metrics["test_bleu1_eeg"])
+    assert figures["retrieval_top1_eeg"] == pytest.approx(metrics["test_retrieval_top1_eeg"])
+
 
 @pytest.mark.slow
 @pytest.mark.ci  # CI runs it after the default suite (see .ci/run)
@@ -95,6 +127,11 @@ def test_on_synthetic_null_the_interval_contains_zero(tmp_path, encoder_path, ca
     assert result.returncode == EXIT_OK, result.stderr[-3000:]
     metrics = finished_metrics(result)
     assert metrics["test_bleu1_eeg_minus_noise_ci_low"] <= 0 <= metrics["test_bleu1_eeg_minus_noise_ci_high"], metrics
+    # Retrieval finds no pairing either, and the report says so and what to change.
+    assert metrics["test_retrieval_p_eeg_vs_shuffled"] >= 0.05, metrics
+    report = json.loads((tmp_path / "job" / "final" / "report.json").read_text())
+    assert report["verdict"]["reads_eeg"] is False and report["verdict"]["advice"]
+    assert report["verdict"]["sentence"].startswith("no evidence that the model reads the EEG: ")
 
 
 # The few lines the README shows, run where NeuroLens cannot be imported: a meta-path finder
@@ -130,7 +167,7 @@ def test_the_model_file_loads_and_writes_text_without_neurolens(signal_run, tmp_
     from trainer.data.text import split_by_text
     from trainer.stage2 import sentence_windows
 
-    job_dir, _ = signal_run
+    job_dir, _, _ = signal_run
     report = json.loads((job_dir / "final" / "report.json").read_text())
     with safe_open(str(job_dir / "final" / "model.safetensors"), framework="pt") as fh:
         enc = EncoderConfig.from_dict(json.loads(fh.metadata()["encoder_config"]))

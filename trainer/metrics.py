@@ -11,7 +11,13 @@ literature reports them so:
 - :func:`distinct_share` -- distinct predictions over predictions (1 / n means mode collapse:
   the same sentence whatever the input);
 - :func:`paired_bootstrap` -- a percentile bootstrap interval for the difference of a corpus
-  metric between two systems on the same test sentences (Koehn 2004).
+  metric between two systems on the same test sentences (Koehn 2004);
+- :func:`content_metrics` -- BLEU-1 and ROUGE-1 F1 on content words only (stopwords of
+  :mod:`trainer.stopwords` removed from both sides): n-gram scores reward a decoder that writes
+  "the ... a" everywhere (SemKey, 2026), these do not;
+- :func:`retrieval_hits` / :func:`retrieval_permutation_p` -- top-k retrieval accuracy from a
+  (features x candidate texts) score matrix, and a permutation test of it against re-paired
+  features (Brain-CLIPLM, 2026).
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ from collections import Counter
 from typing import Callable
 
 import numpy as np
+
+from trainer.stopwords import content_words
 
 Metric = Callable[[list[str], list[str]], float]
 
@@ -160,3 +168,74 @@ def paired_bootstrap(system_a: list[str], system_b: list[str], references: list[
     return {"diff": metric(system_a, references) - metric(system_b, references),
             "low": float(np.quantile(diffs, alpha)), "high": float(np.quantile(diffs, 1 - alpha)),
             "samples": samples}
+
+
+def content_metrics(hypotheses: list[str], references: list[str]) -> dict[str, float]:
+    """BLEU-1 and ROUGE-1 F1 on content words: ``content_bleu1``, ``content_rouge1``.
+
+    Stopwords are removed from hypotheses and references alike, so a hypothesis of only
+    function words scores 0 however many of them match.
+    """
+    hyp = [content_words(h) for h in hypotheses]
+    ref = [content_words(r) for r in references]
+    return {"content_bleu1": bleu1(hyp, ref), "content_rouge1": rouge1(hyp, ref)["f1"]}
+
+
+def retrieval_hits(scores: np.ndarray, targets: np.ndarray, k: int) -> np.ndarray:
+    """Per row of ``scores``, whether its target candidate is among the row's ``k`` best.
+
+    Parameters
+    ----------
+    scores : ndarray
+        ``(n, m)``: row i scores every candidate text for input i (higher = more likely).
+    targets : ndarray
+        ``(n,)`` the index of each input's own text among the ``m`` candidates.
+    k : int
+        How many of the best candidates count as a hit.
+
+    Returns
+    -------
+    ndarray
+        ``(n,)`` booleans. Ties count against the row: a candidate is in the top ``k`` only if
+        fewer than ``k`` candidates score strictly higher *or equal* (its own score excluded),
+        so a decoder that scores every candidate alike gets no hits, not all of them.
+    """
+    own = scores[np.arange(len(targets)), targets]
+    at_least = (scores >= own[:, None]).sum(axis=1) - 1  # others scoring as high or higher
+    return at_least < k
+
+
+def hit_matrix(scores: np.ndarray, targets: np.ndarray, k: int) -> np.ndarray:
+    """``(n, n)`` booleans: ``[r, i]`` is whether input r's scores put input i's text in the top ``k``."""
+    own = scores[:, targets]                                      # (n rows, n inputs' texts)
+    at_least = (scores[:, :, None] >= own[:, None, :]).sum(axis=1) - 1
+    return at_least < k
+
+
+def retrieval_permutation_p(scores: np.ndarray, targets: np.ndarray, k: int = 1, permutations: int = 1000,
+                            seed: int = 0) -> float:
+    """Permutation p-value of top-``k`` retrieval accuracy against random pairings.
+
+    Under the null hypothesis that the features say nothing about which text they belong to,
+    any pairing of feature rows with texts is as likely as the true one. Each permutation
+    re-pairs the rows with the texts at random and recomputes the accuracy;
+    ``p = (1 + #{permuted >= observed}) / (1 + permutations)`` (Phipson & Smyth 2010: never 0).
+
+    Parameters
+    ----------
+    scores, targets, k
+        As for :func:`retrieval_hits`.
+    permutations : int
+        Random re-pairings.
+    seed : int
+        Seed of the permutations, so a report is reproducible.
+    """
+    n = len(targets)
+    if n < 2:
+        return 1.0
+    hits = hit_matrix(scores, targets, k)                         # hits[r, i]: row r retrieves text i
+    observed = hits[np.arange(n), np.arange(n)].mean()
+    rng = np.random.default_rng(seed)
+    rows = np.argsort(rng.random((permutations, n)), axis=1)      # one permutation per line
+    permuted = hits[rows, np.arange(n)[None, :]].mean(axis=1)
+    return float((1 + np.count_nonzero(permuted >= observed - 1e-12)) / (1 + permutations))

@@ -25,6 +25,7 @@ from trainer import export
 from trainer.artifact_format import FINAL_DIRNAME, MODEL_FILENAME, REPORT_FILENAME, ArtifactFormatError, read_header
 from trainer.checkpoint import atomic_write_text, find_latest_checkpoint
 from trainer.config import EncoderConfig, Stage2Config
+from trainer.controls import sentence_lengths
 from trainer.data.recordings import Recording, cut, load_dataset
 from trainer.data.text import split_sentences
 from trainer.data.tokenizer import tokenizer_from_json, tokenizer_json, train_tokenizer
@@ -36,6 +37,7 @@ from trainer.models.bridge import EEGToText, bart_config
 from trainer.protocol import EXIT_STOPPED, ArtifactKind, JobSpec
 from trainer.reporter import Reporter
 from trainer.text_eval import DECODE_BATCH, evaluate
+from trainer.verdict import RunFacts, verdict
 from trainer.training import (DataOrder, TrainingRun, TrainState, load_training_checkpoint, make_optimizer,
                               pick_device, save_training_checkpoint, seed_everything)
 
@@ -243,7 +245,9 @@ def run(spec: JobSpec, config: Stage2Config, reporter: Reporter, world: World) -
         noise_mean = model.bridge.mean.cpu().numpy()
     else:
         noise_mean, _ = feature_statistics(features(index["train"]))
-    metrics, examples = evaluate(model, tokenizer, features, texts, index, labels, noise_mean, config, device)
+    lengths, length_unit = sentence_lengths(recordings)
+    metrics, examples, details = evaluate(model, tokenizer, features, texts, index, labels, noise_mean, config,
+                                          device, lengths, length_unit, subjects)
     metrics = {"steps": state.step, "train_loss": state.losses[-1] if state.losses else None,
                "frozen_steps": config.frozen_steps, "unfrozen_steps": config.unfreeze_steps, **metrics,
                "sentences_train": int(len(index["train"])), "sentences_val": int(len(index["val"])),
@@ -253,6 +257,10 @@ def run(spec: JobSpec, config: Stage2Config, reporter: Reporter, world: World) -
         "dataset": spec.dataset, "encoder_path": str(encoder_path), "decoding": "free-running generate()",
         "note": "val_loss_teacher_forced_diagnostic is teacher-forced and is not a decoding score.",
         "split": split, "metrics": metrics, "examples": examples,
+        "verdict": verdict(metrics, RunFacts(
+            steps=state.step, batch_size=config.batch_size, lr=config.lr, train_sentences=int(len(index["train"])),
+            train_texts=len({texts[i] for i in index["train"]}), losses=list(state.losses))),
+        **details,
     }
 
     # -- export ---------------------------------------------------------------------------------------
@@ -264,4 +272,6 @@ def run(spec: JobSpec, config: Stage2Config, reporter: Reporter, world: World) -
     training.register(ArtifactKind.report, report_path)
     training.register_checkpoint()
     cache.close()
+    # The verdict's sentence is the last log line, so the CLI and the job page show it as it is.
+    reporter.event("log", message="Stage 2 verdict: " + report["verdict"]["sentence"])
     return training.finish(metrics, "stage 2")
