@@ -615,7 +615,7 @@ class NeuroLensClient:
 
     def upload_artifact(self, path: str | os.PathLike[str], kind: str, *, sha256: str | None = None,
                         filename: str | None = None, progress: ProgressCallback | None = None,
-                        chunk_size: int = 1 << 20, retries: int = 5) -> dict[str, Any]:
+                        chunk_size: int = 4 << 20, retries: int = 5) -> dict[str, Any]:
         """Import a file as an artifact, resuming where an earlier attempt stopped.
 
         The upload goes through a resumable session: an unfinished session for the same file
@@ -798,7 +798,7 @@ def _finish(pending: "Future[None] | None", error: _Interrupted, done: int, leng
     return error
 
 
-def _hash_prefix(path: Path, length: int, hasher: "hashlib._Hash", chunk_size: int = 1 << 20) -> "hashlib._Hash":
+def _hash_prefix(path: Path, length: int, hasher: "hashlib._Hash", chunk_size: int = 4 << 20) -> "hashlib._Hash":
     """Feed the first ``length`` bytes of ``path`` to ``hasher``, in bounded memory."""
     with open(path, "rb") as fh:
         remaining = length

@@ -34,7 +34,7 @@ STATE_CHANGING = {"POST", "PUT", "PATCH", "DELETE"}
 OCTET_STREAM_ROUTES = (("POST", re.compile(r"^/api/artifacts/?$")),
                        ("PATCH", re.compile(r"^/api/artifacts/uploads/[^/]+/?$")))
 # tus 1.0's PATCH (server/api/tus.py) has a media type of its own.
-TUS_PATCH = re.compile(r"^/api/artifacts/tus/[^/]+/?$")
+TUS_PATCH = re.compile(r"^/api/tus/[^/]+/?$")
 # Sec-Fetch-Site "same-site" includes other ports of the same host: another local server is
 # exactly the attacker this guard is for.
 FOREIGN_SITES = {"cross-site", "same-site"}

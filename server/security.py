@@ -18,7 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 # (settings.max_upload_bytes): a one-shot upload and a PATCH of an upload session (ours or tus's). Every other
 # body (JSON, the upload sessions' own included) is held to the request limit.
 UPLOAD_BODIES = {"POST": re.compile(r"^/api/artifacts/?$"),
-                 "PATCH": re.compile(r"^/api/artifacts/(uploads|tus)/[^/]+/?$")}
+                 "PATCH": re.compile(r"^/api/(artifacts/uploads|tus)/[^/]+/?$")}
 
 
 def is_upload_body(scope: Scope) -> bool:

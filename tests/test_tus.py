@@ -83,7 +83,7 @@ def test_tuspy_upload_killed_mid_way_resumes_and_registers_a_verified_artifact(
         tus_server: RunningServer, encoder_file: Path) -> None:
     data = encoder_file.read_bytes()
     digest = hashlib.sha256(data).hexdigest()
-    endpoint = f"{tus_server.url}/api/artifacts/tus"
+    endpoint = f"{tus_server.url}/api/tus"
     process = subprocess.Popen([sys.executable, "-c", TUSPY_UPLOADER, endpoint, str(encoder_file), digest],
                                stdout=subprocess.PIPE, text=True)
     try:
@@ -129,7 +129,7 @@ def test_every_bad_tus_request_gets_its_status_and_a_sentence(tus_server: Runnin
     good = {**TUS, "Upload-Length": str(len(data)), "Upload-Metadata": metadata(kind="encoder", sha256=digest)}
     before = store_snapshot(tus_server)
     with httpx.Client(base_url=tus_server.url, timeout=60) as client:
-        options = client.options("/api/artifacts/tus")
+        options = client.options("/api/tus")
         assert options.status_code == 204
         assert options.headers["tus-version"] == "1.0.0"
         assert set(options.headers["tus-extension"].split(",")) == {"creation", "checksum", "termination"}
@@ -155,12 +155,12 @@ def test_every_bad_tus_request_gets_its_status_and_a_sentence(tus_server: Runnin
              "Invalid filename '.x'"),
         ]
         for headers, status, words in creations:
-            response = client.post("/api/artifacts/tus", headers=headers)
+            response = client.post("/api/tus", headers=headers)
             refused(response, status, words)
-        assert client.post("/api/artifacts/tus", headers=creations[0][0]).headers["tus-version"] == "1.0.0"
+        assert client.post("/api/tus", headers=creations[0][0]).headers["tus-version"] == "1.0.0"
         assert store_snapshot(tus_server) == before
 
-        created = client.post("/api/artifacts/tus", headers=good)
+        created = client.post("/api/tus", headers=good)
         assert created.status_code == 201 and created.headers["tus-resumable"] == "1.0.0"
         url = created.headers["location"]
         head = client.head(url, headers=TUS)
@@ -203,7 +203,7 @@ def test_every_bad_tus_request_gets_its_status_and_a_sentence(tus_server: Runnin
         assert store_snapshot(tus_server) == before
 
         # The whole file arrives but is not the one declared: 422 at the last PATCH, nothing stored.
-        lying = client.post("/api/artifacts/tus", headers={**good, "Upload-Metadata": metadata(
+        lying = client.post("/api/tus", headers={**good, "Upload-Metadata": metadata(
             kind="encoder", sha256=hashlib.sha256(b"another file").hexdigest())})
         assert lying.status_code == 201
         refused(client.patch(lying.headers["location"], headers={**PATCH, "Upload-Offset": "0"}, content=data),
@@ -219,8 +219,8 @@ def test_tus_needs_the_token_like_every_api_route(tmp_path: Path, encoder_file: 
         headers = {**TUS, "Upload-Length": str(len(data)),
                    "Upload-Metadata": metadata(kind="encoder", sha256=hashlib.sha256(data).hexdigest())}
         with httpx.Client(base_url=server.url, timeout=60) as client:
-            assert client.post("/api/artifacts/tus", headers=headers).status_code == 401
-        uploader = TusClient(f"{server.url}/api/artifacts/tus", headers={"Authorization": "Bearer s3cret"}).uploader(
+            assert client.post("/api/tus", headers=headers).status_code == 401
+        uploader = TusClient(f"{server.url}/api/tus", headers={"Authorization": "Bearer s3cret"}).uploader(
             str(encoder_file), metadata={"kind": "encoder", "sha256": hashlib.sha256(data).hexdigest()})
         uploader.upload()
         assert uploader.request.response_headers["neurolens-artifact-id"]

@@ -18,7 +18,7 @@ Upload, resumable (the same checks at the end)::
     POST   /api/artifacts/uploads/{uid}/complete   verify, store -> 201 artifact
     DELETE /api/artifacts/uploads/{uid}    abandon -> 204
 
-The same sessions speak tus 1.0 at ``/api/artifacts/tus`` (:mod:`server.api.tus`).
+The same sessions speak tus 1.0 at ``/api/tus`` (:mod:`server.api.tus`).
 """
 
 from __future__ import annotations
@@ -40,7 +40,6 @@ from starlette.responses import MalformedRangeHeader, RangeNotSatisfiable
 from starlette.types import Receive, Scope, Send
 
 from server.api.deps import ArtifactId, SettingsDep, StoreDep
-from server.api.tus import router as tus_router
 from server.artifacts import add_artifact, check_filename, check_sha256, check_size, verify
 from server.db import SessionDep
 from server.exceptions import Conflict, InvalidInput, NotFound, PayloadTooLarge
@@ -292,10 +291,6 @@ async def upload_artifact(
         raise
     finally:
         path.unlink(missing_ok=True)
-
-
-# tus 1.0 (server/api/tus.py) under /api/artifacts/tus, before /{artifact_id} as the uploads are.
-router.include_router(tus_router)
 
 
 # -- artifacts --------------------------------------------------------------------------------

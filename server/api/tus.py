@@ -4,12 +4,12 @@ Uppy) import artifacts.
 
 ::
 
-    OPTIONS /api/artifacts/tus           -> 204 Tus-Version, Tus-Extension, Tus-Max-Size, Tus-Checksum-Algorithm
-    POST    /api/artifacts/tus           Upload-Length, Upload-Metadata: kind, sha256[, filename] -> 201 Location
-    HEAD    /api/artifacts/tus/{uid}     -> Upload-Offset, Upload-Length (Cache-Control: no-store)
-    PATCH   /api/artifacts/tus/{uid}     application/offset+octet-stream from Upload-Offset [Upload-Checksum]
+    OPTIONS /api/tus            -> 204 Tus-Version, Tus-Extension, Tus-Max-Size, Tus-Checksum-Algorithm
+    POST    /api/tus           Upload-Length, Upload-Metadata: kind, sha256[, filename] -> 201 Location
+    HEAD    /api/tus/{uid}     -> Upload-Offset, Upload-Length (Cache-Control: no-store)
+    PATCH   /api/tus/{uid}     application/offset+octet-stream from Upload-Offset [Upload-Checksum]
                                          -> 204 Upload-Offset; the last one verifies and stores the artifact
-    DELETE  /api/artifacts/tus/{uid}     -> 204
+    DELETE  /api/tus/{uid}     -> 204
 
 A tus upload is one of our upload sessions (:mod:`server.uploads`): the same files on disk, the
 same listing (``GET /api/artifacts/uploads``), the same disk reservation and expiry. What tus
@@ -149,6 +149,14 @@ def tus_options(settings: SettingsDep) -> Response:
     return Response(status_code=204, headers={
         "Tus-Version": TUS_VERSION, "Tus-Extension": TUS_EXTENSIONS,
         "Tus-Max-Size": str(settings.max_upload_bytes), "Tus-Checksum-Algorithm": ",".join(CHECKSUM_ALGORITHMS)})
+
+
+@router.get("", include_in_schema=False)
+def tus_collection_get() -> Response:
+    """405, not the dashboard's 404: the static files at "/" would otherwise take this path."""
+    return JSONResponse({"detail": "Method GET not allowed here; use OPTIONS, POST (tus creation). "
+                                   "Unfinished uploads are listed at GET /api/artifacts/uploads."},
+                        status_code=405, headers={"Allow": "OPTIONS, POST"})
 
 
 @router.post("", status_code=201, responses=TUS_ERRORS)
