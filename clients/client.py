@@ -539,6 +539,9 @@ class NeuroLensClient:
                         turn ^= 1
                 except (OSError, http.client.HTTPException) as exc:
                     raise _Interrupted(_describe_socket_error(exc)) from exc
+                # http.client reports a connection closed before Content-Length as a plain end.
+                if response.length:
+                    raise _Interrupted(f"the server closed the connection {response.length} bytes before the end")
 
             yield response.status, chunks()
         finally:
