@@ -502,7 +502,10 @@ class NeuroLensClient:
         (:func:`_write_and_hash`), so each ``memoryview`` is valid until the next but one.
         A client built on a custom ``transport`` (no socket) streams through httpx instead.
         """
-        headers = {**self._http.headers, **headers}
+        # The bytes as stored: http.client decodes no Content-Encoding, and the sha256 is of them.
+        merged = httpx.Headers(self._http.headers)  # case-insensitive: ours replace the client's
+        merged.update({"Accept-Encoding": "identity", **headers})
+        headers = dict(merged.items())
         if self._transport is not None:
             with self._stream("GET", path, headers=headers) as response:
                 yield response.status_code, (memoryview(c) for c in response.iter_bytes(chunk_size))
