@@ -1,20 +1,24 @@
-"""Download benchmark: a ~1 GB encoder artifact over loopback, against a plain file copy.
+"""Transfer benchmark: a ~1 GB encoder artifact over loopback, down and up, against a file copy.
 
 Starts a real server (``python -m server`` on a free loopback port, temporary data directory),
 writes a valid full-size encoder file (the ``large`` preset, about 270M float32 parameters,
-random weights, streamed to disk so this script stays small too), imports it with the client's
-resumable upload (the server verifies sha256, header and tensor shapes), then measures, each
-``--runs`` times, median reported:
+random weights, streamed to disk so this script stays small too), then measures, each ``--runs``
+times, median reported, every figure also as a ratio to the file copy:
 
 - ``copy``: ``shutil.copyfile`` of the stored artifact file, the ceiling for moving those bytes;
-- ``http``: ``GET /api/artifacts/{id}/download`` streamed into a file with httpx;
-- ``http+verify``: :meth:`NeuroLensClient.download_artifact` (``.part`` file, sha256, rename),
-  what ``neurolens download`` does;
-- ``curl``: the same URL fetched by curl (when installed), a C client, to separate what the
-  server sends from what a Python client can take in.
+  ``copy + sha256``: the same and a sha256 of it, what a verified copy costs;
+- ``download``: :meth:`NeuroLensClient.download_artifact` (``.part`` file, sha256 while writing,
+  fsync, rename), what ``neurolens download`` does;
+- ``curl``: the same URL fetched by curl (when installed), a C client: what the server can send;
+- ``upload``: :meth:`NeuroLensClient.upload_artifact` (sha256 of the file, one resumable
+  session, the server hashing as the bytes arrive, then its checks: header and
+  ``python -m trainer.validate``), end to end and split into its hash, send and verify parts;
+- ``tuspy``: a stock tus 1.0 client (tuspy, 64 MiB chunks) sending the file to
+  ``/api/tus``: all but the last byte (the transfer), then the last PATCH (which runs
+  the same checks).
 
-While the upload and the downloads run, a thread samples the server's RSS with psutil every 10 ms; the growth
-over its RSS just before is printed, to show the file is streamed, not held in memory.
+While the transfers run, a thread samples the server's RSS with psutil every 10 ms; the growth
+over its RSS just before is printed, to show files are streamed, not held in memory.
 
     .venv/bin/python bench/download.py            # --preset large --runs 3
 """
@@ -107,14 +111,6 @@ def timed(fn) -> float:
     return time.perf_counter() - started
 
 
-def http_download(url: str, dest: Path) -> None:
-    with httpx.Client(timeout=httpx.Timeout(60.0)) as client, client.stream("GET", url) as response:
-        response.raise_for_status()
-        with open(dest, "wb") as out:
-            for chunk in response.iter_raw(1 << 20):
-                out.write(chunk)
-
-
 def start_server(data_dir: Path, log_path: Path) -> tuple[subprocess.Popen, str]:
     import socket
 
@@ -139,66 +135,130 @@ def start_server(data_dir: Path, log_path: Path) -> tuple[subprocess.Popen, str]
     raise SystemExit("server did not start")
 
 
+def sha256_file(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(4 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def upload_ours(client: NeuroLensClient, source: Path, name: str) -> dict[str, float]:
+    """What ``upload_artifact`` does, timed part by part: hash, send (one PATCH), verify."""
+    size = source.stat().st_size
+    started = time.perf_counter()
+    digest = sha256_file(source)
+    hashed = time.perf_counter()
+    session = client.open_upload("encoder", digest, size, name, reuse=False)
+
+    def chunks():
+        with open(source, "rb") as fh:
+            while chunk := fh.read(4 << 20):
+                yield chunk
+
+    client.send_upload_bytes(session["id"], 0, size, chunks())
+    sent = time.perf_counter()
+    client.complete_upload(session["id"])
+    done = time.perf_counter()
+    return {"hash": hashed - started, "send": sent - hashed, "verify": done - sent, "total": done - started}
+
+
+def upload_tuspy(url: str, source: Path, digest: str, name: str) -> dict[str, float] | None:
+    """A stock tus client: every byte but the last (the transfer), then the last (the checks)."""
+    try:
+        from tusclient.client import TusClient
+    except ImportError:
+        return None
+    size = source.stat().st_size
+    uploader = TusClient(f"{url}/api/tus").uploader(
+        str(source), chunk_size=64 << 20, metadata={"kind": "encoder", "sha256": digest, "filename": name})
+    started = time.perf_counter()
+    uploader.upload(stop_at=size - 1)
+    sent = time.perf_counter()
+    uploader.upload()
+    done = time.perf_counter()
+    return {"send": sent - started, "verify": done - sent, "total": done - started}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="large", help="encoder preset whose file to move (large: ~1 GB)")
     parser.add_argument("--runs", type=int, default=3, help="repetitions of each measurement (median reported)")
     args = parser.parse_args(argv)
 
+    curl = shutil.which("curl")
+    times: dict[str, list[float]] = {key: [] for key in (
+        "copy", "copy + sha256", "download", "curl", "upload", "upload hash", "upload send", "upload verify",
+        "tuspy", "tuspy send", "tuspy verify")}
     with tempfile.TemporaryDirectory(prefix="neurolens-bench-") as tmp_name:
         tmp = Path(tmp_name)
         source = tmp / "encoder.safetensors"
         size = write_encoder_file(source, args.preset)
+        digest = sha256_file(source)
         process, url = start_server(tmp / "data", tmp / "server.log")
         try:
             with NeuroLensClient(url) as client:
-                rss_before_upload = psutil.Process(process.pid).memory_info().rss
-                with RssSampler(process.pid) as upload_rss:
-                    started = time.perf_counter()
-                    artifact = client.upload_artifact(source, "encoder")
-                    upload_s = time.perf_counter() - started
-                source.unlink()  # the stored copy is the one to read from now
-                stored = tmp / "data" / "artifacts" / str(artifact["id"]) / artifact["filename"]
-                download_url = f"{url}/api/artifacts/{artifact['id']}/download"
-                copy_s, http_s, verified_s, curl_s = [], [], [], []
-                curl = shutil.which("curl")
                 rss_before = psutil.Process(process.pid).memory_info().rss
                 with RssSampler(process.pid) as rss:
-                    for _ in range(args.runs):
-                        copy_s.append(timed(lambda: shutil.copyfile(stored, tmp / "copy")))
+                    for run in range(args.runs):
+                        parts = upload_ours(client, source, f"ours-{run}.safetensors")
+                        for key in ("hash", "send", "verify"):
+                            times[f"upload {key}"].append(parts[key])
+                        times["upload"].append(parts["total"])
+                        tus = upload_tuspy(url, source, digest, f"tus-{run}.safetensors")
+                        if tus is not None:
+                            times["tuspy send"].append(tus["send"])
+                            times["tuspy verify"].append(tus["verify"])
+                            times["tuspy"].append(tus["total"])
+                    artifact = client.list_artifacts(kind="encoder")[0]
+                    stored = tmp / "data" / "artifacts" / str(artifact["id"]) / artifact["filename"]
+                    download_url = f"{url}/api/artifacts/{artifact['id']}/download"
+                    for _ in range(args.runs):  # interleaved, so that a busy moment hits each alike
+                        times["copy"].append(timed(lambda: shutil.copyfile(stored, tmp / "copy")))
                         (tmp / "copy").unlink()
-                        http_s.append(timed(lambda: http_download(download_url, tmp / "http")))
-                        (tmp / "http").unlink()
-                        verified_s.append(timed(lambda: client.download_artifact(artifact["id"], tmp / "verified")))
+                        times["copy + sha256"].append(timed(lambda: (shutil.copyfile(stored, tmp / "copy"),
+                                                                     sha256_file(tmp / "copy"))))
+                        (tmp / "copy").unlink()
+                        times["download"].append(timed(lambda: client.download_artifact(artifact["id"],
+                                                                                        tmp / "verified")))
                         (tmp / "verified").unlink()
                         if curl:  # a C client: what the server itself can send
-                            curl_s.append(timed(lambda: subprocess.run(
+                            times["curl"].append(timed(lambda: subprocess.run(
                                 [curl, "-sSf", "-o", str(tmp / "curl"), download_url], check=True)))
                             (tmp / "curl").unlink()
         finally:
             process.terminate()
             process.wait(30)
 
-    def rate(seconds: list[float]) -> float:
-        return size / statistics.median(seconds) / MB
+    def rate(key: str) -> float:
+        return size / statistics.median(times[key]) / MB
 
-    ceiling = rate(copy_s)
-    print(f"artifact: {args.preset} encoder, {size / MB:.0f} MB, sha256 {artifact['sha256'][:16]}...; "
-          f"median of {args.runs} runs each")
-    print(f"upload (resumable, verified by the server): {size / upload_s / MB:8.1f} MB/s   "
-          f"(client and server each hash the file; server RSS growth "
-          f"{(upload_rss.peak - rss_before_upload) / MB:+.1f} MB)")
-    print(f"plain file copy (ceiling):                  {ceiling:8.1f} MB/s")
-    print(f"HTTP download to file:                      {rate(http_s):8.1f} MB/s   "
-          f"{rate(http_s) / ceiling:.2f}x of the copy")
-    print(f"HTTP download + sha256 verify (client):     {rate(verified_s):8.1f} MB/s   "
-          f"{rate(verified_s) / ceiling:.2f}x of the copy")
-    if curl_s:
-        print(f"curl download to file:                      {rate(curl_s):8.1f} MB/s   "
-              f"{rate(curl_s) / ceiling:.2f}x of the copy")
-    transfers = (4 if curl_s else 3) * args.runs
+    ceiling = rate("copy")
+    print(f"artifact: {args.preset} encoder, {size / MB:.0f} MB, sha256 {digest[:16]}...; median of {args.runs} runs "
+          f"each; {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
+    rows = [
+        ("copy", "plain file copy (ceiling)"),
+        ("copy + sha256", "file copy + sha256 of it"),
+        ("download", "download + sha256 verify (client, CLI)"),
+        ("curl", "curl download to file"),
+        ("upload send", "upload: the bytes (server hashes them)"),
+        ("upload", "upload end to end (hash, send, verify)"),
+        ("tuspy send", "tuspy upload: the bytes"),
+        ("tuspy", "tuspy upload end to end (with verify)"),
+    ]
+    for key, label in rows:
+        if times[key]:
+            print(f"{label:42s} {rate(key):8.1f} MB/s   {rate(key) / ceiling:.2f}x of the copy")
+    print(f"upload parts (s): hash {statistics.median(times['upload hash']):.2f}, send "
+          f"{statistics.median(times['upload send']):.2f}, verify {statistics.median(times['upload verify']):.2f}"
+          + (f"; tuspy verify {statistics.median(times['tuspy verify']):.2f}" if times["tuspy verify"] else ""))
+    print(f"upload bytes / download: {rate('upload send') / rate('download'):.2f}x; "
+          f"upload end to end / download: {rate('upload') / rate('download'):.2f}x")
+    transfers = len(times["download"]) + len(times["curl"]) + len(times["upload"]) + len(times["tuspy"])
     print(f"server RSS: {rss_before / MB:.0f} MB before, {rss.peak / MB:.0f} MB peak during "
-          f"{transfers} downloads, growth {(rss.peak - rss_before) / MB:+.1f} MB "
+          f"{transfers} transfers, growth {(rss.peak - rss_before) / MB:+.1f} MB "
           f"({(rss.peak - rss_before) / size * 100:.2f}% of the file size)")
     return 0
 

@@ -16,7 +16,7 @@ from fastapi.staticfiles import StaticFiles
 from sqlmodel import Session, func, select
 
 from server import __version__
-from server.api import artifacts, jobs, system
+from server.api import artifacts, jobs, system, tus
 from server.api_docs import add_api_docs
 from server.db import make_engine, upgrade_database
 from server.exceptions import NeuroLensServerError
@@ -74,6 +74,7 @@ def api_router() -> APIRouter:
     router.include_router(system.router)
     router.include_router(jobs.router)
     router.include_router(artifacts.router)
+    router.include_router(tus.router)
     return router
 
 

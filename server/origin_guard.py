@@ -30,9 +30,11 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from server.security import _send_json as send_json
 
 STATE_CHANGING = {"POST", "PUT", "PATCH", "DELETE"}
-# The two routes whose body is the raw file; every other body is JSON.
+# The routes whose body is the raw file; every other body is JSON.
 OCTET_STREAM_ROUTES = (("POST", re.compile(r"^/api/artifacts/?$")),
                        ("PATCH", re.compile(r"^/api/artifacts/uploads/[^/]+/?$")))
+# tus 1.0's PATCH (server/api/tus.py) has a media type of its own.
+TUS_PATCH = re.compile(r"^/api/tus/[^/]+/?$")
 # Sec-Fetch-Site "same-site" includes other ports of the same host: another local server is
 # exactly the attacker this guard is for.
 FOREIGN_SITES = {"cross-site", "same-site"}
@@ -75,6 +77,8 @@ def methods_taken(router: Router, scope: Scope) -> list[str]:
 
 
 def expected_content_type(method: str, path: str) -> str:
+    if method == "PATCH" and TUS_PATCH.match(path):
+        return "application/offset+octet-stream"
     for route_method, pattern in OCTET_STREAM_ROUTES:
         if method == route_method and pattern.match(path):
             return "application/octet-stream"
@@ -171,7 +175,7 @@ class OriginGuardMiddleware:
                 return None
             return 415, f"A body to {method} {path} needs 'Content-Type: {expected}'; none was given."
         if declared.split(";")[0].strip().lower() != expected:
-            curl = " (with curl: -H 'Content-Type: application/octet-stream')" if expected.endswith("octet-stream") else ""
+            curl = f" (with curl: -H 'Content-Type: {expected}')" if expected.endswith("octet-stream") else ""
             return 415, f"{method} {path} takes 'Content-Type: {expected}'{curl}, not {declared!r}."
         return None
 

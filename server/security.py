@@ -15,9 +15,10 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 # The two bodies that are files, streamed to disk under their own, larger limit
-# (settings.max_upload_bytes): a one-shot upload and a PATCH of an upload session. Every other
+# (settings.max_upload_bytes): a one-shot upload and a PATCH of an upload session (ours or tus's). Every other
 # body (JSON, the upload sessions' own included) is held to the request limit.
-UPLOAD_BODIES = {"POST": re.compile(r"^/api/artifacts/?$"), "PATCH": re.compile(r"^/api/artifacts/uploads/[^/]+/?$")}
+UPLOAD_BODIES = {"POST": re.compile(r"^/api/artifacts/?$"),
+                 "PATCH": re.compile(r"^/api/(artifacts/uploads|tus)/[^/]+/?$")}
 
 
 def is_upload_body(scope: Scope) -> bool:

@@ -14,6 +14,7 @@ instead, deleted whatever goes wrong.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import logging
@@ -28,7 +29,7 @@ import threading
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from server.exceptions import Conflict, InsufficientStorage, NotFound, PayloadTooLarge
+from server.exceptions import ChecksumMismatch, Conflict, InsufficientStorage, NotFound, PayloadTooLarge
 from trainer.protocol import ArtifactKind
 
 log = logging.getLogger(__name__)
@@ -223,12 +224,18 @@ class UploadStore:
                 self._sessions[upload_id].offset = offset
                 self._touched[upload_id] = time.time()
 
-    async def append(self, session: UploadSession, offset: int, chunks: AsyncIterator[bytes]) -> int:
+    async def append(self, session: UploadSession, offset: int, chunks: AsyncIterator[bytes],
+                     checksum: "tuple[hashlib._Hash, bytes] | None" = None) -> int:
         """Write ``chunks`` at ``offset`` (which must be the bytes received so far).
 
         Bytes that arrive before a dropped connection are kept: they are the offset the client
         resumes from. Bytes past the declared size are refused and cut off, keeping what was
         there before this request.
+
+        ``checksum`` (tus's Upload-Checksum: a fresh hasher and the digest the request's body
+        must have) makes the request all or nothing: a body that hashes otherwise, or that
+        breaks off before its end, is cut off again and :class:`ChecksumMismatch` (460) or the
+        break is raised.
 
         Returns
         -------
@@ -249,16 +256,40 @@ class UploadStore:
             hasher = hashlib.sha256()
         elif seen != offset:
             hasher = None  # bytes from before a restart: hash the whole file at the end
+        # The whole file's hash as it was before this request, for a body that is refused.
+        before = hasher.copy() if hasher is not None and checksum is not None else None
+        hashers = tuple(h for h in (hasher, checksum[0] if checksum else None) if h is not None)
         written = 0
         try:
             with open(path, "r+b") as fh:
                 fh.seek(offset)
-                written = await write_stream(fh, chunks, session.size_bytes - offset,
-                                             lambda: PayloadTooLarge(
-                                                 f"Upload {session.id} declared {session.size_bytes} bytes; "
-                                                 f"this request sends more than the {session.size_bytes - offset} "
-                                                 f"still missing. Nothing from it was kept."),
-                                             on_overflow=lambda: fh.truncate(offset), hasher=hasher)
+
+                def cut_off() -> None:
+                    fh.truncate(offset)
+
+                try:
+                    written = await write_stream(fh, chunks, session.size_bytes - offset,
+                                                 lambda: PayloadTooLarge(
+                                                     f"Upload {session.id} declared {session.size_bytes} bytes; "
+                                                     f"this request sends more than the {session.size_bytes - offset} "
+                                                     f"still missing. Nothing from it was kept."),
+                                                 on_overflow=cut_off, hashers=hashers)
+                except (PayloadTooLarge, OSError):
+                    raise
+                except BaseException:  # the body broke off: with a checksum, none of it can be trusted
+                    if checksum is not None:
+                        await run_in_threadpool(cut_off)
+                        written, hasher = 0, before
+                    raise
+                if checksum is not None and checksum[0].digest() != checksum[1]:
+                    await run_in_threadpool(cut_off)
+                    written, hasher = 0, before
+                    name = checksum[0].name
+                    raise ChecksumMismatch(
+                        f"Upload-Checksum mismatch: the {name} of this request's body is "
+                        f"{base64.b64encode(checksum[0].digest()).decode()}, the header says "
+                        f"{base64.b64encode(checksum[1]).decode()}. Nothing from it was kept; "
+                        f"resend it from Upload-Offset: {offset}.")
                 await run_in_threadpool(os.fsync, fh.fileno())
             return offset + written
         except PayloadTooLarge:
@@ -293,13 +324,14 @@ class UploadStore:
 
 
 async def write_stream(fh, chunks: AsyncIterator[bytes], limit: int, too_large, on_overflow=None,
-                       hasher: "hashlib._Hash | None" = None) -> int:
+                       hashers: "tuple[hashlib._Hash, ...]" = ()) -> int:
     """Copy an async byte stream into ``fh`` in batches, refusing more than ``limit`` bytes.
 
     Chunks are gathered into ~1 MB batches and written from a worker thread, so memory stays
     bounded whatever the upload size and the event loop never waits on the disk.
 
-    ``hasher``, if given, is updated with every byte written, in the same worker-thread call.
+    ``hashers`` (the whole file's running sha256, a chunk's checksum) are updated with every
+    byte written, in the same worker-thread call.
 
     Returns
     -------
@@ -309,10 +341,13 @@ async def write_stream(fh, chunks: AsyncIterator[bytes], limit: int, too_large, 
     """
     from starlette.concurrency import run_in_threadpool
 
-    def flush(data: bytes) -> None:
-        fh.write(data)
-        if hasher is not None:
-            hasher.update(data)
+    def flush(chunks: list[bytes]) -> None:
+        # The chunks as they came (uvicorn's 64-256 KiB pieces): joining them first would copy
+        # every byte once more, and both writing and hashing take them one by one at the same cost.
+        fh.writelines(chunks)
+        for hasher in hashers:
+            for chunk in chunks:
+                hasher.update(chunk)
 
     written = 0
     batch: list[bytes] = []
@@ -327,11 +362,11 @@ async def write_stream(fh, chunks: AsyncIterator[bytes], limit: int, too_large, 
             batch.append(chunk)
             pending += len(chunk)
             if pending >= WRITE_BATCH_BYTES:
-                await run_in_threadpool(flush, b"".join(batch))
+                await run_in_threadpool(flush, batch)
                 written += pending
                 batch, pending = [], 0
     finally:
         if pending:
-            await run_in_threadpool(flush, b"".join(batch))
+            await run_in_threadpool(flush, batch)
             written += pending
     return written

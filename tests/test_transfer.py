@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -79,6 +80,47 @@ def test_interrupted_download_resumes_with_curl_and_with_the_cli(server: Running
     result = cli(server.url, "download", str(artifact["id"]), "-o", str(garbage))
     assert result.exit_code == 0, result.output
     assert sha256_file(garbage) == artifact["sha256"]
+
+
+def test_a_download_cut_off_by_the_servers_death_keeps_its_bytes_and_resumes(tmp_path: Path) -> None:
+    """The client's own reader (http.client into two buffers, hashed and written by a worker):
+    a server killed mid-body leaves a .part of exactly the bytes reported, continued later."""
+    from clients.exceptions import ConnectionError as ClientConnectionError
+
+    report = tmp_path / "report.json"
+    report.write_text(json.dumps({"rows": ["%08d eeg-to-text" % i for i in range(600_000)]}))  # ~12 MB
+    total = report.stat().st_size
+    data_dir = tmp_path / "data"
+    first = start_server(data_dir)
+    try:
+        with NeuroLensClient(first.url) as client:
+            artifact = client.upload_artifact(report, "report")
+
+            def kill_at_a_quarter(done: int, _total: int) -> None:
+                if done >= total // 4 and first.process.poll() is None:
+                    first.process.kill()
+                    first.process.wait(10)
+
+            target = tmp_path / "out.json"
+            with pytest.raises(ClientConnectionError, match=r"download interrupted at byte (\d+)") as caught:
+                client.download_artifact(artifact["id"], target, progress=kill_at_a_quarter, chunk_size=1 << 20)
+    finally:
+        first.stop()
+    held = int(re.search(r"byte (\d+)", str(caught.value)).group(1))
+    part = target.with_name("out.json.part")
+    assert total // 4 <= held < total and part.stat().st_size == held
+    assert part.read_bytes() == report.read_bytes()[:held]
+    assert not target.exists()
+
+    second = start_server(data_dir)
+    try:
+        seen: list[int] = []
+        with NeuroLensClient(second.url) as client:
+            path = client.download_artifact(artifact["id"], target, progress=lambda done, _t: seen.append(done))
+        assert seen[0] == held  # continued from the .part, not from zero
+        assert path == target and sha256_file(target) == artifact["sha256"] and not part.exists()
+    finally:
+        second.stop()
 
 
 @pytest.mark.slow

@@ -17,6 +17,8 @@ Upload, resumable (the same checks at the end)::
     PATCH  /api/artifacts/uploads/{uid}    body = bytes from header Upload-Offset on -> session
     POST   /api/artifacts/uploads/{uid}/complete   verify, store -> 201 artifact
     DELETE /api/artifacts/uploads/{uid}    abandon -> 204
+
+The same sessions speak tus 1.0 at ``/api/tus`` (:mod:`server.api.tus`).
 """
 
 from __future__ import annotations
@@ -66,7 +68,7 @@ class ArtifactFileResponse(FileResponse):
 
     # Starlette reads 64 KB at a time; 1 MB reads cost far fewer thread hops per GB and still
     # keep the server's memory flat whatever the file size.
-    chunk_size = 1 << 20
+    chunk_size = 4 << 20
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         # Starlette answers a bad Range with a bare text body; every error of this API is JSON
@@ -214,7 +216,11 @@ async def complete_upload(upload_id: str, request: Request, session: SessionDep,
     A file that fails verification is deleted with its session: its bytes are known to be wrong,
     so there is nothing to resume.
     """
-    uploads = get_uploads(request)
+    return await finish_upload(get_uploads(request), upload_id, session, store)
+
+
+async def finish_upload(uploads: UploadStore, upload_id: str, session: SessionDep, store: StoreDep) -> ArtifactPublic:
+    """Verify a session's complete file and adopt it as an artifact; shared with tus's last PATCH."""
     upload = uploads.get(upload_id)
     if upload_id in uploads.busy:
         raise Conflict(f"Upload {upload_id} is still receiving data.")
@@ -274,7 +280,7 @@ async def upload_artifact(
             try:
                 received = await write_stream(fh, request.stream(), limit, lambda: PayloadTooLarge(
                     f"Upload exceeds this server's limit of {limit} bytes (NEUROLENS_MAX_UPLOAD_BYTES)."),
-                    hasher=hasher)
+                    hashers=(hasher,))
             except ClientDisconnect:
                 raise InvalidInput("Upload interrupted: the connection closed before the whole body arrived; "
                                    "nothing was stored.") from None
