@@ -33,8 +33,10 @@ const state = {
   jobsSignature: null,
   encoderArtifacts: null, // every encoder artifact, imported ones too; read only while that choice is shown
   stages: null,       // GET api/presets: the server's stage registry, by stage name
-  events: [],
+  events: [],         // the selected job's events, by id, each once (see addEvents)
   lastEventId: 0,
+  viewShown: false,   // whether selectFromHash has shown a view yet
+  configOpen: false,  // the job page's config stays unfolded across redraws once opened
   timer: null,
   polling: false,
   pollAgain: false,
@@ -146,9 +148,26 @@ function formatTime(iso) {
   return Number.isNaN(date.getTime()) ? String(iso) : date.toLocaleString();
 }
 
+// A running job's phase (loading data, training, evaluating...) comes from the trainer as it
+// enters each; "finishing" covers a trainer too old to report one after its last step.
+function phaseOf(job) {
+  if (job.status !== "running") return "";
+  if (job.phase) return job.phase;
+  const progress = job.progress || {};
+  return progress.total && progress.step >= progress.total ? "finishing" : "";
+}
+
 function statusText(job) {
   const reason = job.reason ? ` (${REASONS[job.reason] || job.reason})` : "";
   return `${job.status}${reason}`;
+}
+
+function statusBadge(job, testid) {
+  const phase = phaseOf(job);
+  return el("span", { className: `status status-${job.status}`, "data-testid": testid },
+    el("span", { className: "symbol", "aria-hidden": "true", text: STATUS_SYMBOLS[job.status] || "?" }),
+    ` ${statusText(job)}`,
+    phase ? el("span", { className: "phase", "data-testid": "job-phase", text: ` · ${phase}` }) : null);
 }
 
 // Trainer crashes arrive as "trainer exited with code -9 (signal SIGKILL)"; say what that
@@ -178,19 +197,27 @@ function el(tag, props = {}, ...children) {
   return node;
 }
 
-function progressBar(progress, testid, status) {
+function progressBar(progress, testid) {
   const step = (progress && progress.step) || 0;
   const total = progress && progress.total;
   const wrap = el("div", { className: "progress" });
   const bar = el("progress", { max: total || 1, value: total ? step : 0, "data-testid": testid });
   let label = total ? `${step}/${total} (${Math.round((100 * step) / total)}%)` : "not started";
   if (total && progress.eta_s != null && step < total) label += `, ETA ${formatDuration(progress.eta_s)}`;
-  // After the last step the trainer still evaluates and writes its final artifacts, which can
-  // take a while on a small machine; say so rather than show a full bar that seems stuck.
-  if (total && step >= total && status === "running") label += ", finishing";
   bar.setAttribute("aria-label", label);
   wrap.append(bar, el("span", { className: "progress-text", text: label }));
   return wrap;
+}
+
+// The jobs list's memory cell: one short line (the machine's free RAM is in the header).
+function memoryShort(job) {
+  const mem = job.memory || {};
+  const gpu = mem.gpu_peak_reserved_bytes != null ? ` · GPU ${formatBytes(mem.gpu_peak_reserved_bytes)}` : "";
+  if (mem.rss_bytes == null && mem.peak_rss_bytes == null) {
+    return mem.predicted_peak_bytes ? `predicted ${formatBytes(mem.predicted_peak_bytes)}` : "–";
+  }
+  if (job.status !== "running" || mem.rss_bytes == null) return `peak ${formatBytes(mem.peak_rss_bytes)}${gpu}`;
+  return `${formatBytes(mem.rss_bytes)}, peak ${formatBytes(mem.peak_rss_bytes)}${gpu}`;
 }
 
 // The trainer's memory against what the machine has free now: the number that decides whether a
@@ -198,11 +225,24 @@ function progressBar(progress, testid, status) {
 function memoryText(job) {
   const mem = job.memory || {};
   const free = state.system ? ` of ${formatBytes(state.system.memory_available_bytes)} free` : "";
-  if (mem.rss_bytes == null && mem.peak_rss_bytes == null) {
-    return mem.predicted_peak_bytes ? `predicted ${formatBytes(mem.predicted_peak_bytes)}${free}` : "–";
-  }
-  if (job.status !== "running" || mem.rss_bytes == null) return `peak ${formatBytes(mem.peak_rss_bytes)}${gpuText(job)}`;
-  return `${formatBytes(mem.rss_bytes)} now, peak ${formatBytes(mem.peak_rss_bytes)}${free}${gpuText(job)}`;
+  if (mem.rss_bytes == null && mem.peak_rss_bytes == null) return "not measured yet";
+  if (job.status !== "running" || mem.rss_bytes == null) return `peak ${formatBytes(mem.peak_rss_bytes)}`;
+  return `${formatBytes(mem.rss_bytes)} now, peak ${formatBytes(mem.peak_rss_bytes)}${free}`;
+}
+
+// The prediction admission used, and how the measured peak compares with it.
+function predictionText(job) {
+  const mem = job.memory || {};
+  if (!mem.predicted_peak_bytes) return "–";
+  if (!mem.peak_rss_bytes) return formatBytes(mem.predicted_peak_bytes);
+  const share = Math.round((100 * mem.peak_rss_bytes) / mem.predicted_peak_bytes);
+  return `${formatBytes(mem.predicted_peak_bytes)} (the peak so far is ${share}% of it)`;
+}
+
+function machineText() {
+  const s = state.system;
+  if (!s) return "–";
+  return `${formatBytes(s.memory_available_bytes)} free of ${formatBytes(s.memory_total_bytes)} RAM, ${s.cpu_count} CPUs`;
 }
 
 // A GPU job's CUDA memory beside its RSS: what the tensors hold (allocated) and what the caching
@@ -247,32 +287,35 @@ function focusedJobControl() {
   return row ? { jobId: row.dataset.jobId, testid: active.dataset.testid } : null;
 }
 
+// One row per job; a failed job's error on a second, full-width row, where it can wrap and stay
+// readable instead of widening the table past its card.
 function renderJobs() {
   const body = document.getElementById("jobs-body");
   const focus = focusedJobControl();
-  const rows = state.jobs.map((job) => {
-    const selected = job.id === state.selectedId;
-    const link = el("a", { href: `#job-${job.id}`, text: `Job ${job.id}`, "data-testid": "job-link" });
-    if (selected) link.setAttribute("aria-current", "true");
-    const status = el("span", { className: `status status-${job.status}`, "data-testid": "job-status-cell" },
-      el("span", { className: "symbol", "aria-hidden": "true", text: STATUS_SYMBOLS[job.status] || "?" }),
-      ` ${statusText(job)}`);
-    const row = el("tr", { className: selected ? "selected" : "", "data-testid": "job-row",
-      "data-job-id": job.id, "data-status": job.status },
+  const rows = state.jobs.flatMap((job) => {
+    const link = el("a", { href: jobHref(job.id), text: `Job ${job.id}`, "data-testid": "job-link" });
+    const row = el("tr", { className: "job-row", "data-testid": "job-row", "data-job-id": job.id, "data-status": job.status },
       el("td", { "data-label": "Job" }, link),
       el("td", { "data-label": "Stage", text: job.stage }),
-      el("td", { "data-label": "Status" }, status),
-      el("td", { "data-label": "Progress" }, progressBar(job.progress, "job-progress", job.status)),
-      el("td", { "data-label": "Memory", text: memoryText(job), "data-testid": "job-memory" }),
+      el("td", { "data-label": "Status" }, statusBadge(job, "job-status-cell")),
+      el("td", { "data-label": "Progress" }, progressBar(job.progress, "job-progress")),
+      el("td", { "data-label": "Memory", className: "memory-cell", text: memoryShort(job), "data-testid": "job-memory" }),
       el("td", { "data-label": "Loss", text: formatLoss((job.metrics || {}).loss), "data-testid": "job-loss" }),
-      el("td", { "data-label": "Tries", text: String(job.attempts ?? 0) }),
-      el("td", { "data-label": "Error", className: "error-cell", text: plainError(job.error), "data-testid": "job-error-cell" }));
+      el("td", { "data-label": "Tries", text: String(job.attempts ?? 0) }));
+    const group = [row];
+    if (job.error) {
+      group.push(el("tr", { className: "error-row", "data-job-id": job.id },
+        el("td", { colSpan: 7, "data-label": "Error", className: "error-cell", "data-testid": "job-error-cell" },
+          el("span", { className: "visually-hidden", text: `Job ${job.id} error: ` }), plainError(job.error))));
+    }
     // The whole row opens the job for mouse users; keyboard users have the link in the first cell.
-    row.addEventListener("click", (event) => {
-      if (event.target.closest("a, button")) return;
-      location.hash = `job-${job.id}`;
-    });
-    return row;
+    for (const tr of group) {
+      tr.addEventListener("click", (event) => {
+        if (event.target.closest("a, button")) return;
+        location.hash = jobHref(job.id);
+      });
+    }
+    return group;
   });
   body.replaceChildren(...rows);
   if (focus) {
@@ -333,18 +376,25 @@ function renderStage2Sources() {
 // ---------------------------------------------------------------------------------------------
 // Job panel
 
+// The two views: the jobs list at "#/", one job at "#/jobs/<id>".
+function renderView() {
+  document.getElementById("jobs-view").hidden = state.selectedId != null;
+  document.getElementById("job-panel").hidden = state.selectedId == null;
+}
+
 function renderPanel() {
   const panel = document.getElementById("job-panel");
   const job = state.selected;
-  panel.hidden = !job;
-  if (!job) return;
-  document.getElementById("job-heading").textContent = `Job ${job.id} · ${job.stage} on ${job.dataset}`;
+  const heading = document.getElementById("job-heading");
   const statusLine = panel.querySelector('[data-testid="job-status"]');
-  statusLine.replaceChildren(
-    el("span", { className: `status status-${job.status}` },
-      el("span", { className: "symbol", "aria-hidden": "true", text: STATUS_SYMBOLS[job.status] || "?" }),
-      ` ${statusText(job)}`),
-    progressBar(job.progress, "job-panel-progress", job.status));
+  if (!job) { // the job's address was opened and its first read is on the way
+    heading.textContent = state.selectedId == null ? "Job" : `Job ${state.selectedId}`;
+    statusLine.textContent = "Loading…";
+    return;
+  }
+  heading.textContent = `Job ${job.id} · ${job.stage} on ${job.dataset}`;
+  document.title = `Job ${job.id} (${job.status}) · NeuroLens`;
+  statusLine.replaceChildren(statusBadge(job, "job-panel-status"), progressBar(job.progress, "job-panel-progress"));
   for (const button of panel.querySelectorAll("[data-action]")) {
     button.disabled = !ACTIONS_ALLOWED[button.dataset.action].includes(job.status);
   }
@@ -352,39 +402,67 @@ function renderPanel() {
   errorBox.hidden = !job.error;
   errorBox.textContent = job.error ? `⚠ Error: ${plainError(job.error)}` : "";
 
-  const mem = job.memory || {};
-  const metrics = job.metrics || {};
+  const link = (id) => el("a", { href: jobHref(id), text: `Job ${id}` });
   const items = [
-    ["Memory now", formatBytes(mem.rss_bytes)],
-    ["Peak memory", formatBytes(mem.peak_rss_bytes)],
-    ["Predicted peak", formatBytes(mem.predicted_peak_bytes)],
-    ["Machine free RAM", state.system ? formatBytes(state.system.memory_available_bytes) : "–"],
-    ...(mem.gpu_peak_reserved_bytes != null ? [
-      ["GPU allocated now", formatBytes(mem.gpu_allocated_bytes)],
-      ["GPU reserved now", formatBytes(mem.gpu_reserved_bytes)],
-      ["GPU peak allocated", formatBytes(mem.gpu_peak_allocated_bytes)],
-      ["GPU peak reserved", formatBytes(mem.gpu_peak_reserved_bytes)],
-    ] : []),
+    ["Memory", memoryText(job), "job-page-memory"],
+    ["Predicted peak", predictionText(job)],
+    ...(gpuText(job) ? [["GPU", gpuText(job).replace(/^ · GPU /, "")]] : []),
+    ["Machine", machineText()],
     ["Attempts", String(job.attempts ?? 0)],
     ["Created", formatTime(job.created_at)],
     ["Started", formatTime(job.started_at)],
     ["Finished", formatTime(job.finished_at)],
   ];
-  if (job.after != null) items.push(["After job", String(job.after)]);
+  if (job.after != null) items.push(["After", link(job.after)]);
   if (job.encoder_artifact != null) items.push(["Encoder artifact", String(job.encoder_artifact)]);
-  for (const [key, value] of Object.entries(metrics)) {
-    items.push([key, typeof value === "number" ? String(Number(value.toPrecision(6))) : JSON.stringify(value)]);
-  }
   // key=value pairs separated by spaces wrap at word boundaries on a phone; raw JSON does not.
-  items.push(["Config", Object.entries(job.config || {})
-    .map(([k, v]) => `${k}=${typeof v === "string" ? v : JSON.stringify(v)}`).join(", ")]);
+  // Folded after the first few: the full config is two dozen fields.
+  const pairs = Object.entries(job.config || {}).map(([k, v]) => `${k}=${typeof v === "string" ? v : JSON.stringify(v)}`);
+  const config = el("details", { className: "config", "data-testid": "job-config" },
+    el("summary", { text: pairs.slice(0, 3).join(", ") + (pairs.length > 3 ? `, … (${pairs.length - 3} more)` : "") }),
+    pairs.join(", "));
+  config.open = state.configOpen;
+  config.addEventListener("toggle", () => { state.configOpen = config.open; });
+  items.push(["Config", config]);
   panel.querySelector('[data-testid="job-summary"]').replaceChildren(
-    ...items.flatMap(([k, v]) => [el("dt", { text: k }), el("dd", { text: v })]));
+    ...items.flatMap(([k, v, testid]) => [el("dt", { text: k }), el("dd", { "data-testid": testid }, v)]));
 
+  renderResults(job);
   renderAttempts(job.attempt_history || []);
   renderArtifacts(job.artifacts || []);
   renderEvents();
   drawCharts();
+}
+
+/**
+ * Render flat metrics as a definition list into ``element`` (emptied first).
+ *
+ * @param {HTMLElement} element the container
+ * @param {object} metrics name -> number (or any JSON value)
+ */
+function renderMetricList(element, metrics) {
+  // Pairs flow into as many columns as fit: dozens of short values need not make a long page.
+  const list = el("dl", { className: "metrics", "data-testid": "metric-list" });
+  for (const [key, value] of Object.entries(metrics)) {
+    list.append(el("div", {}, el("dt", { text: key }),
+      el("dd", { text: typeof value === "number" ? String(Number(value.toPrecision(6))) : JSON.stringify(value) })));
+  }
+  element.replaceChildren(list);
+}
+
+// A finished Stage 2 job's results are its verdict (verdict.js); any other job with metrics
+// shows them as a list, headed by whether they are final.
+function renderResults(job) {
+  const section = document.getElementById("results");
+  const body = document.getElementById("results-body");
+  const metrics = job.metrics || {};
+  const verdict = window.NeuroLens.renderVerdict;
+  section.hidden = !Object.keys(metrics).length;
+  if (section.hidden) return body.replaceChildren();
+  const finished = job.status === "succeeded";
+  document.getElementById("results-heading").textContent = finished ? "Results" : "Latest metrics";
+  if (finished && job.stage === "stage2" && verdict) verdict(body, job);
+  else renderMetricList(body, metrics);
 }
 
 // One row per attempt: a pause, a crash and its retry each show, with the exit and the peak.
@@ -432,7 +510,15 @@ function renderArtifacts(artifacts) {
     el("td", { "data-label": "sha256" }, el("code", { className: "sha", text: art.sha256, title: art.sha256 }))));
   document.getElementById("artifacts-body").replaceChildren(...rows);
   document.querySelector('[data-testid="artifacts-table"]').hidden = artifacts.length === 0;
-  document.getElementById("artifacts-empty").hidden = artifacts.length > 0;
+  const empty = document.getElementById("artifacts-empty");
+  empty.hidden = artifacts.length > 0;
+  // Checkpoints written between publications live in the job's folder, not in the artifact
+  // store; name the newest so nobody waits for it to appear in the table.
+  const checkpoints = state.events.filter((ev) => ev.kind === "checkpoint" && ev.step != null);
+  const newest = checkpoints.length ? Math.max(...checkpoints.map((ev) => ev.step)) : null;
+  empty.textContent = "No artifacts yet: a job publishes its outputs when it finishes (a Stage 1 job " +
+    "also its checkpoint when paused)." + (newest != null
+    ? ` Its newest checkpoint, step ${newest}, is in the job's folder; it is not an artifact.` : "");
 }
 
 function describeEvent(ev) {
@@ -455,134 +541,115 @@ function renderEvents() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Charts: canvas line plots. Series differ by dash pattern as well as colour, so they read in
-// greyscale and for colour-blind users; the canvas aria-label carries the latest values.
+// Charts (drawn by charts.js). The events are kept by id, each once (addEvents); an attempt is
+// the run of them from one "started" to the next. Within an attempt points go in step order
+// (loss) or time order (memory), and no line joins two attempts: a pause is a gap, marked.
 
-function prepareCanvas(canvas) {
-  const ratio = window.devicePixelRatio || 1;
-  const width = canvas.clientWidth || 300;
-  const height = canvas.clientHeight || 180;
-  if (canvas.width !== Math.round(width * ratio) || canvas.height !== Math.round(height * ratio)) {
-    canvas.width = Math.round(width * ratio);
-    canvas.height = Math.round(height * ratio);
+function splitAttempts(events) {
+  const attempts = [[]];
+  for (const ev of events) {
+    if (ev.kind === "started" && attempts[attempts.length - 1].length) attempts.push([]);
+    attempts[attempts.length - 1].push(ev);
   }
-  const ctx = canvas.getContext("2d");
-  if (!ctx) return null; // no 2D canvas (very old or headless browsers): the aria-label still has the numbers
-  ctx.setTransform(ratio, 0, 0, ratio, 0, 0);
-  ctx.clearRect(0, 0, width, height);
-  return { ctx, width, height };
+  return attempts.filter((list) => list.length);
 }
 
-// options: formatX / formatY label the axes; yFromZero keeps a memory axis honest (a flat line
-// near the top is not "almost out of memory"); note is a short text drawn top right.
-function drawLines(canvas, series, { formatX, formatY, emptyText, yFromZero = false, note = "" }) {
-  const surface = prepareCanvas(canvas);
-  if (!surface) return;
-  const { ctx, width, height } = surface;
-  const style = getComputedStyle(document.body);
-  const ink = style.getPropertyValue("--ink").trim() || "#1b1f24";
-  const muted = style.getPropertyValue("--muted").trim() || "#5b6470";
-  const pad = { left: 76, right: 12, top: 18, bottom: 24 };
-  const points = series.flatMap((s) => s.points);
-  ctx.font = "12px system-ui, sans-serif";
-  ctx.fillStyle = muted;
-  if (!points.length) {
-    ctx.fillText(emptyText, pad.left, height / 2);
-    return;
-  }
-  const xs = points.map((p) => p[0]);
-  const ys = points.map((p) => p[1]);
-  const x0 = Math.min(...xs);
-  const x1 = Math.max(...xs, x0 + 1);
-  let y0 = yFromZero ? 0 : Math.min(...ys);
-  let y1 = Math.max(...ys);
-  if (yFromZero) y1 *= 1.1; // headroom so the peak line is not drawn on the frame
-  if (y1 === y0) { y1 += Math.abs(y1) * 0.1 || 1; y0 -= Math.abs(y0) * 0.1 || 0; }
-  const sx = (x) => pad.left + ((x - x0) / (x1 - x0)) * (width - pad.left - pad.right);
-  const sy = (y) => height - pad.bottom - ((y - y0) / (y1 - y0)) * (height - pad.top - pad.bottom);
-
-  ctx.strokeStyle = muted;
-  ctx.lineWidth = 1;
-  ctx.setLineDash([]);
-  ctx.beginPath();
-  ctx.moveTo(pad.left, pad.top);
-  ctx.lineTo(pad.left, height - pad.bottom);
-  ctx.lineTo(width - pad.right, height - pad.bottom);
-  ctx.stroke();
-  ctx.textAlign = "right";
-  ctx.fillText(formatY(y1), pad.left - 6, pad.top + 4);
-  ctx.fillText(formatY(y0), pad.left - 6, height - pad.bottom);
-  ctx.textAlign = "left";
-  ctx.fillText(formatX(x0), pad.left, height - 6);
-  ctx.textAlign = "right";
-  ctx.fillText(formatX(x1), width - pad.right, height - 6);
-  if (note) ctx.fillText(note, width - pad.right, 12);
-  ctx.textAlign = "left";
-
-  for (const s of series) {
-    if (!s.points.length) continue;
-    ctx.strokeStyle = s.color || ink;
-    ctx.lineWidth = 2;
-    ctx.setLineDash(s.dash || []);
-    ctx.beginPath();
-    s.points.forEach(([x, y], i) => (i ? ctx.lineTo(sx(x), sy(y)) : ctx.moveTo(sx(x), sy(y))));
-    ctx.stroke();
-    if (s.points.length === 1) { // a lone point is no line: mark it so the first report is visible
-      ctx.fillStyle = s.color || ink;
-      ctx.beginPath();
-      ctx.arc(sx(s.points[0][0]), sy(s.points[0][1]), 3, 0, 2 * Math.PI);
-      ctx.fill();
-    }
-  }
-  ctx.setLineDash([]);
+// What the mark where attempt ``index`` (0-based) began says: why the one before it ended.
+function restartLabel(job, index) {
+  const before = (job.attempt_history || [])[index - 1];
+  if (!before || !before.outcome) return `attempt ${index + 1}`;
+  return before.outcome === "paused" ? "resumed" : `retried (${before.outcome.replaceAll("_", " ")})`;
 }
 
 function drawCharts() {
-  const loss = state.events.filter((ev) => ev.step != null && typeof ev.loss === "number").map((ev) => [ev.step, ev.loss]);
-  const lossCanvas = document.getElementById("loss-chart");
-  drawLines(lossCanvas, [{ points: loss, color: "#1f5fbf" }], {
-    formatX: (x) => `step ${x}`, formatY: (v) => v.toPrecision(3), emptyText: "No loss reported yet",
+  const job = state.selected;
+  if (!job) return;
+  const { drawChart, drawLegend } = window.NeuroLens;
+  const attempts = splitAttempts(state.events);
+  const byX = (a, b) => a[0] - b[0];
+  const pointsOf = (pick) => attempts.map((events) => events.map(pick).filter(Boolean).sort(byX));
+  // Several reports of one step (the last step is repeated while the trainer evaluates) are one
+  // point: the newest.
+  const lastPerStep = (segments) => segments.map((seg) => [...new Map(seg.map((p) => [p[0], p])).values()]);
+  const present = (segments) => segments.some((seg) => seg.length);
+
+  const train = lastPerStep(pointsOf((ev) => ev.step != null && typeof ev.loss === "number" && [ev.step, ev.loss]));
+  const val = lastPerStep(pointsOf((ev) => ev.step != null && ev.metrics && typeof ev.metrics.val_loss === "number"
+    && [ev.step, ev.metrics.val_loss]));
+  const lossSeries = [
+    { name: "training loss", className: "train", segments: train },
+    { name: "validation loss", className: "val", segments: val },
+  ].filter((series) => present(series.segments));
+  const lossMarks = attempts.slice(1).map((events, i) => {
+    const attempt = (job.attempt_history || [])[i + 1];
+    const first = train[i + 1][0];
+    const x = attempt && attempt.start_step != null ? attempt.start_step : first && first[0];
+    return x == null ? null : { x, label: restartLabel(job, i + 1) };
+  }).filter(Boolean);
+  const lossChart = document.getElementById("loss-chart");
+  const drawn = drawChart(lossChart, {
+    series: lossSeries, marks: present(train) ? lossMarks : [], empty: "No loss reported yet",
+    x: { kind: "step", label: "step" }, y: { kind: "value", label: "loss", log: true },
   });
-  const lastLoss = loss.length ? loss[loss.length - 1] : null;
-  lossCanvas.setAttribute("aria-label", lastLoss
-    ? `Loss chart: ${loss.length} points, latest loss ${formatLoss(lastLoss[1])} at step ${lastLoss[0]}`
+  drawLegend(document.getElementById("loss-legend"), [...lossSeries,
+    ...(present(train) && lossMarks.length ? [{ name: "attempt began (pause, retry)", className: "mark" }] : [])]);
+  const flat = train.flat();
+  const last = flat.length ? attempts.flatMap((events) => events).filter((ev) => typeof ev.loss === "number").pop() : null;
+  lossChart.setAttribute("aria-label", last
+    ? `Loss chart${drawn.log ? " (log scale)" : ""}: ${flat.length} points, latest loss ${formatLoss(last.loss)} at step ${last.step}`
     : "Loss chart: no data yet");
 
   // Memory is plotted against time since the job's first event, not against steps: loading the
   // data and building the model happen before step 1 and are often where memory grows most.
-  const timed = state.events.filter((ev) => ev.rss_bytes != null && ev.created_at);
-  const t0 = timed.length ? Date.parse(state.events[0].created_at) : 0;
+  const t0 = state.events.length ? Date.parse(state.events[0].created_at) : 0;
   const at = (ev) => (Date.parse(ev.created_at) - t0) / 1000;
-  const rss = timed.map((ev) => [at(ev), ev.rss_bytes]);
-  const peak = timed.filter((ev) => ev.peak_rss_bytes != null).map((ev) => [at(ev), ev.peak_rss_bytes]);
-  const series = [
-    { points: rss, color: "#1f5fbf" },
-    { points: peak, color: "#b3261e", dash: [8, 4] },
-  ];
-  // A GPU job's reserved CUDA memory on the same byte axis (purple), when the trainer reports it.
-  const gpu = timed.filter((ev) => ev.gpu_reserved_bytes != null).map((ev) => [at(ev), ev.gpu_reserved_bytes]);
-  if (gpu.length) series.push({ points: gpu, color: "#6a3d9a" });
+  const rss = pointsOf((ev) => ev.rss_bytes != null && [at(ev), ev.rss_bytes]);
+  const peak = pointsOf((ev) => ev.peak_rss_bytes != null && [at(ev), ev.peak_rss_bytes]);
+  const gpu = pointsOf((ev) => ev.gpu_reserved_bytes != null && [at(ev), ev.gpu_reserved_bytes]);
+  const memSeries = [
+    { name: "RSS", className: "rss", segments: rss },
+    { name: "peak RSS", className: "peak", segments: peak },
+    { name: "GPU reserved", className: "gpu", segments: gpu },
+  ].filter((series) => present(series.segments));
+  // Between two attempts nothing ran: a shaded gap from the last report to the next start.
+  const bands = [];
+  const memMarks = [];
+  attempts.slice(1).forEach((events, i) => {
+    const x0 = at(attempts[i][attempts[i].length - 1]);
+    const x1 = at(events[0]);
+    bands.push({ x0, x1, label: `not running for ${formatDuration(x1 - x0)}` });
+    memMarks.push({ x: x1, label: restartLabel(job, i + 1) });
+  });
+  const highest = Math.max(0, ...[rss, peak, gpu].map((segments) => Math.max(0, ...segments.flat().map((p) => p[1]))));
+  const hlines = [];
+  const extras = [];
+  const predicted = (job.memory || {}).predicted_peak_bytes;
+  if (predicted && present(rss)) {
+    hlines.push({ y: predicted, label: `predicted ${formatBytes(predicted)}`, className: "predicted" });
+    extras.push({ name: "predicted peak", className: "predicted" });
+  }
   const free = state.system && state.system.memory_available_bytes;
-  const highest = Math.max(0, ...rss.map((p) => p[1]), ...peak.map((p) => p[1]), ...gpu.map((p) => p[1]));
-  let note = "";
-  if (free && rss.length) {
-    // Free RAM is a flat reference line, drawn only when it is near enough to matter; far above,
-    // it would squash the trainer's own lines flat, so its value is written instead.
+  if (free && present(rss) && job.status === "running") {
+    // The machine's free RAM is drawn only when near enough to matter; far above, it would squash
+    // the trainer's own lines flat, so the legend gives its value instead.
     if (free <= 4 * highest) {
-      series.push({ points: [[rss[0][0], free], [rss[rss.length - 1][0], free]], color: "#3d7a2a", dash: [2, 4] });
+      hlines.push({ y: free, label: `free ${formatBytes(free)}`, className: "free" });
+      extras.push({ name: "machine's free RAM", className: "free" });
     } else {
-      note = `free RAM ${formatBytes(free)} (off the scale)`;
+      extras.push({ name: `machine's free RAM: ${formatBytes(free)} (off the scale)`, className: "none" });
     }
   }
-  const memCanvas = document.getElementById("memory-chart");
-  drawLines(memCanvas, series, {
-    formatX: (x) => (x ? formatDuration(x) : "start"), formatY: formatBytes,
-    emptyText: "No memory reported yet", yFromZero: true, note,
+  if (bands.length) extras.push({ name: "not running (paused, between attempts)", className: "band" });
+  const memChart = document.getElementById("memory-chart");
+  drawChart(memChart, {
+    series: memSeries, hlines, bands, marks: memMarks, empty: "No memory reported yet",
+    x: { kind: "time", label: "time since the job's first event" }, y: { kind: "bytes", label: "memory", fromZero: true },
   });
-  const lastRss = rss.length ? rss[rss.length - 1] : null;
-  memCanvas.setAttribute("aria-label", lastRss
+  drawLegend(document.getElementById("memory-legend"), [...memSeries, ...extras]);
+  const lastRss = rss.flat().sort(byX).pop();
+  memChart.setAttribute("aria-label", lastRss
     ? `Memory chart: RSS ${formatBytes(lastRss[1])} after ${formatDuration(lastRss[0])}, peak ` +
-      `${formatBytes(peak.length ? peak[peak.length - 1][1] : null)}, machine free RAM ${formatBytes(free)}`
+      `${formatBytes((job.memory || {}).peak_rss_bytes)}, predicted ${formatBytes(predicted)}`
     : "Memory chart: no data yet");
 }
 
@@ -603,12 +670,21 @@ async function refreshSelected() {
     const events = await api(`api/jobs/${id}/events?after_id=${state.lastEventId}&limit=500`);
     if (id !== state.selectedId) return;
     const batch = events.data.data || [];
-    state.events.push(...batch);
-    if (batch.length) state.lastEventId = batch[batch.length - 1].id;
+    addEvents(batch);
     if (batch.length < 500) break;
   }
-  if (state.events.length > MAX_EVENTS) state.events.splice(0, state.events.length - MAX_EVENTS);
   renderPanel();
+}
+
+// Keep each event once, in id order, whatever order pages arrive in: two reads of the same page
+// (a poll and a click at once) once drew the charts' lines back from step 1100 to step 3.
+function addEvents(batch) {
+  const fresh = batch.filter((ev) => ev.id > state.lastEventId);
+  if (!fresh.length) return;
+  state.events.push(...fresh);
+  state.events.sort((a, b) => a.id - b.id);
+  state.lastEventId = state.events[state.events.length - 1].id;
+  if (state.events.length > MAX_EVENTS) state.events.splice(0, state.events.length - MAX_EVENTS);
 }
 
 async function poll() {
@@ -639,8 +715,8 @@ async function poll() {
     setConnection("");
   } catch (error) {
     if (error instanceof ApiError && error.status === 404 && state.selectedId != null) {
-      setConnection(`Job ${state.selectedId} no longer exists.`);
-      location.hash = "";
+      setConnection(`Job ${state.selectedId} does not exist (or no longer does).`);
+      location.hash = "#/";
     } else {
       setConnection(error instanceof ApiError ? error.message : "Cannot reach the server; retrying.");
     }
@@ -656,24 +732,50 @@ function schedule(delay) {
   state.timer = setTimeout(poll, delay ?? (document.hidden ? POLL_HIDDEN_MS : POLL_VISIBLE_MS));
 }
 
-function selectFromHash() {
-  const match = /^#job-(\d+)$/.exec(location.hash);
-  const id = match ? Number(match[1]) : null;
-  if (id === state.selectedId) return;
+// Addresses: "#/" is the jobs list, "#/jobs/7" job 7 (older "#job-7" links still open it).
+// Hash routes rather than paths: the server serves the dashboard as static files with no route
+// per page, the relative API and asset URLs keep working behind a path prefix, and a bookmark or
+// a shared link still opens the job.
+function jobHref(id) {
+  return `#/jobs/${id}`;
+}
+
+function jobIdFromHash() {
+  const match = /^#(?:\/jobs\/|job-)(\d+)\/?$/.exec(location.hash);
+  return match ? Number(match[1]) : null;
+}
+
+// ``moveFocus``: after the user navigated (not on the first load, where the Tab order must
+// start at the top), put focus on the view's heading so the next Tab continues there.
+function selectFromHash(moveFocus = false) {
+  const id = jobIdFromHash();
+  if (id === state.selectedId && state.viewShown) return;
+  state.viewShown = true;
+  const changed = id !== state.selectedId;
   state.selectedId = id;
-  state.selected = null;
-  state.selectedEtag = null;
-  state.events = [];
-  state.lastEventId = 0;
-  document.getElementById("logs-text").textContent = "";
-  renderPanel();
-  renderJobs();
-  if (id != null) {
-    refreshSelected().then(() => {
-      const heading = document.getElementById("job-heading");
-      if (!document.getElementById("job-panel").hidden) heading.focus();
-    }).catch((error) => setConnection(error.message));
+  if (changed) {
+    state.selected = null;
+    state.selectedEtag = null;
+    state.events = [];
+    state.lastEventId = 0;
+    document.getElementById("logs-text").textContent = "";
   }
+  if (id == null) document.title = "NeuroLens";
+  renderView();
+  renderPanel();
+  window.scrollTo(0, 0);
+  if (moveFocus) document.getElementById(id == null ? "jobs-heading" : "job-heading").focus();
+  // The poll reads the job and its events: one reader, so no page of events is read twice.
+  schedule(0);
+}
+
+function toggleNewJob(open) {
+  const button = document.getElementById("new-job-toggle");
+  const panel = document.getElementById("new-job");
+  panel.hidden = !open;
+  button.setAttribute("aria-expanded", String(open));
+  button.textContent = open ? "Close the form" : "New job";
+  if (open) panel.querySelector("input, select").focus();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -759,8 +861,8 @@ async function submitJob(event, stage) {
   button.disabled = true;
   try {
     const result = await api("api/jobs", { method: "POST", body });
-    location.hash = `job-${result.data.id}`;
-    poll();
+    toggleNewJob(false);
+    location.hash = jobHref(result.data.id);
   } catch (error) {
     if (error instanceof ApiError) showFormError(form, stage, error);
     else showFormError(form, stage, new ApiError(0, "Cannot reach the server."));
@@ -818,18 +920,18 @@ function init() {
     button.addEventListener("click", () => runAction(button.dataset.action));
   }
   document.getElementById("logs-refresh").addEventListener("click", loadLogs);
-  document.querySelector('[data-testid="job-close"]').addEventListener("click", (event) => {
-    event.preventDefault();
-    location.hash = "";
-    document.getElementById("jobs-heading").focus();
-  });
-  window.addEventListener("hashchange", selectFromHash);
+  document.getElementById("new-job-toggle").addEventListener("click", () =>
+    toggleNewJob(document.getElementById("new-job").hidden));
+  window.addEventListener("hashchange", () => selectFromHash(true));
   window.addEventListener("resize", () => { if (state.selected) drawCharts(); });
   document.addEventListener("visibilitychange", () => schedule(document.hidden ? undefined : 0));
   loadPresets();
-  selectFromHash();
-  poll();
+  selectFromHash(); // schedules the first poll at once
 }
+
+// What the other dashboard scripts (charts.js, verdict.js) share from this one.
+window.NeuroLens = window.NeuroLens || {};
+Object.assign(window.NeuroLens, { formatBytes, formatDuration, renderMetricList });
 
 // A deferred script runs once the document is parsed; the listener covers being loaded without defer.
 if (document.readyState === "loading") document.addEventListener("DOMContentLoaded", init);
