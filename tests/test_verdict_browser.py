@@ -190,6 +190,12 @@ def test_an_interval_above_zero_reads_the_eeg_and_a_missing_report_is_said(jobs,
         sync_api.expect(box.get_by_test_id("verdict-examples-missing")).to_have_text(
             "No examples: the job published no report.")
         fits(page, "#verdict-under-test", PHONE["width"])
+
+        # A job still training has no verdict yet, and says so rather than "no evidence".
+        page.evaluate(DRAW, [job["id"], {"status": "running", "metrics": {"loss": 4.2}, "artifacts": []}])
+        sync_api.expect(box.get_by_test_id("verdict-sentence")).to_have_text(
+            "○ No verdict yet: the test set is decoded once the job has trained (it is running).")
+        sync_api.expect(box.get_by_test_id("verdict-row")).to_have_count(0)
         assert not watched.errors, watched.errors
     finally:
         context.close()

@@ -64,7 +64,8 @@
 
   function onPick(event) {
     event.preventDefault();
-    const ids = [...$("picker-list").querySelectorAll("input:checked")].map((box) => box.value);
+    // Oldest first, so the same choice always has the same address.
+    const ids = [...$("picker-list").querySelectorAll("input:checked")].map((box) => Number(box.value)).sort((a, b) => a - b);
     if (!ids.length) return showError("picker-error", "Pick at least one job (two or more to compare).");
     if (ids.length > MAX_JOBS) return showError("picker-error", `Pick at most ${MAX_JOBS} jobs; ${ids.length} are ticked.`);
     showError("picker-error", "");
@@ -176,8 +177,10 @@
       for (const [series, cls] of [[run.train, "curve"], [run.val, "curve val"]]) {
         if (!series.length) continue;
         const path = series.map(([x, y]) => `${sx(x).toFixed(1)},${sy(y).toFixed(1)}`).join(" ");
+        // A lone point is no line: a dot, hollow for validation (often one figure at the end).
         chart.append(svg(series.length === 1 ? "circle" : "polyline", series.length === 1
-          ? { cx: sx(series[0][0]), cy: sy(series[0][1]), r: 3, fill: run.colour }
+          ? { cx: sx(series[0][0]), cy: sy(series[0][1]), r: 4, class: `${cls} point`, stroke: run.colour,
+            fill: cls === "curve" ? run.colour : "#fff" }
           : { points: path, class: cls, stroke: run.colour, "data-job-id": run.job.id }));
       }
     }

@@ -148,13 +148,16 @@ window.NeuroLens = window.NeuroLens || {};
     };
   }
 
-  function verdictOf(metrics, report) {
+  function verdictOf(metrics, report, status = "succeeded") {
     const given = report && report.verdict;
     if (given && typeof given.sentence === "string" && given.sentence) {
       return {
         readsEeg: Boolean(given.reads_eeg), sentence: given.sentence,
         advice: Array.isArray(given.advice) ? given.advice.map(String) : [],
       };
+    }
+    if (status !== "succeeded" && !isNumber(metrics[DIFF])) {
+      return { readsEeg: false, sentence: `no verdict yet: the test set is decoded once the job has trained (it is ${status}).`, advice: [] };
     }
     return { ...sentenceFromMetrics(metrics), advice: [] };
   }
@@ -208,6 +211,7 @@ window.NeuroLens = window.NeuroLens || {};
       el("th", { scope: "col", text: "Metric" }),
       ...INPUTS.map(([, label]) => el("th", { scope: "col", className: "num", text: label })),
       hasControl ? el("th", { scope: "col", className: "num", text: "Control" }) : null);
+    if (!rows.length) return el("p", { className: "results-note", text: "No test metrics yet." });
     const body = rows.map((row) => {
       const values = INPUTS.map(([input]) => metrics[`test_${row.metric}_${input}`]);
       // The EEG column is marked when it beats both controls: the reading a researcher looks for.
@@ -275,7 +279,7 @@ window.NeuroLens = window.NeuroLens || {};
 
   function render(element, job, report, reportProblem) {
     const metrics = job.metrics || {};
-    const verdict = verdictOf(metrics, report);
+    const verdict = verdictOf(metrics, report, job.status);
     const parts = [
       el("p", { className: verdict.readsEeg ? "verdict-sentence reads" : "verdict-sentence", "data-testid": "verdict-sentence",
         "data-reads-eeg": String(verdict.readsEeg) },
