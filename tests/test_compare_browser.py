@@ -12,14 +12,11 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.conftest import REPO_ROOT, RunningServer, start_server
-from tests.results_jobs import STAGE1, finished, stage1_then_stage2, submit
+from tests.conftest import RunningServer, start_server
+from tests.results_helpers import (DESKTOP, PHONE, STAGE1, WIDTHS, finished, page_at, screenshot, stage1_then_stage2,
+                                   submit, sync_api)
+from tests.test_dashboard_browser import launch_chromium
 
-sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed (pip install -e '.[test]')")
-from tests.test_dashboard_browser import DESKTOP, PHONE, Watched, launch_chromium  # noqa: E402  (skips without chromium)
-
-SCREENS = REPO_ROOT / "docs" / "screens"
-WIDTHS = pytest.mark.parametrize("viewport", [DESKTOP, PHONE], ids=["desktop", "phone"])
 OTHER_STAGE1 = {**STAGE1, "steps": 16, "checkpoint_every": 16, "lr": 3e-3}
 TOKEN = "compare-page-token-0123456789"
 
@@ -40,17 +37,6 @@ def browser() -> Iterator[sync_api.Browser]:
     yield from launch_chromium()
 
 
-def open_page(browser, server: RunningServer, viewport: dict, path: str, on_dialog=None):
-    context = browser.new_context(viewport=viewport, base_url=server.url)
-    page = context.new_page()
-    page.set_default_timeout(30_000)
-    if on_dialog is not None:
-        page.on("dialog", on_dialog)
-    watched = Watched(page, server.url)
-    page.goto(path)
-    return watched, context
-
-
 def steps_with_loss(server: RunningServer, job_id: int) -> list[int]:
     with server.client() as client:
         events = client.get(f"/api/jobs/{job_id}/events", params={"limit": 5000}).json()["data"]
@@ -63,9 +49,8 @@ def steps_with_loss(server: RunningServer, job_id: int) -> list[int]:
 def test_loss_curves_results_and_config_differences_side_by_side(jobs, browser, viewport):
     server, (stage1, other, stage2) = jobs
     ids = [stage1["id"], other["id"], stage2["id"]]
-    watched, context = open_page(browser, server, viewport, f"/compare.html?jobs={','.join(map(str, ids))}")
-    page = watched.page
-    try:
+    with page_at(browser, server, viewport, f"/compare.html?jobs={','.join(map(str, ids))}") as watched:
+        page = watched.page
         chart = page.get_by_test_id("compare-loss-chart")
         sync_api.expect(chart).to_be_visible()
         # One curve per job, one colour each, each point a step it reported, in step order.
@@ -105,21 +90,15 @@ def test_loss_curves_results_and_config_differences_side_by_side(jobs, browser, 
         sync_api.expect(same.locator("summary")).to_contain_text("the same in every job")
 
         assert page.evaluate("document.documentElement.scrollWidth") <= viewport["width"]
-        name = "desktop" if viewport is DESKTOP else "phone"
-        SCREENS.mkdir(parents=True, exist_ok=True)
-        page.screenshot(path=str(SCREENS / f"compare-{name}.png"))
-        assert not watched.errors, watched.errors
-    finally:
-        context.close()
+        screenshot(page, "compare", viewport)
 
 
 @pytest.mark.slow
 @pytest.mark.ci
 def test_the_picker_chooses_jobs_and_a_bad_address_says_what_is_allowed(jobs, browser):
     server, (stage1, other, _) = jobs
-    watched, context = open_page(browser, server, PHONE, "/compare.html?jobs=3,x")
-    page = watched.page
-    try:
+    with page_at(browser, server, PHONE, "/compare.html?jobs=3,x") as watched:
+        page = watched.page
         sync_api.expect(page.get_by_test_id("compare-error")).to_have_text(
             '⚠ Invalid job id "x" in ?jobs=; expected job numbers separated by commas, e.g. ?jobs=3,5,8.')
         # Nothing chosen: the picker is open, one box per job; nothing ticked says so.
@@ -138,9 +117,6 @@ def test_the_picker_chooses_jobs_and_a_bad_address_says_what_is_allowed(jobs, br
         sync_api.expect(page.get_by_test_id("compare-error")).to_have_text("⚠ No job 999 on this server; showing the others.")
         sync_api.expect(page.get_by_test_id("compare-legend-item")).to_have_count(1)
         assert page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
-        assert not watched.errors, watched.errors
-    finally:
-        context.close()
 
 
 def test_a_server_with_a_token_is_read_with_the_token_the_user_gives(tmp_path, browser):
@@ -156,16 +132,12 @@ def test_a_server_with_a_token_is_read_with_the_token_the_user_gives(tmp_path, b
             asked.append(dialog.message)
             dialog.accept(TOKEN)
 
-        watched, context = open_page(browser, server, DESKTOP, f"/compare.html?jobs={job['id']}", on_dialog=answer)
-        try:
+        with page_at(browser, server, DESKTOP, f"/compare.html?jobs={job['id']}", on_dialog=answer) as watched:
             sync_api.expect(watched.page.get_by_test_id("compare-legend-item")).to_have_count(1)
             sync_api.expect(watched.page.get_by_test_id("compare-pick")).to_have_count(1)
             assert len(asked) == 1 and "NEUROLENS_TOKEN" in asked[0], asked
             # The first reads were refused (401), then every one carried the token and was answered.
             api = [r for r in watched.responses if "/api/" in r["url"]]
             assert api and api[-1]["status"] == 200 and not [r for r in api if r["status"] not in (200, 401)], api
-            assert not watched.errors, watched.errors
-        finally:
-            context.close()
     finally:
         server.stop()

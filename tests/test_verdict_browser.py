@@ -15,13 +15,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO_ROOT, RunningServer, start_server
-from tests.results_jobs import stage1_then_stage2
-
-sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed (pip install -e '.[test]')")
-from tests.test_dashboard_browser import DESKTOP, PHONE, Watched, launch_chromium  # noqa: E402  (skips without chromium)
-
-SCREENS = REPO_ROOT / "docs" / "screens"
-WIDTHS = pytest.mark.parametrize("viewport", [DESKTOP, PHONE], ids=["desktop", "phone"])
+from tests.results_helpers import PHONE, WIDTHS, page_at, screenshot, stage1_then_stage2, sync_api
+from tests.test_dashboard_browser import launch_chromium
 
 # Draws the panel into a box at the top of <main>, from the job as the API returns it (or as
 # given: the second argument replaces the job's metrics and artifacts, for the other verdict).
@@ -56,15 +51,6 @@ def jobs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[RunningServ
 @pytest.fixture(scope="module")
 def browser() -> Iterator[sync_api.Browser]:
     yield from launch_chromium()
-
-
-def open_page(browser, server: RunningServer, viewport: dict, path: str = "/") -> tuple[Watched, object]:
-    context = browser.new_context(viewport=viewport, base_url=server.url)
-    page = context.new_page()
-    page.set_default_timeout(30_000)
-    watched = Watched(page, server.url)
-    page.goto(path)
-    return watched, context
 
 
 def expected_sentence(metrics: dict) -> str:
@@ -104,9 +90,8 @@ def fits(page, selector: str, width: int) -> None:
 def test_a_finished_stage2_job_reads_at_a_glance(jobs, browser, viewport):
     server, job, report = jobs
     metrics = job["metrics"]
-    watched, context = open_page(browser, server, viewport, f"/#job-{job['id']}")
-    page = watched.page
-    try:
+    with page_at(browser, server, viewport, f"/#job-{job['id']}") as watched:
+        page = watched.page
         sync_api.expect(page.get_by_test_id("job-heading")).to_contain_text(f"Job {job['id']}")
         page.evaluate(DRAW, [job["id"], None])
         box = page.locator("#verdict-under-test")
@@ -155,22 +140,16 @@ def test_a_finished_stage2_job_reads_at_a_glance(jobs, browser, viewport):
         assert page.evaluate("document.querySelector('#verdict-under-test table').dataset.mark") == "kept"
 
         fits(page, "#verdict-under-test", viewport["width"])
-        SCREENS.mkdir(parents=True, exist_ok=True)
-        name = "desktop" if viewport is DESKTOP else "phone"
         raw.locator("summary").click()  # folded again for the picture
-        box.screenshot(path=str(SCREENS / f"verdict-{name}.png"))
-        assert not watched.errors, watched.errors
-    finally:
-        context.close()
+        screenshot(box, "verdict", viewport)
 
 
 @pytest.mark.slow
 @pytest.mark.ci
 def test_an_interval_above_zero_reads_the_eeg_and_a_missing_report_is_said(jobs, browser):
     server, job, _ = jobs
-    watched, context = open_page(browser, server, PHONE)
-    page = watched.page
-    try:
+    with page_at(browser, server, PHONE) as watched:
+        page = watched.page
         sync_api.expect(page.get_by_test_id("system-summary")).to_contain_text("RAM")
         # The same job's metrics with the interval of a model that reads its input, and no report.
         metrics = {**job["metrics"], "test_bleu1_eeg_minus_noise": 0.09, "test_bleu1_eeg_minus_noise_ci_low": 0.06,
@@ -196,9 +175,6 @@ def test_an_interval_above_zero_reads_the_eeg_and_a_missing_report_is_said(jobs,
         sync_api.expect(box.get_by_test_id("verdict-sentence")).to_have_text(
             "○ No verdict yet: the test set is decoded once the job has trained (it is running).")
         sync_api.expect(box.get_by_test_id("verdict-row")).to_have_count(0)
-        assert not watched.errors, watched.errors
-    finally:
-        context.close()
 
 
 def test_the_dashboard_loads_the_verdict_script_and_links_to_compare():

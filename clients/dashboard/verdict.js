@@ -221,7 +221,7 @@ window.NeuroLens = window.NeuroLens || {};
       const control = row.control && isNumber(metrics[row.control[0]])
         ? `${row.control[1]} ${formatNumber(metrics[row.control[0]])}` : "";
       return el("tr", { "data-testid": "verdict-row", "data-metric": row.metric },
-        el("th", { scope: "row" }, row.label,
+        el("th", { scope: "row", title: row.note }, row.label,
           row.lower ? el("span", { className: "metric-note", text: "lower is better" }) : null),
         ...values.map((value, i) => el("td", {
           className: i === 0 && wins ? "num best" : "num", text: formatNumber(value),
