@@ -11,11 +11,13 @@ real trainer process (``python -m trainer run``, offline; peak RSS from ``os.wai
 Early stopping is off (``patience`` 0) so every arm takes the same steps; each keeps its best
 validation state as any job does. Printed per arm: BLEU-1 (EEG - noise) with its 95% interval
 (the median over seeds of each), the interval's lowest low, retrieval top-1 from EEG if the
-report has it (``n/a`` otherwise), peak memory and time (medians); then the ratios between arms.
+report has it (``n/a`` otherwise), the share of distinct predictions, peak memory and time
+(medians); then the ratios between arms.
 
 Usage::
 
     python bench/stage_value.py [--preset tiny] [--steps 600] [--seeds 0,1,2] [--dataset synthetic]
+                                [--arms stage1,random,end-to-end] [--lr 0 (the preset's)]
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ def summarise(runs: list[dict]) -> dict:
     return {"diff": median("test_bleu1_eeg_minus_noise"), "low": median("test_bleu1_eeg_minus_noise_ci_low"),
             "high": median("test_bleu1_eeg_minus_noise_ci_high"),
             "worst_low": min(m["test_bleu1_eeg_minus_noise_ci_low"] for m in metrics),
-            "eeg": median("test_bleu1_eeg"), "noise": median("test_bleu1_noise"),
+            "eeg": median("test_bleu1_eeg"), "noise": median("test_bleu1_noise"), "distinct": median("test_distinct_eeg"),
             "top1": median("test_retrieval_top1_eeg"), "top1_chance": median("test_retrieval_top1_chance"),
             "peak": statistics.median(r["peak"] for r in runs), "seconds": statistics.median(r["seconds"] for r in runs),
             "per_seed": [round(m["test_bleu1_eeg_minus_noise"], 3) for m in metrics]}
@@ -78,12 +80,13 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--dataset", default="synthetic")
     parser.add_argument("--arms", default=",".join(ARMS))
+    parser.add_argument("--lr", type=float, default=0.0, help="Stage 2 learning rate of every arm (default: the preset's)")
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # one thread per trainer: the numbers of a shared CPU
     seeds = [int(s) for s in args.seeds.split(",")]
     arms = args.arms.split(",")
     quiet = {"preset": args.preset, "log_every_s": 30.0}
-    stage2 = {**quiet, "steps": args.steps, "patience": 0}
+    stage2 = {**quiet, "steps": args.steps, "patience": 0, "lr": args.lr}
 
     with tempfile.TemporaryDirectory(prefix="stage-value-") as tmp:
         work, cache = Path(tmp), Path(tmp) / "cache"
@@ -106,16 +109,18 @@ def main() -> None:
                 m = runs[-1]["finished"]["metrics"]
                 print(f"  {name}: eeg - noise {m['test_bleu1_eeg_minus_noise']:+.3f} "
                       f"[{m['test_bleu1_eeg_minus_noise_ci_low']:+.3f}, {m['test_bleu1_eeg_minus_noise_ci_high']:+.3f}]"
-                      f", best step {m.get('best_step')}, {runs[-1]['seconds']:.0f} s", flush=True)
+                      f", distinct {m['test_distinct_eeg']:.2f}, best step {m.get('best_step')}, "
+                      f"{runs[-1]['seconds']:.0f} s", flush=True)
             results[arm] = summarise(runs)
 
-    print(f"\nStage 2 at {args.preset} on {args.dataset}, {args.steps} steps, seeds {args.seeds} (medians over seeds)")
+    print(f"\nStage 2 at {args.preset} on {args.dataset}, {args.steps} steps, lr {args.lr or 'of the preset'}, "
+          f"seeds {args.seeds} (medians over seeds)")
     print(f"{'arm':>11} | {'BLEU-1 eeg':>10} | {'noise':>5} | {'eeg - noise [95% CI]':>24} | {'lowest low':>10} | "
-          f"{'top-1':>5} | {'peak MB':>7} | {'time s':>6}")
+          f"{'top-1':>5} | {'distinct':>8} | {'peak MB':>7} | {'time s':>6}")
     for arm, r in results.items():
         top1 = "n/a" if r["top1"] is None else f"{r['top1']:.2f}"
         print(f"{arm:>11} | {r['eeg']:10.3f} | {r['noise']:5.3f} | {r['diff']:+.3f} [{r['low']:+.3f}, {r['high']:+.3f}]"
-              f"{'':>2} | {r['worst_low']:+10.3f} | {top1:>5} | {r['peak'] / MB:7.0f} | {r['seconds']:6.0f}")
+              f"{'':>2} | {r['worst_low']:+10.3f} | {top1:>5} | {r['distinct']:8.2f} | {r['peak'] / MB:7.0f} | {r['seconds']:6.0f}")
     for a, b in (("stage1", "random"), ("stage1", "end-to-end"), ("end-to-end", "random")):
         if a in results and b in results:
             ra, rb = results[a], results[b]
