@@ -249,12 +249,13 @@ def test_validation_errors_show_next_to_the_field(shared_server, open_page):
         before = client.get("/api/jobs").json()["count"]
 
     open_new_job(page)
-    # The server refuses 0 steps; its message appears under the Steps field, which is marked invalid.
-    page.get_by_test_id("stage1-steps").fill("0")
+    # The server refuses -1 steps (0 derives them from the data); its message appears under the
+    # Steps field, which is marked invalid.
+    page.get_by_test_id("stage1-steps").fill("-1")
     page.get_by_test_id("stage1-submit").click()
     error = page.get_by_test_id("stage1-steps-error")
     sync_api.expect(error).to_be_visible()
-    sync_api.expect(error).to_contain_text("Invalid steps 0; it must be greater than zero.")
+    sync_api.expect(error).to_contain_text("Invalid steps -1; it must be zero or more.")
     sync_api.expect(error).to_contain_text("⚠")  # not colour alone
     sync_api.expect(page.get_by_test_id("stage1-steps")).to_have_attribute("aria-invalid", "true")
     sync_api.expect(page.get_by_test_id("stage1-steps")).to_be_focused()

@@ -139,7 +139,7 @@ def test_health_system_presets_and_docs(server, database):
 BAD_JOBS = [
     ({"stage": "stage3"}, 422, "Invalid stage 'stage3'; expected 'stage1' or 'stage2'."),
     ({"stage": "stage1", "config": {"preset": "huge"}}, 422, "Invalid preset 'huge'"),
-    ({"stage": "stage1", "config": {"steps": 0}}, 422, "Invalid steps 0; it must be greater than zero."),
+    ({"stage": "stage1", "config": {"steps": 2.5}}, 422, "Invalid steps 2.5; expected a whole number."),
     ({"stage": "stage1", "config": {"steps": -5}}, 422, "Invalid steps -5"),
     ({"stage": "stage1", "config": {"steps": "many"}}, 422, "Invalid steps 'many'"),
     ({"stage": "stage1", "config": {"stepz": 10}}, 422, "Unknown config key 'stepz' for stage1"),

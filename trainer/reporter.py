@@ -142,7 +142,9 @@ class Reporter:
         if self.silent:
             return
         event.rss_bytes = rss_bytes()
-        event.peak_rss_bytes = peak_rss_bytes()
+        # Read after the RSS, which the peak's own reading of it may find lower (pages freed
+        # meanwhile, as after the final evaluation); the peak is never below the RSS reported.
+        event.peak_rss_bytes = max(peak_rss_bytes(), event.rss_bytes)
         for key, value in gpu_memory().items():
             setattr(event, key, value)
         payload = event.model_dump(mode="json", exclude_none=True)

@@ -30,8 +30,9 @@ from trainer.memory import FusedOptimizer
 from trainer.models.multiview import MultiViewEncoder, SSLHead, count_parameters, random_token_mask
 from trainer.protocol import EXIT_OK, EXIT_STOPPED, ArtifactKind, JobSpec
 from trainer.reporter import Reporter
-from trainer.training import (DataOrder, TrainingRun, TrainState, load_training_checkpoint, make_optimizer,
-                              pick_device, save_training_checkpoint, seed_everything)
+from trainer.training import (DataOrder, TrainingRun, TrainState, load_best_weights, load_training_checkpoint,
+                              make_optimizer, pick_device, save_best_weights, save_training_checkpoint,
+                              seed_everything)
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +117,13 @@ def run(spec: JobSpec, config: Stage1Config, reporter: Reporter, world: World) -
                                      f"{len(recordings) - len(trained_on)} recording(s) not trained on"
                                      if config.test_subjects else ""))
 
+    if not config.steps:
+        config = config.with_steps_for(len(train_x))
+        reporter.event("log", message=f"{config.steps} steps: {config.epochs:g} passes over {len(train_x)} training "
+                                      f"windows in batches of {config.batch_size}, within {config.AUTO_STEPS[0]} to "
+                                      f"{config.AUTO_STEPS[1]} (config steps 0)")
+    reporter.update(total=config.steps)
+
     # -- model and optimizer -----------------------------------------------------------------------
     seed_everything(config.seed)
     encoder = MultiViewEncoder(enc_config, activation_checkpointing=config.activation_checkpointing)
@@ -153,14 +161,22 @@ def run(spec: JobSpec, config: Stage1Config, reporter: Reporter, world: World) -
             return None
         return save_training_checkpoint(job_dir, model, optimizer, state, {"mask": mask_generator}, metadata)
 
+    def validate() -> float | None:
+        # Every rank measures the same windows; the mean makes the early-stopping decision theirs alike.
+        value = validation_loss(encoder, head, val_x[:config.val_windows], val_mask[:config.val_windows], config, device)
+        return None if value is None else distributed.mean_over_ranks(value, world, device)
+
+    def save_best(step: int) -> Path | None:
+        return save_best_weights(job_dir, step, model, {"encoder_config": enc_config.to_dict()}) if world.is_main else None
+
     # A paused Stage 1 run registers its checkpoint, so that it can be resumed on another machine.
     training = TrainingRun(job_dir, config, state, reporter, save, resumed=latest if own else None,
-                           publish_paused=True)
+                           publish_paused=True, validate=validate if config.val_windows else None, save_best=save_best)
 
     # -- loop --------------------------------------------------------------------------------------
     training.begin()
     model.train()
-    while state.step < config.steps:
+    while training.running:
         if training.stopped(distributed.agree_on_stop(world, reporter.stop_requested, device)):
             return EXIT_STOPPED
         training.start_step(optimizer)
@@ -201,9 +217,13 @@ def run(spec: JobSpec, config: Stage1Config, reporter: Reporter, world: World) -
     distributed.shutdown(world)
     if not world.is_main:
         return EXIT_OK
-    # -- evaluation and export ---------------------------------------------------------------------
+    # -- the best state by validation loss, evaluation and export ------------------------------------
+    if state.best_step >= 0 and state.best_step != state.step:
+        load_best_weights(job_dir, state.best_step, model)
+        log.info("the final encoder is the best state, step %d (validation loss %.4f)", state.best_step,
+                 state.best_val_loss)
     metrics: dict[str, float | int | None] = {
-        "steps": state.step,
+        "steps": state.step, **training.best_summary(),
         "train_loss": state.losses[-1] if state.losses else None,
         "train_loss_avg10": float(np.mean(state.losses[-10:])) if state.losses else None,
         "val_loss": validation_loss(encoder, head, val_x[:config.val_windows], val_mask[:config.val_windows],

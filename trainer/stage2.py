@@ -36,10 +36,11 @@ from trainer.memory import FusedOptimizer
 from trainer.models.bridge import EEGToText, bart_config
 from trainer.protocol import EXIT_STOPPED, ArtifactKind, JobSpec
 from trainer.reporter import Reporter
-from trainer.text_eval import DECODE_BATCH, evaluate
+from trainer.text_eval import DECODE_BATCH, evaluate, teacher_forced_loss
+from trainer.training import (DataOrder, TrainingRun, TrainState, best_weights_path, load_best_weights,
+                              load_training_checkpoint, make_optimizer, pick_device, save_best_weights,
+                              save_training_checkpoint, seed_everything)
 from trainer.verdict import RunFacts, verdict
-from trainer.training import (DataOrder, TrainingRun, TrainState, load_training_checkpoint, make_optimizer,
-                              pick_device, save_training_checkpoint, seed_everything)
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,16 @@ def sentence_windows(recordings: list[Recording], config: EncoderConfig
         raise DatasetError("No sentences found: Stage 2 needs 'sentence:<text>' annotations "
                            "or a *_events.tsv with trial_type 'sentence' beside each recording.")
     return np.stack(xs), np.stack(masks), texts, subjects
+
+
+@torch.no_grad()
+def _encoded(encoder: nn.Module, x: np.ndarray, mask: np.ndarray, rows: np.ndarray,
+             device: torch.device) -> Iterator[np.ndarray]:
+    """Phase 2's features of ``rows``: the attached encoder over the raw windows, batch by batch."""
+    encoder.eval()
+    for i in range(0, len(rows), DECODE_BATCH):
+        r = rows[i:i + DECODE_BATCH]
+        yield encoder.patch_features(torch.from_numpy(x[r]).to(device), torch.from_numpy(mask[r]).to(device)).cpu().numpy()
 
 
 def encode_targets(tokenizer, texts: list[str], max_tokens: int) -> np.ndarray:
@@ -156,6 +167,12 @@ def run(spec: JobSpec, config: Stage2Config, reporter: Reporter, world: World) -
                                f"left out); set split.text_disjoint to false to test on new subjects reading seen "
                                f"sentences.")
         raise DatasetError(f"Only {len(set(texts))} distinct sentences: too few to keep a training split.")
+    if not config.steps:
+        config = config.with_steps_for(len(index["train"]))
+        reporter.event("log", message=f"{config.steps} steps: {config.epochs:g} passes over {len(index['train'])} "
+                                      f"training sentences in batches of {config.batch_size}, within "
+                                      f"{config.AUTO_STEPS[0]} to {config.AUTO_STEPS[1]} (config steps 0)")
+    reporter.update(total=config.steps)
     cache = cached_features(job_dir, encoder_path, x, mask, device)
     reporter.event("log", message=f"split by {split['split']}: " + "; ".join(
         f"{name} {split[name]['sentences']} sentences ({split[name]['texts']} texts) of "
@@ -189,7 +206,19 @@ def run(spec: JobSpec, config: Stage2Config, reporter: Reporter, world: World) -
     def save() -> Path:
         return save_training_checkpoint(job_dir, model, optimizer, state, {}, metadata)
 
-    training = TrainingRun(job_dir, config, state, reporter, save, resumed=latest)
+    def features(rows: np.ndarray) -> Iterator[np.ndarray]:
+        """Phase 1: the cache; phase 2: the fine-tuned encoder, a batch at a time. The encoder is
+        taken now: decoding detaches it from the model while it reads these batches."""
+        encoder = model.encoder
+        if encoder is None:
+            return cache.batches(rows, DECODE_BATCH)
+        return _encoded(encoder, x, mask, rows, device)
+
+    def validate() -> float | None:
+        return teacher_forced_loss(model, features(index["val"]), labels[index["val"]], device)
+
+    training = TrainingRun(job_dir, config, state, reporter, save, resumed=latest, validate=validate,
+                           save_best=lambda step: save_best_weights(job_dir, step, model, {"phase": metadata["phase"]}))
 
     def batch_inputs(rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor | None]:
         if model.encoder is None:
@@ -199,7 +228,7 @@ def run(spec: JobSpec, config: Stage2Config, reporter: Reporter, world: World) -
     # -- loop -----------------------------------------------------------------------------------------
     training.begin()
     model.train()
-    while state.step < config.steps:
+    while training.running:
         if training.stopped(reporter.stop_requested):
             return EXIT_STOPPED
         if state.step >= config.frozen_steps and model.encoder is None:
@@ -224,22 +253,17 @@ def run(spec: JobSpec, config: Stage2Config, reporter: Reporter, world: World) -
         optimizer.step()
         training.end_step(step_loss)
 
-    # -- evaluation: free-running generation on the test split, EEG vs noise vs shuffled EEG ------------
+    # -- the best state by validation loss, then evaluation: free-running generation on the test
+    # split, EEG vs noise vs shuffled EEG ----------------------------------------------------------------
     if isinstance(optimizer, FusedOptimizer):
         optimizer.remove_hooks()
     del optimizer  # its state is in the checkpoint; evaluation and export do not need it
-
-    def features(rows: np.ndarray) -> Iterator[np.ndarray]:
-        """Phase 1: the cache; phase 2: the fine-tuned encoder, a batch at a time."""
-        if model.encoder is None:
-            yield from cache.batches(rows, DECODE_BATCH)
-            return
-        model.encoder.eval()
-        with torch.no_grad():
-            for i in range(0, len(rows), DECODE_BATCH):
-                r = rows[i:i + DECODE_BATCH]
-                yield model.encoder.patch_features(torch.from_numpy(x[r]).to(device),
-                                                   torch.from_numpy(mask[r]).to(device)).cpu().numpy()
+    if state.best_step >= 0 and state.best_step != state.step:
+        if _checkpoint_metadata(best_weights_path(job_dir, state.best_step)).get("phase") == 1:
+            model.encoder = None  # the best predates phase 2: it reads the Stage 1 encoder's features
+        load_best_weights(job_dir, state.best_step, model)
+        log.info("the final model is the best state, step %d (validation loss %.4f)", state.best_step,
+                 state.best_val_loss)
 
     if model.encoder is None:  # the bridge holds the training features' statistics
         noise_mean = model.bridge.mean.cpu().numpy()
@@ -249,7 +273,8 @@ def run(spec: JobSpec, config: Stage2Config, reporter: Reporter, world: World) -
     metrics, examples, details = evaluate(model, tokenizer, features, texts, index, labels, noise_mean, config,
                                           device, lengths, length_unit, subjects)
     metrics = {"steps": state.step, "train_loss": state.losses[-1] if state.losses else None,
-               "frozen_steps": config.frozen_steps, "unfrozen_steps": config.unfreeze_steps, **metrics,
+               "frozen_steps": config.frozen_steps, "unfrozen_steps": config.unfreeze_steps,
+               **training.best_summary(), **metrics,
                "sentences_train": int(len(index["train"])), "sentences_val": int(len(index["val"])),
                "sentences_test": int(len(index["test"])), "split": split["split"],
                **{f"subjects_{name}": len(split[name]["subjects"]) for name in ("train", "val", "test")}}

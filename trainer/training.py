@@ -8,11 +8,12 @@ bottom; what is here is the bookkeeping that must be identical in both for resum
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
 
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 
 from trainer import checkpoint as ckpt
+from trainer.artifact_format import CHECKPOINT_FORMAT, STATE_FILENAME
 from trainer.config import TrainConfigBase
 from trainer.distributed import pick_device  # noqa: F401  (the loops import it from here)
 from trainer.exceptions import TrainerError
@@ -83,6 +85,12 @@ class TrainState:
     """Index into the current epoch's permutation of the training samples."""
     losses: list[float] = field(default_factory=list)
     """The most recent per-step losses (tail only)."""
+    best_step: int = -1
+    """Step of the lowest validation loss so far (its weights are in ``best/``); -1: none yet."""
+    best_val_loss: float | None = None
+    """That validation loss."""
+    evals_since_best: int = 0
+    """Evaluations since the best one: early stopping ends the run when this reaches ``patience``."""
 
     def record(self, loss: float) -> None:
         self.losses = (self.losses + [loss])[-LOSS_TAIL:]
@@ -187,8 +195,68 @@ def load_training_checkpoint(path: Path, model: torch.nn.Module, optimizer: torc
     restore_rng_tensors(tensors, generators)
     trainer_state = dict(meta["trainer_state"])
     restore_host_rng_state(trainer_state.pop("rng"))
-    state = TrainState(**{k: trainer_state[k] for k in ("step", "epoch", "position", "losses")})
+    # Checkpoints written before early stopping existed lack the best-so-far fields: they default.
+    known = {f.name for f in fields(TrainState)}
+    state = TrainState(**{k: v for k, v in trainer_state.items() if k in known})
     return state, meta
+
+
+# -- the best state by validation loss --------------------------------------------------------------
+BEST_DIRNAME = "best"
+"""Job-directory folder of the best-validation weights: one file per step, kept while the run or
+one of its kept checkpoints names it (:func:`prune_best_weights`)."""
+
+
+def best_weights_path(job_dir: Path, step: int) -> Path:
+    return job_dir / BEST_DIRNAME / f"step-{step:06d}.safetensors"
+
+
+def save_best_weights(job_dir: Path, step: int, model: torch.nn.Module, metadata: dict[str, Any]) -> Path:
+    """Write ``model``'s weights as the best state at ``step`` (checkpoint format, weights only,
+    so :func:`load_best_weights` validates them like any checkpoint)."""
+    kept, aliases = ckpt.dedupe_tensors({f"model.{k}": v for k, v in model.state_dict().items()})
+    header = {k: json.dumps(v) for k, v in metadata.items()}
+    header.update(aliases=json.dumps(aliases), format=CHECKPOINT_FORMAT, best_step=json.dumps(step))
+    return ckpt.atomic_save_safetensors(kept, best_weights_path(job_dir, step), header)
+
+
+def prune_best_weights(job_dir: Path, current: int) -> None:
+    """Delete the best-weights files that neither ``current`` (the run's best step) nor any kept
+    checkpoint names (and temporaries a kill left).
+
+    A run resumed from an older checkpoint (the newest one unreadable) finds its best there;
+    a file newer than every checkpoint belongs to steps a resumed run redoes.
+    """
+    root = job_dir / BEST_DIRNAME
+    if not root.is_dir():
+        return
+    keep = {best_weights_path(job_dir, current)}
+    for directory in ckpt.list_checkpoints(job_dir):
+        try:
+            named = json.loads((directory / STATE_FILENAME).read_text()).get("best_step", -1)
+        except (OSError, ValueError):  # a torn checkpoint: find_latest_checkpoint removes it
+            continue
+        if isinstance(named, int) and named >= 0:
+            keep.add(best_weights_path(job_dir, named))
+    for path in root.iterdir():
+        if path not in keep:
+            path.unlink(missing_ok=True)
+
+
+def load_best_weights(job_dir: Path, step: int, model: torch.nn.Module) -> dict[str, Any]:
+    """Load the best state at ``step`` into ``model`` in place; returns the file's metadata.
+
+    Raises
+    ------
+    CheckpointError
+        The file is missing, unreadable, or does not match ``model``.
+    """
+    path = best_weights_path(job_dir, step)
+    if not path.is_file():
+        raise TrainerError(f"The best-validation weights of step {step} are missing ({path}); "
+                           f"the job directory was changed by hand.")
+    _, meta = ckpt.load_checkpoint_into(path, model, "model.")
+    return meta
 
 
 # -- around each step, and at the end ---------------------------------------------------------------
@@ -201,7 +269,7 @@ class TrainingRun:
 
         training = TrainingRun(job_dir, config, state, reporter, save, resumed=own_checkpoint)
         training.begin()
-        while state.step < config.steps:
+        while training.running:
             if training.stopped(reporter.stop_requested):
                 return EXIT_STOPPED
             training.start_step(optimizer)
@@ -227,19 +295,41 @@ class TrainingRun:
     resumed : Path or None
         The job's own checkpoint the run resumed from: it counts as saved at ``state.step``.
         ``None`` for a fresh start, and for a start from another job's checkpoint, which is not
-        this job's to register.
+        this job's to register (nor are its best weights here: the best is searched afresh).
     publish_paused : bool
         Register the checkpoint as an artifact when a pause stops the run, so that the paused
         run can be moved to another machine (a stage whose jobs resume from ``checkpoint_artifact``).
+    validate : callable or None
+        The validation loss of the current weights (``None`` when there is no validation data),
+        measured every ``config.eval_every`` steps and at the last; ``None`` skips evaluation.
+    save_best : callable or None
+        Writes the current weights as the best at the given step (:func:`save_best_weights`;
+        ``None`` on a rank that does not write).
     """
 
     def __init__(self, job_dir: Path, config: TrainConfigBase, state: TrainState, reporter: Reporter,
-                 save: Callable[[], Path | None], resumed: Path | None, publish_paused: bool = False) -> None:
+                 save: Callable[[], Path | None], resumed: Path | None, publish_paused: bool = False,
+                 validate: Callable[[], float | None] | None = None,
+                 save_best: Callable[[int], Path | None] | None = None) -> None:
         self.job_dir, self.config, self.state, self.reporter = job_dir, config, state, reporter
         self._write, self._publish_paused = save, publish_paused
+        self._validate, self._save_best = validate, save_best
         self._checkpoint = resumed  # the newest checkpoint of this job's own, if any
         self._saved_step = state.step if resumed is not None else -1
         self._lr, self._started = 0.0, 0.0
+        self.stop_reason: str | None = None
+        """Why the run stopped early (patience ran out), or ``None``."""
+        if state.best_step >= 0 and (resumed is None or not best_weights_path(job_dir, state.best_step).is_file()):
+            # Another job's checkpoint (its best weights are in its own directory), or a best file
+            # lost: the search for the best starts afresh from this state.
+            state.best_step, state.best_val_loss, state.evals_since_best = -1, None, 0
+        elif save_best is not None:
+            prune_best_weights(job_dir, state.best_step)  # newer files are of steps this run redoes
+
+    @property
+    def running(self) -> bool:
+        """Whether the loop goes on: steps are left and patience has not run out."""
+        return self.state.step < self.config.steps and self.stop_reason is None
 
     def begin(self) -> None:
         """Report the step the loop starts from (a resumed run's), with heartbeats from here on."""
@@ -251,6 +341,8 @@ class TrainingRun:
         path = self._write()
         if path is not None:
             self.reporter.event("checkpoint", step=self.state.step, message=str(path.relative_to(self.job_dir)))
+            if self.state.best_step >= 0:  # this checkpoint names its best: older best files can go
+                prune_best_weights(self.job_dir, self.state.best_step)
         self._checkpoint, self._saved_step = path, self.state.step
 
     def stopped(self, request: str | None) -> bool:
@@ -274,13 +366,49 @@ class TrainingRun:
         optimizer.zero_grad(set_to_none=True)
 
     def end_step(self, loss: float) -> None:
-        """Count the step and report it; checkpoint every ``checkpoint_every`` steps and at the last."""
+        """Count the step and report it; measure the validation loss every ``eval_every`` steps
+        and at the last; checkpoint every ``checkpoint_every`` steps, at the last and when
+        stopping early (so the checkpoint holds the evaluation's outcome)."""
         self.state.step += 1
         self.state.record(loss)
         elapsed = max(time.perf_counter() - self._started, 1e-9)
         self.reporter.update(step=self.state.step, loss=loss, lr=self._lr, samples_per_s=self.config.batch_size / elapsed)
-        if self.state.step % self.config.checkpoint_every == 0 or self.state.step == self.config.steps:
+        last = self.state.step == self.config.steps
+        if self._validate is not None and (self.state.step % self.config.eval_every == 0 or last):
+            self._evaluate()
+        if self.state.step % self.config.checkpoint_every == 0 or last or self.stop_reason:
             self._save()
+
+    def _evaluate(self) -> None:
+        """Validation loss now: a new best saves its weights; ``patience`` evaluations without one
+        stop the run (``stop_reason``)."""
+        value = self._validate()
+        if value is None:  # no validation data: the last state is the final one
+            return
+        state = self.state
+        if state.best_val_loss is None or value < state.best_val_loss:
+            state.best_step, state.best_val_loss, state.evals_since_best = state.step, value, 0
+            if self._save_best is not None:
+                self._save_best(state.step)
+        else:
+            state.evals_since_best += 1
+        self.reporter.event("log", step=state.step, metrics={"val_loss": value},
+                            message=f"validation loss {value:.4f} at step {state.step} "
+                                    f"(best {state.best_val_loss:.4f} at step {state.best_step})")
+        patience = self.config.patience
+        if patience and state.evals_since_best >= patience and state.step < self.config.steps:
+            self.stop_reason = (f"Stopped early at step {state.step} of {self.config.steps}: the validation loss has "
+                                f"not improved for {patience} evaluations ({patience * self.config.eval_every} "
+                                f"steps; patience {patience}); the final model is the best state, validation loss "
+                                f"{state.best_val_loss:.4f} at step {state.best_step}.")
+            self.reporter.update(total=state.step)  # the run is complete here: progress reads 100%
+            self.reporter.event("log", step=state.step, message=self.stop_reason)
+            log.info("%s", self.stop_reason)
+
+    def best_summary(self) -> dict[str, Any]:
+        """The final metrics' part about the best state and early stopping."""
+        return {"best_step": self.state.best_step if self.state.best_step >= 0 else None,
+                "best_val_loss": self.state.best_val_loss, "stopped_early": self.stop_reason is not None}
 
     def register(self, kind: ArtifactKind, path: Path) -> None:
         """Register a file the run wrote in its job directory as an artifact."""
