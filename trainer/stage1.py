@@ -105,6 +105,7 @@ def run(spec: JobSpec, config: Stage1Config, reporter: Reporter, world: World) -
     micro_batches = per_process // config.micro_batch_size
 
     # -- data ------------------------------------------------------------------------------------
+    reporter.event("phase", message="loading data")
     with distributed.main_first(world):  # rank 0 fills the shared caches, the others then read them
         recordings = load_dataset(spec.dataset, Path(spec.cache_dir or spec.job_dir), enc_config,
                                   report=lambda message, metrics: reporter.event("log", message=message, metrics=metrics))
@@ -158,6 +159,7 @@ def run(spec: JobSpec, config: Stage1Config, reporter: Reporter, world: World) -
                            publish_paused=True)
 
     # -- loop --------------------------------------------------------------------------------------
+    reporter.event("phase", message="training")
     training.begin()
     model.train()
     while state.step < config.steps:
@@ -202,6 +204,7 @@ def run(spec: JobSpec, config: Stage1Config, reporter: Reporter, world: World) -
     if not world.is_main:
         return EXIT_OK
     # -- evaluation and export ---------------------------------------------------------------------
+    reporter.event("phase", message="evaluating")
     metrics: dict[str, float | int | None] = {
         "steps": state.step,
         "train_loss": state.losses[-1] if state.losses else None,
@@ -215,6 +218,7 @@ def run(spec: JobSpec, config: Stage1Config, reporter: Reporter, world: World) -
     }
     probe = (word_probe_start(encoder, recordings, device, config.probe_words, batch=config.micro_batch_size)
              if config.probe_words else None)
+    reporter.event("phase", message="saving")
     training.register(ArtifactKind.encoder, export.save_encoder(encoder, job_dir / FINAL_DIRNAME / ENCODER_FILENAME))
     training.register_checkpoint()
     if probe is not None:
@@ -223,5 +227,6 @@ def run(spec: JobSpec, config: Stage1Config, reporter: Reporter, world: World) -
         # its random-init encoder, so a large run never holds two encoders at once.
         del model, encoder, head, optimizer
         gc.collect()
+        reporter.event("phase", message="probing")
         metrics.update(word_probe_finish(probe, device))
     return training.finish(metrics, "stage 1")

@@ -138,6 +138,7 @@ def run(spec: JobSpec, config: Stage2Config, reporter: Reporter, world: World) -
     encoder_config = export.check_encoder_file(encoder_path)  # before any data work
 
     # -- data: sentences, splits, cached features ----------------------------------------------------
+    reporter.event("phase", message="loading data")
     recordings = load_dataset(spec.dataset, Path(spec.cache_dir or spec.job_dir), encoder_config,
                               report=lambda message, metrics: reporter.event("log", message=message, metrics=metrics))
     x, mask, texts, subjects = sentence_windows(recordings, encoder_config)
@@ -154,6 +155,7 @@ def run(spec: JobSpec, config: Stage2Config, reporter: Reporter, world: World) -
                                f"left out); set split.text_disjoint to false to test on new subjects reading seen "
                                f"sentences.")
         raise DatasetError(f"Only {len(set(texts))} distinct sentences: too few to keep a training split.")
+    reporter.event("phase", message="caching features")
     cache = cached_features(job_dir, encoder_path, x, mask, device)
     reporter.event("log", message=f"split by {split['split']}: " + "; ".join(
         f"{name} {split[name]['sentences']} sentences ({split[name]['texts']} texts) of "
@@ -195,6 +197,7 @@ def run(spec: JobSpec, config: Stage2Config, reporter: Reporter, world: World) -
         return torch.from_numpy(x[rows]).to(device), torch.from_numpy(mask[rows]).to(device)
 
     # -- loop -----------------------------------------------------------------------------------------
+    reporter.event("phase", message="training")
     training.begin()
     model.train()
     while state.step < config.steps:
@@ -223,6 +226,7 @@ def run(spec: JobSpec, config: Stage2Config, reporter: Reporter, world: World) -
         training.end_step(step_loss)
 
     # -- evaluation: free-running generation on the test split, EEG vs noise vs shuffled EEG ------------
+    reporter.event("phase", message="evaluating")
     if isinstance(optimizer, FusedOptimizer):
         optimizer.remove_hooks()
     del optimizer  # its state is in the checkpoint; evaluation and export do not need it
@@ -256,6 +260,7 @@ def run(spec: JobSpec, config: Stage2Config, reporter: Reporter, world: World) -
     }
 
     # -- export ---------------------------------------------------------------------------------------
+    reporter.event("phase", message="saving")
     final = job_dir / FINAL_DIRNAME
     model_path = export.save_model(final / MODEL_FILENAME, encoder_path, encoder_config, model,
                                    tokenizer_json(tokenizer))
