@@ -7,7 +7,9 @@ evaluation, word probe or checkpoint write counted as slow training: the ETA ros
 phase), and the seconds per step are an exponentially weighted average of the reports' speeds:
 
 - each report's weight grows with the time it covers (``1 - exp(-dt / ETA_TAU_S)``), so a
-  trainer that reports every second and one that reports every minute smooth alike;
+  trainer that reports every second and one that reports every minute smooth alike; early in
+  an attempt, while that weight is below the report's share of the steps measured so far, the
+  share is used (a running mean), so the first minutes need not wait for the average to fill;
 - one report's speed is clamped to within :data:`MAX_JUMP` of the average first, so a single
   stall (a checkpoint written inside the loop, a swapped-out page) moves the ETA a little, not
   by the stall's length, while a lasting change of speed (Stage 2's encoder unfrozen) is
@@ -18,14 +20,14 @@ from __future__ import annotations
 
 import math
 
-ETA_TAU_S = 120.0
-"""Time constant of the average: a report covering this many seconds moves it 63% of the way."""
+ETA_TAU_S = 600.0
+"""Time constant of the average: reports covering this many seconds move it 63% of the way."""
 
-MAX_JUMP = 3.0
+MAX_JUMP = 1.5
 """One report's seconds per step count as at most this many times the average (or 1/this)."""
 
 
-def next_step_seconds(step_s: float | None, elapsed_s: float, steps: int) -> float | None:
+def next_step_seconds(step_s: float | None, elapsed_s: float, steps: int, measured_steps: int) -> float | None:
     """The average seconds per step after a report of ``steps`` more steps in ``elapsed_s``.
 
     Parameters
@@ -36,6 +38,8 @@ def next_step_seconds(step_s: float | None, elapsed_s: float, steps: int) -> flo
         Training time since the previous report.
     steps : int
         Steps done since the previous report.
+    measured_steps : int
+        Steps timed in this attempt so far, these included.
 
     Returns
     -------
@@ -49,7 +53,7 @@ def next_step_seconds(step_s: float | None, elapsed_s: float, steps: int) -> flo
     if step_s is None:
         return sample
     sample = min(max(sample, step_s / MAX_JUMP), step_s * MAX_JUMP)
-    weight = 1.0 - math.exp(-elapsed_s / ETA_TAU_S)
+    weight = max(1.0 - math.exp(-elapsed_s / ETA_TAU_S), steps / max(measured_steps, steps))
     return step_s + weight * (sample - step_s)
 
 

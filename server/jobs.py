@@ -421,7 +421,7 @@ def record_event(session: Session, job: Job, attempt: Attempt, event: TrainerEve
                 attempt.eta_from_step, attempt.eta_from_at = event.step, now
             elif event.step > attempt.eta_from_step:
                 attempt.step_s = next_step_seconds(attempt.step_s, (now - attempt.eta_from_at).total_seconds(),
-                                                   event.step - attempt.eta_from_step)
+                                                   event.step - attempt.eta_from_step, event.step - attempt.start_step)
                 attempt.eta_from_step, attempt.eta_from_at = event.step, now
         job.step = event.step
     if event.total is not None:
