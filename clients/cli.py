@@ -24,7 +24,7 @@ from clients.client import SERVER_ENV, TOKEN_ENV, NeuroLensClient
 from clients.exceptions import NeuroLensError
 from clients.format import (
     describe_disk, describe_jobs_by_status, describe_metrics, format_bytes, format_duration, format_memory,
-    format_progress, short_status_label, status_label,
+    format_progress, progress_cell, short_status_label, status_label,
 )
 
 app = typer.Typer(
@@ -211,7 +211,7 @@ def list_jobs(
     for job in jobs:
         loss = (job.get("metrics") or {}).get("loss")
         peak = (job.get("memory") or {}).get("peak_rss_bytes")
-        table.add_row(str(job["id"]), job["stage"], short_status_label(job), format_progress(job.get("progress"), eta=False),
+        table.add_row(str(job["id"]), job["stage"], short_status_label(job), progress_cell(job),
                       f"{loss:.4f}" if isinstance(loss, (int, float)) else "-",
                       format_bytes(peak), str(job.get("attempts", 0)))
     console.print(table)
@@ -242,6 +242,7 @@ def status(
     rows: list[tuple[str, str]] = [
         ("Job", f"{job['id']} ({job['stage']} on {job['dataset']})"),
         ("Status", status_label(job)),
+        *([("Phase", job["phase"])] if job.get("phase") else []),
         ("Progress", format_progress(job.get("progress"))),
         ("Memory", format_memory(job.get("memory"))),
         ("Disk", format_bytes(job.get("disk_bytes"))),

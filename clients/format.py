@@ -117,18 +117,35 @@ SHORT_REASONS = {"memory": "memory"}
 SHORT_PHASES = {"loading data": "loading", "caching features": "caching"}
 
 
+def busy_phase(job: dict[str, Any], short: bool = False) -> str | None:
+    """What a running job's trainer does besides training steps (``probing``, ``caching
+    features``, ...), or ``None``: a job training, or not running, is said by its progress."""
+    phase = job.get("phase") if job.get("status") == "running" else None
+    if not phase or phase == "training":
+        return None
+    return SHORT_PHASES.get(phase, phase) if short else phase
+
+
+def progress_cell(job: dict[str, Any]) -> str:
+    """A table cell of progress: ``120/200 (60%)``, or ``200/200 probing`` while the trainer is
+    busy with something else than steps (at 100% for a minute, it is not stuck)."""
+    text = format_progress(job.get("progress"), eta=False)
+    phase = busy_phase(job, short=True)
+    if phase is None:
+        return text
+    return f"{text.split(' ')[0]} {phase}" if text != "-" else phase
+
+
 def short_status_label(job: dict[str, Any]) -> str:
     """:func:`status_label` for a table: ``queued (after 3)``, ``queued (memory)``."""
     status, reason = str(job.get("status", "unknown")), job.get("reason")
     if reason == "dependency" and job.get("after") is not None:
         return f"{status} (after {job['after']})"
-    if not reason and status == "running" and job.get("phase"):
-        return f"{status} ({SHORT_PHASES.get(job['phase'], job['phase'])})"
     return f"{status} ({SHORT_REASONS.get(reason, reason)})" if reason else status
 
 
 def status_label(job: dict[str, Any]) -> str:
-    """The job's status in words, with the waiting reason or the trainer's phase when it has one.
+    """The job's status in words, with the waiting reason when it has one.
 
     Parameters
     ----------
@@ -138,14 +155,12 @@ def status_label(job: dict[str, Any]) -> str:
     Returns
     -------
     str
-        E.g. ``"queued (waiting for free memory)"``, ``"running (evaluating)"`` or ``"failed"``.
+        E.g. ``"queued (waiting for free memory)"`` or ``"failed"``.
     """
     status = str(job.get("status", "unknown"))
     reason = job.get("reason")
     if reason:
         return f"{status} ({REASONS.get(reason, reason)})"
-    if status == "running" and job.get("phase"):
-        return f"{status} ({job['phase']})"
     return status
 
 
@@ -264,6 +279,6 @@ def describe_jobs_by_status(counts: dict[str, int] | None) -> str:
     return ", ".join(parts) or "none"
 
 
-__all__ = ["REASONS", "describe_disk", "describe_jobs_by_status", "describe_metrics", "format_bytes",
+__all__ = ["REASONS", "busy_phase", "progress_cell", "describe_disk", "describe_jobs_by_status", "describe_metrics", "format_bytes",
            "format_duration", "format_memory", "format_progress", "format_value", "short_status_label",
            "status_label"]

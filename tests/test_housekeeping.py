@@ -230,3 +230,31 @@ def test_delete_jobs_and_artifacts_with_disk_phases_retention_and_a_crash_mid_de
         assert not [p for p in (data / "artifacts").iterdir() if not p.name.startswith(".")]
     finally:
         server.stop()
+
+
+# --- the CLI's words ------------------------------------------------------------------------------
+
+
+def test_metrics_are_labelled_and_stage2_scores_side_by_side() -> None:
+    from clients.format import describe_metrics, progress_cell
+
+    rows, scores = describe_metrics({
+        "loss": 1.25, "samples_per_s": 11.1, "test_bleu1_eeg": 0.421, "test_bleu1_noise": 0.261,
+        "test_bleu1_shuffled": 0.3, "test_wer_eeg": 0.9, "test_bleu1_eeg_minus_noise": 0.16,
+        "test_bleu1_eeg_minus_noise_ci_low": 0.112, "test_bleu1_eeg_minus_noise_ci_high": 0.202,
+        "test_retrieval_top1_chance": 0.05, "test_retrieval_p_eeg_vs_shuffled": 0.01, "some_new_figure": 3})
+    labels = dict(rows)
+    assert labels["BLEU-1, EEG minus noise"] == "+0.160 (95% interval +0.112 to +0.202)"
+    assert labels["Training loss (last step)"] == "1.25" and labels["Samples per second"] == "11.1"
+    assert labels["Retrieval top-1, chance"] == "0.05"
+    assert labels["Retrieval, p-value, EEG vs shuffled EEG"] == "0.01"
+    assert labels["Some new figure"] == "3"
+    assert not [label for label in labels if "_" in label]
+    assert scores == [("BLEU-1", ["0.421", "0.261", "0.3"]), ("WER", ["0.9", "-", "-"])]
+    # A job at 100% that is probing says so; one training shows its percentage
+    assert progress_cell({"status": "running", "phase": "probing",
+                          "progress": {"step": 2000, "total": 2000}}) == "2000/2000 probing"
+    assert progress_cell({"status": "running", "phase": "training",
+                          "progress": {"step": 10, "total": 20}}) == "10/20 (50%)"
+    assert progress_cell({"status": "succeeded", "phase": "saving",
+                          "progress": {"step": 20, "total": 20}}) == "20/20 (100%)"
