@@ -455,34 +455,39 @@ def _stdin_has_answer() -> bool:
 def delete_job(ctx: typer.Context, job_id: Annotated[int, typer.Argument(help="Job id.")], yes: YesOption = False,
                as_json: JsonOption = False) -> None:
     """Delete a finished or paused job: its directory, events, attempts and the artifacts no other job uses."""
-    with _connect(ctx) as client:
-        if not yes:
-            job = client.get_job(job_id)
-            _confirm(f"Delete job {job_id} ({job['stage']}, {status_label(job)}) and "
-                     f"{format_bytes(job.get('disk_bytes'))} of files, {len(job.get('artifacts') or [])} "
-                     f"artifact(s) included?", yes)
-        answer = client.delete_job(job_id)
-    if as_json:
-        _print_json(answer)
-        return
-    console.print(_deleted_message(answer, f"Job {job_id}"), markup=False)
+
+    def question(client: NeuroLensClient) -> str:
+        job = client.get_job(job_id)
+        return (f"Delete job {job_id} ({job['stage']}, {status_label(job)}) and {format_bytes(job.get('disk_bytes'))} "
+                f"of files, {len(job.get('artifacts') or [])} artifact(s) included?")
+
+    _delete(ctx, f"Job {job_id}", question, lambda client: client.delete_job(job_id), yes, as_json)
 
 
 @delete_app.command("artifact")
 def delete_artifact(ctx: typer.Context, artifact_id: Annotated[int, typer.Argument(help="Artifact id.")],
                     yes: YesOption = False, as_json: JsonOption = False) -> None:
     """Delete an artifact that no queued, running or paused job uses."""
+
+    def question(client: NeuroLensClient) -> str:
+        record = client.get_artifact(artifact_id)
+        owner = "imported" if record["job_id"] is None else f"of job {record['job_id']}"
+        return (f"Delete artifact {artifact_id} ({record['kind']} {record['filename']}, {owner}, "
+                f"{format_bytes(record['size_bytes'])})?")
+
+    _delete(ctx, f"Artifact {artifact_id}", question, lambda client: client.delete_artifact(artifact_id), yes, as_json)
+
+
+def _delete(ctx: typer.Context, what: str, question, remove, yes: bool, as_json: bool) -> None:
+    """Ask ``question(client)`` unless ``yes``, then ``remove(client)`` and say what it did."""
     with _connect(ctx) as client:
         if not yes:
-            record = client.get_artifact(artifact_id)
-            owner = "imported" if record["job_id"] is None else f"of job {record['job_id']}"
-            _confirm(f"Delete artifact {artifact_id} ({record['kind']} {record['filename']}, {owner}, "
-                     f"{format_bytes(record['size_bytes'])})?", yes)
-        answer = client.delete_artifact(artifact_id)
+            _confirm(question(client), yes)
+        answer = remove(client)
     if as_json:
         _print_json(answer)
         return
-    console.print(_deleted_message(answer, f"Artifact {artifact_id}"), markup=False)
+    console.print(_deleted_message(answer, what), markup=False)
 
 
 def _deleted_message(answer: dict[str, Any], what: str) -> str:
