@@ -195,9 +195,11 @@ class DiskUsage:
             self._jobs[job_id] = (version, now, size)
         return size
 
-    def forget(self, job_id: int) -> None:
+    def forget(self, job_id: int | None = None) -> None:
+        """Drop the cached totals (files went), and ``job_id``'s figure if given."""
         with self._lock:
-            self._jobs.pop(job_id, None)
+            if job_id is not None:
+                self._jobs.pop(job_id, None)
             self._totals = None
 
     def totals(self) -> dict[str, int]:

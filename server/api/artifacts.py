@@ -331,7 +331,7 @@ def read_artifact(artifact_id: ArtifactId, session: SessionDep) -> ArtifactPubli
 def delete_artifact(artifact_id: ArtifactId, session: SessionDep, store: StoreDep, disk: DiskDep) -> ArtifactDeleted:
     """Delete an artifact's file and record; 409 names the queued, running or paused jobs that use it."""
     answer = housekeeping.delete_artifact(session, artifact_id, store)
-    disk.forget(0)  # the totals change; job figures follow the job's version
+    disk.forget()  # the totals change; a job's figure follows its version, which the deletion bumped
     return ArtifactDeleted(**answer)
 
 
