@@ -167,9 +167,9 @@ def finish_deletions(engine: Engine, jobs_dir: Path, store: ArtifactStore) -> No
 class DiskUsage:
     """Cached disk figures for ``/api/system`` and each job's ``disk_bytes``.
 
-    A job's figure is walked again when its version changed (a running job's changes every
-    report) and at least :attr:`min_age_s` passed, or after :attr:`max_age_s` in any case (a
-    file changed outside NeuroLens); the totals at most every :attr:`min_age_s`.
+    A job's figure is walked again when its version changed (for a running job, whose version
+    changes every report, only once :attr:`min_age_s` passed), or after :attr:`max_age_s` in any
+    case (a file changed outside NeuroLens); the totals at most every :attr:`min_age_s`.
     """
 
     def __init__(self, data_dir: Path, jobs_dir: Path, store: ArtifactStore, *, min_age_s: float = 5.0,
@@ -180,15 +180,16 @@ class DiskUsage:
         self._jobs: dict[int, tuple[int, float, int]] = {}  # id -> (version, when, bytes)
         self._totals: tuple[float, dict[str, int]] | None = None
 
-    def job_bytes(self, job_id: int, version: int, artifact_ids: Iterable[int]) -> int:
-        """Bytes of the job's directory and its artifacts' files, each file once."""
+    def job_bytes(self, job_id: int, version: int, artifact_ids: Iterable[int], *, running: bool = False) -> int:
+        """Bytes of the job's directory and its artifacts' files, each file once; a job not
+        ``running`` (its version changes rarely) is walked again at every change."""
         now = time.monotonic()
         with self._lock:
             cached = self._jobs.get(job_id)
         if cached is not None:
             seen_version, when, size = cached
             age = now - when
-            if age < self.max_age_s and (seen_version == version or age < self.min_age_s):
+            if age < self.max_age_s and (seen_version == version or (running and age < self.min_age_s)):
                 return size
         size = unique_bytes([self.jobs_dir / str(job_id), *(self.store.root / str(i) for i in artifact_ids)])
         with self._lock:

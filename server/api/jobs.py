@@ -39,7 +39,8 @@ def etag_of(job: Job) -> str:
 
 def with_disk(disk: DiskDep, job: Job, public: JobPublic) -> JobPublic:
     """The public job with its ``disk_bytes`` (cached: see server.housekeeping.DiskUsage)."""
-    public.disk_bytes = disk.job_bytes(job.id, job.version, [a.id for a in public.artifacts])
+    public.disk_bytes = disk.job_bytes(job.id, job.version, [a.id for a in public.artifacts],
+                                       running=job.status == JobStatus.running)
     return public
 
 
