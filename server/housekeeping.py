@@ -103,14 +103,15 @@ def delete_job(session: Session, job: Job, jobs_dir: Path, store: ArtifactStore)
     dict
         ``{"deleted": id, "freed_bytes": n, "kept_artifacts": [ids], "message": str}``.
     """
+    job_id = job.id  # read now: the row is gone once dropped
     kept = job_rules.mark_job_deleting(session, job)
-    freed = _remove_job_files(session, job.id, jobs_dir, store)
-    job_rules.drop_job(session, job.id)
-    message = f"Job {job.id} deleted; {freed} bytes freed."
+    freed = _remove_job_files(session, job_id, jobs_dir, store)
+    job_rules.drop_job(session, job_id)
+    message = f"Job {job_id} deleted; {freed} bytes freed."
     if kept:
         message += (f" Artifact{'s' if len(kept) > 1 else ''} {', '.join(map(str, kept))} kept (other jobs use "
                     f"{'them' if len(kept) > 1 else 'it'}), now without a job.")
-    return {"deleted": job.id, "freed_bytes": freed, "kept_artifacts": kept, "message": message}
+    return {"deleted": job_id, "freed_bytes": freed, "kept_artifacts": kept, "message": message}
 
 
 def _remove_job_files(session: Session, job_id: int, jobs_dir: Path, store: ArtifactStore) -> int:
@@ -134,14 +135,15 @@ def delete_artifact(session: Session, artifact_id: int, store: ArtifactStore) ->
         also in its job's directory (a hard link: the job still has it).
     """
     artifact = job_rules.get_artifact(session, artifact_id)
+    job_id = artifact.job_id  # read now: the row is gone once dropped
     named = job_rules.mark_artifact_deleting(session, artifact)
     folder = store.root / str(artifact_id)
     freed = freed_by_removing([folder])
     _remove_tree(folder)
     job_rules.drop_artifact(session, artifact_id)
     message = f"Artifact {artifact_id} deleted; {freed} bytes freed."
-    if freed == 0 and artifact.job_id is not None:
-        message += f" Its file is still in job {artifact.job_id}'s directory (a hard link); deleting the job frees it."
+    if freed == 0 and job_id is not None:
+        message += f" Its file is still in job {job_id}'s directory (a hard link); deleting the job frees it."
     if named:
         message += f" Job{'s' if len(named) > 1 else ''} {', '.join(map(str, named))} no longer name it."
     return {"deleted": artifact_id, "freed_bytes": freed, "message": message}

@@ -32,6 +32,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from pydantic import BaseModel, Field
 from sqlmodel import func, select
 from starlette.concurrency import run_in_threadpool
+from starlette.convertors import StringConvertor, register_url_convertor
 from starlette.datastructures import Headers
 from starlette.requests import ClientDisconnect
 from starlette.responses import MalformedRangeHeader, RangeNotSatisfiable
@@ -327,7 +328,17 @@ def read_artifact(artifact_id: ArtifactId, session: SessionDep) -> ArtifactPubli
     return ArtifactPublic.model_validate(get_artifact(session, artifact_id), from_attributes=True)
 
 
-@router.delete("/{artifact_id}", response_model=ArtifactDeleted)
+class _NotUploads(StringConvertor):
+    """Any path segment but ``uploads``: ``/api/artifacts/uploads`` has no DELETE, and ``Allow``
+    there must not list this route's; any other bad id still reaches validation (a 422)."""
+
+    regex = "(?!uploads$)[^/]+"
+
+
+register_url_convertor("artifact_id", _NotUploads())
+
+
+@router.delete("/{artifact_id:artifact_id}", response_model=ArtifactDeleted)
 def delete_artifact(artifact_id: ArtifactId, session: SessionDep, store: StoreDep, disk: DiskDep) -> ArtifactDeleted:
     """Delete an artifact's file and record; 409 names the queued, running or paused jobs that use it."""
     answer = housekeeping.delete_artifact(session, artifact_id, store)
