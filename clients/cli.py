@@ -23,7 +23,8 @@ from rich.table import Table
 from clients.client import SERVER_ENV, TOKEN_ENV, NeuroLensClient
 from clients.exceptions import NeuroLensError
 from clients.format import (
-    format_bytes, format_duration, format_memory, format_progress, short_status_label, status_label,
+    describe_disk, describe_jobs_by_status, describe_metrics, format_bytes, format_duration, format_memory,
+    format_progress, progress_cell, short_status_label, status_label,
 )
 
 app = typer.Typer(
@@ -210,7 +211,7 @@ def list_jobs(
     for job in jobs:
         loss = (job.get("metrics") or {}).get("loss")
         peak = (job.get("memory") or {}).get("peak_rss_bytes")
-        table.add_row(str(job["id"]), job["stage"], short_status_label(job), format_progress(job.get("progress"), eta=False),
+        table.add_row(str(job["id"]), job["stage"], short_status_label(job), progress_cell(job),
                       f"{loss:.4f}" if isinstance(loss, (int, float)) else "-",
                       format_bytes(peak), str(job.get("attempts", 0)))
     console.print(table)
@@ -223,8 +224,16 @@ def list_jobs(
 
 
 @app.command()
-def status(ctx: typer.Context, job_id: Annotated[int, typer.Argument(help="Job id.")], as_json: JsonOption = False) -> None:
-    """Show one job: status, progress, memory, metrics, error and artifacts."""
+def status(
+    ctx: typer.Context,
+    job_id: Annotated[Optional[int], typer.Argument(help="Job id; without one, the server's summary.",
+                                                    show_default=False)] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Show one job (status, phase, progress, memory, disk, metrics, attempts, artifacts), or the server."""
+    if job_id is None:
+        _server_status(ctx, as_json)
+        return
     with _connect(ctx) as client:
         job = client.get_job(job_id)
     if as_json:
@@ -233,33 +242,76 @@ def status(ctx: typer.Context, job_id: Annotated[int, typer.Argument(help="Job i
     rows: list[tuple[str, str]] = [
         ("Job", f"{job['id']} ({job['stage']} on {job['dataset']})"),
         ("Status", status_label(job)),
+        *([("Phase", job["phase"])] if job.get("phase") else []),
         ("Progress", format_progress(job.get("progress"))),
         ("Memory", format_memory(job.get("memory"))),
+        ("Disk", format_bytes(job.get("disk_bytes"))),
         ("Attempts", str(job.get("attempts", 0))),
     ]
     if job.get("after") is not None:
         rows.append(("After job", str(job["after"])))
     if job.get("encoder_artifact") is not None:
         rows.append(("Encoder artifact", str(job["encoder_artifact"])))
-    for key, value in sorted((job.get("metrics") or {}).items()):
-        rows.append((key, f"{value:.6g}" if isinstance(value, float) else str(value)))
     for key in ("created_at", "started_at", "finished_at"):
         if job.get(key):
-            rows.append((key.replace("_at", "").capitalize(), str(job[key])))
+            rows.append((key.replace("_at", "").capitalize(), str(job[key]).replace("T", " ")))
     if job.get("error"):
         rows.append(("Error", str(job["error"])))
-    grid = Table.grid(padding=(0, 2))
-    grid.add_column(style="bold")
-    grid.add_column()
-    for key, value in rows:
-        grid.add_row(key, value)
-    console.print(grid)
+    console.print(_grid(rows))
+    labelled, scores = describe_metrics(job.get("metrics") or {})
+    if labelled:
+        console.print()
+        console.print(_grid(labelled, title="Metrics"))
+    if scores:
+        console.print()
+        table = Table(title="Test scores by input", title_justify="left")
+        for name, justify in (("Score", "left"), ("EEG", "right"), ("Noise", "right"), ("Shuffled EEG", "right")):
+            table.add_column(name, justify=justify)  # type: ignore[arg-type]
+        for label, values in scores:
+            table.add_row(label, *values)
+        console.print(table)
     if job.get("attempt_history"):
         console.print()
         console.print(_attempt_table(job["attempt_history"]))
     if job.get("artifacts"):
         console.print()
         console.print(_artifact_table(job["artifacts"]))
+
+
+def _grid(rows: list[tuple[str, str]], title: str | None = None) -> Table:
+    """Labels in bold beside their values; a long value wraps in its own column."""
+    grid = Table.grid(padding=(0, 2))
+    if title:
+        grid.title, grid.title_justify = title, "left"
+    grid.add_column(style="bold", no_wrap=True)
+    grid.add_column(overflow="fold")
+    for key, value in rows:
+        grid.add_row(key, value)
+    return grid
+
+
+def _server_status(ctx: typer.Context, as_json: bool) -> None:
+    """The server's machine, disk, jobs and executor, labelled."""
+    with _connect(ctx) as client:
+        system = client.system()
+        url = client.base_url
+    if as_json:
+        _print_json(system)
+        return
+    gpus = system.get("gpus") or []
+    rows = [
+        ("Server", f"{url} (NeuroLens {system.get('version', '?')})"),
+        ("Executor", str(system.get("executor", "-"))),
+        ("Memory", f"{format_bytes(system.get('memory_available_bytes'))} available of "
+                   f"{format_bytes(system.get('memory_total_bytes'))}"),
+        ("CPUs", str(system.get("cpu_count") or "-")),
+        ("GPUs", "; ".join(f"{g['index']}: {g['name']}, {format_bytes(g.get('memory_used_bytes'))} of "
+                           f"{format_bytes(g.get('memory_total_bytes'))} used" for g in gpus) or "none"),
+        ("Disk", describe_disk(system.get("disk"))),
+        ("Jobs", describe_jobs_by_status(system.get("jobs_by_status")
+                                         or {"running": system.get("running_jobs"), "queued": system.get("queued_jobs")})),
+    ]
+    console.print(_grid(rows))
 
 
 def _attempt_table(attempts: list[dict]) -> Table:
@@ -363,6 +415,90 @@ def resume(ctx: typer.Context, job_id: Annotated[int, typer.Argument(help="Job i
 def retry(ctx: typer.Context, job_id: Annotated[int, typer.Argument(help="Job id.")]) -> None:
     """Queue a failed or cancelled job again; it continues from its newest checkpoint with fresh retries."""
     _transition(ctx, job_id, "retry")
+
+
+# -- deleting ----------------------------------------------------------------------------------
+
+delete_app = typer.Typer(help="Delete a job (with its files) or an artifact.", no_args_is_help=True)
+app.add_typer(delete_app, name="delete")
+
+YesOption = Annotated[bool, typer.Option("--yes", "-y", help="Delete without asking.")]
+
+
+def _confirm(question: str, yes: bool) -> None:
+    """Ask before deleting unless ``--yes``; without a terminal to ask on, refuse."""
+    if yes:
+        return
+    if not sys.stdin.isatty() and not _stdin_has_answer():
+        raise _fail(f"{question} Pass --yes to delete without asking (stdin is not a terminal).", code=2)
+    import click
+
+    try:
+        agreed = typer.confirm(question, default=False)
+    except click.exceptions.Abort:  # end of input: no answer is no
+        agreed = False
+    if not agreed:
+        raise _fail("nothing deleted.")
+
+
+def _stdin_has_answer() -> bool:
+    """Whether an answer was piped in (``echo y | neurolens delete ...``), as tests and scripts do."""
+    try:
+        import select
+
+        return bool(select.select([sys.stdin], [], [], 0)[0])
+    except (ValueError, OSError, TypeError):  # not a real file (a test runner's stream): let confirm read it
+        return True
+
+
+@delete_app.command("job")
+def delete_job(ctx: typer.Context, job_id: Annotated[int, typer.Argument(help="Job id.")], yes: YesOption = False,
+               as_json: JsonOption = False) -> None:
+    """Delete a finished or paused job: its directory, events, attempts and the artifacts no other job uses."""
+
+    def question(client: NeuroLensClient) -> str:
+        job = client.get_job(job_id)
+        return (f"Delete job {job_id} ({job['stage']}, {status_label(job)}) and {format_bytes(job.get('disk_bytes'))} "
+                f"of files, {len(job.get('artifacts') or [])} artifact(s) included?")
+
+    _delete(ctx, f"Job {job_id}", question, lambda client: client.delete_job(job_id), yes, as_json)
+
+
+@delete_app.command("artifact")
+def delete_artifact(ctx: typer.Context, artifact_id: Annotated[int, typer.Argument(help="Artifact id.")],
+                    yes: YesOption = False, as_json: JsonOption = False) -> None:
+    """Delete an artifact that no queued, running or paused job uses."""
+
+    def question(client: NeuroLensClient) -> str:
+        record = client.get_artifact(artifact_id)
+        owner = "imported" if record["job_id"] is None else f"of job {record['job_id']}"
+        return (f"Delete artifact {artifact_id} ({record['kind']} {record['filename']}, {owner}, "
+                f"{format_bytes(record['size_bytes'])})?")
+
+    _delete(ctx, f"Artifact {artifact_id}", question, lambda client: client.delete_artifact(artifact_id), yes, as_json)
+
+
+def _delete(ctx: typer.Context, what: str, question, remove, yes: bool, as_json: bool) -> None:
+    """Ask ``question(client)`` unless ``yes``, then ``remove(client)`` and say what it did."""
+    with _connect(ctx) as client:
+        if not yes:
+            _confirm(question(client), yes)
+        answer = remove(client)
+    if as_json:
+        _print_json(answer)
+        return
+    console.print(_deleted_message(answer, what), markup=False)
+
+
+def _deleted_message(answer: dict[str, Any], what: str) -> str:
+    text = f"{what} deleted; {format_bytes(answer.get('freed_bytes'))} freed."
+    kept = answer.get("kept_artifacts") or []
+    if kept:
+        text += (f" Kept artifact{'s' if len(kept) > 1 else ''} {', '.join(map(str, kept))}: other jobs use "
+                 f"{'them' if len(kept) > 1 else 'it'} (now listed without a job).")
+    elif answer.get("freed_bytes") == 0 and what.startswith("Artifact"):
+        text += " Its file is still in its job's directory (a hard link); deleting the job frees it."
+    return text
 
 
 # -- artifacts ---------------------------------------------------------------------------------

@@ -262,6 +262,16 @@ class NeuroLensClient:
         """Queue a failed or cancelled job again from its newest checkpoint, with a fresh retry budget."""
         return self._json("POST", f"/api/jobs/{job_id}/retry")
 
+    def delete_job(self, job_id: int) -> dict[str, Any]:
+        """Delete a job that is not queued or running, with its files and the artifacts no other
+        job uses. Returns ``{"deleted", "freed_bytes", "kept_artifacts", "message"}``."""
+        return self._json("DELETE", f"/api/jobs/{job_id}")
+
+    def delete_artifact(self, artifact_id: int) -> dict[str, Any]:
+        """Delete an artifact no queued, running or paused job uses. Returns
+        ``{"deleted", "freed_bytes", "message"}``."""
+        return self._json("DELETE", f"/api/artifacts/{artifact_id}")
+
     def events(self, job_id: int, *, after_id: int = 0, limit: int = 500) -> list[dict[str, Any]]:
         """Return up to ``limit`` events of a job with ids above ``after_id``, oldest first.
 

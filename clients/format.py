@@ -114,6 +114,26 @@ def format_memory(memory: dict[str, Any] | None, available: int | None = None) -
 
 # The same, in a table cell's few columns.
 SHORT_REASONS = {"memory": "memory"}
+SHORT_PHASES = {"loading data": "loading", "caching features": "caching"}
+
+
+def busy_phase(job: dict[str, Any], short: bool = False) -> str | None:
+    """What a running job's trainer does besides training steps (``probing``, ``caching
+    features``, ...), or ``None``: a job training, or not running, is said by its progress."""
+    phase = job.get("phase") if job.get("status") == "running" else None
+    if not phase or phase == "training":
+        return None
+    return SHORT_PHASES.get(phase, phase) if short else phase
+
+
+def progress_cell(job: dict[str, Any]) -> str:
+    """A table cell of progress: ``120/200 (60%)``, or ``200/200 probing`` while the trainer is
+    busy with something else than steps (at 100% for a minute, it is not stuck)."""
+    text = format_progress(job.get("progress"), eta=False)
+    phase = busy_phase(job, short=True)
+    if phase is None:
+        return text
+    return f"{text.split(' ')[0]} {phase}" if text != "-" else phase
 
 
 def short_status_label(job: dict[str, Any]) -> str:
@@ -144,5 +164,121 @@ def status_label(job: dict[str, Any]) -> str:
     return status
 
 
-__all__ = ["REASONS", "format_bytes", "format_duration", "format_memory", "format_progress", "short_status_label",
+# --- metrics, in words -------------------------------------------------------------------------
+
+# Labels of the metrics trainers report (trainer/stage1.py, stage2.py, evaluate.py, text_eval.py).
+METRIC_LABELS = {
+    "loss": "Training loss (last step)", "train_loss": "Training loss (final)",
+    "train_loss_avg10": "Training loss (last 10 steps)", "val_loss": "Validation loss", "lr": "Learning rate",
+    "samples_per_s": "Samples per second", "steps": "Steps trained", "parameters": "Encoder parameters",
+    "split": "Split by", "recordings_train": "Recordings trained on", "recordings_held_out": "Recordings held out",
+    "subjects_train": "Subjects trained on", "subjects_val": "Subjects (validation)", "subjects_test": "Subjects (test)",
+    "sentences_train": "Sentences (training)", "sentences_val": "Sentences (validation)",
+    "sentences_test": "Sentences (test)", "frozen_steps": "Steps with the encoder frozen",
+    "unfrozen_steps": "Steps with the encoder trained", "probe_words": "Word probe: words",
+    "probe_test_words": "Word probe: test words", "probe_chance": "Word probe: chance accuracy",
+    "probe_acc": "Word probe: accuracy", "probe_acc_random_init": "Word probe: accuracy, random init",
+    "probe_acc_raw": "Word probe: accuracy, raw signal", "probe_centroid_acc": "Nearest-centre probe: accuracy",
+    "probe_centroid_acc_random_init": "Nearest-centre probe: accuracy, random init",
+    "probe_centroid_acc_raw": "Nearest-centre probe: accuracy, raw signal",
+    "val_loss_teacher_forced_diagnostic": "Validation loss (teacher-forced, a diagnostic)",
+}
+# Stage 2 scores come as test_<score>_<input>; these are their names and the inputs' names.
+SCORE_LABELS = {"bleu1": "BLEU-1", "bleu2": "BLEU-2", "bleu3": "BLEU-3", "bleu4": "BLEU-4", "rouge1_f": "ROUGE-1 F",
+                "wer": "WER", "cer": "CER", "distinct1": "Distinct-1", "distinct2": "Distinct-2",
+                "retrieval_top1": "Retrieval top-1", "retrieval_top5": "Retrieval top-5",
+                "content_bleu1": "Content BLEU-1", "content_rouge1": "Content ROUGE-1"}
+INPUTS = ("eeg", "noise", "shuffled")
+INPUT_LABELS = {"eeg": "EEG", "noise": "noise", "shuffled": "shuffled EEG"}
+
+
+def _words(key: str) -> str:
+    """A metric key no label names, as words (``val_loss_x`` -> ``Val loss x``)."""
+    text = key.replace("_", " ").strip()
+    return text[:1].upper() + text[1:]
+
+
+def format_value(value: Any) -> str:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return str(value)
+    if isinstance(value, int):
+        return f"{value:,}"
+    return f"{value:.4g}" if abs(value) >= 1e-3 or value == 0 else f"{value:.2e}"
+
+
+def score_label(score: str) -> str:
+    return SCORE_LABELS.get(score, _words(score))
+
+
+# Stage 2 figures beside the scores: test_<score>_<what>.
+TEST_SUFFIXES = {"chance": "chance", "length_only": "length-only control",
+                 "p_eeg_vs_shuffled": "p-value, EEG vs shuffled EEG"}
+
+
+def test_label(rest: str) -> str:
+    """The label of ``test_<rest>``, a Stage 2 figure that is not one input's score."""
+    for suffix, words in TEST_SUFFIXES.items():
+        if rest.endswith("_" + suffix):
+            return f"{score_label(rest[:-len(suffix) - 1])}, {words}"
+    return score_label(rest)
+
+
+def describe_metrics(metrics: dict[str, Any]) -> tuple[list[tuple[str, str]], list[tuple[str, list[str]]]]:
+    """A job's metrics for people: labelled rows, and Stage 2's scores side by side.
+
+    Parameters
+    ----------
+    metrics : dict
+        The job's ``metrics`` (flat keys as trainers report them).
+
+    Returns
+    -------
+    rows : list of (label, value)
+        Every metric not in the comparison, labelled (unknown keys in words), with the BLEU-1
+        interval of EEG over noise as one row.
+    scores : list of (label, [EEG, noise, shuffled EEG])
+        Each ``test_<score>_<input>`` score, one row per score, ``-`` where an input is missing.
+    """
+    metrics = dict(metrics or {})
+    rows: list[tuple[str, str]] = []
+    diff = metrics.pop("test_bleu1_eeg_minus_noise", None)
+    low, high = metrics.pop("test_bleu1_eeg_minus_noise_ci_low", None), metrics.pop("test_bleu1_eeg_minus_noise_ci_high", None)
+    if isinstance(diff, (int, float)):
+        interval = (f" (95% interval {low:+.3f} to {high:+.3f})"
+                    if isinstance(low, (int, float)) and isinstance(high, (int, float)) else "")
+        rows.append(("BLEU-1, EEG minus noise", f"{diff:+.3f}{interval}"))
+    scores: dict[str, dict[str, Any]] = {}
+    for key in list(metrics):
+        if key.startswith("test_") and not any(key.endswith("_" + suffix) for suffix in TEST_SUFFIXES):
+            score, _, source = key[len("test_"):].rpartition("_")
+            if source in INPUTS and score:
+                scores.setdefault(score, {})[source] = metrics.pop(key)
+    for key, value in metrics.items():
+        if key.startswith("test_"):
+            label = test_label(key[len("test_"):])
+        else:
+            label = METRIC_LABELS.get(key) or _words(key)
+        rows.append((label, format_value(value)))
+    table = [(score_label(score), [format_value(by[s]) if s in by else "-" for s in INPUTS])
+             for score, by in scores.items()]
+    return rows, table
+
+
+def describe_disk(disk: dict[str, Any] | None) -> str:
+    """``/api/system``'s disk figures in one line."""
+    if not disk:
+        return "-"
+    taken = (disk.get("jobs_bytes") or 0) + (disk.get("artifacts_bytes") or 0)
+    return (f"{format_bytes(disk.get('free_bytes'))} free; NeuroLens takes {format_bytes(taken)} "
+            f"(jobs {format_bytes(disk.get('jobs_bytes'))}, artifacts {format_bytes(disk.get('artifacts_bytes'))})")
+
+
+def describe_jobs_by_status(counts: dict[str, int] | None) -> str:
+    """``3 running, 1 queued, 12 succeeded`` (statuses with no job left out)."""
+    parts = [f"{n} {status}" for status, n in (counts or {}).items() if n]
+    return ", ".join(parts) or "none"
+
+
+__all__ = ["REASONS", "busy_phase", "progress_cell", "describe_disk", "describe_jobs_by_status", "describe_metrics", "format_bytes",
+           "format_duration", "format_memory", "format_progress", "format_value", "short_status_label",
            "status_label"]

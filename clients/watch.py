@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
 from clients.client import TERMINAL_STATUSES, NeuroLensClient
-from clients.format import format_bytes, format_duration, format_progress, status_label
+from clients.format import busy_phase, format_bytes, format_duration, format_progress, status_label
 
 # Free memory changes slowly and /api/system costs the server a psutil call; poll it less often
 # than the job itself.
@@ -31,6 +31,11 @@ def _fields(job: dict[str, Any], available: int | None, wide: bool) -> dict[str,
         "eta": f"ETA {format_duration(eta)}" if eta is not None and job["status"] == "running" else "",
         "mem": mem,
     }
+
+
+def _described(job: dict[str, Any]) -> str:
+    """The bar's word: the status, or what a running trainer does besides steps (``probing``)."""
+    return busy_phase(job) or status_label(job)
 
 
 WIDE_COLUMNS = 110
@@ -73,13 +78,13 @@ def watch_job(client: NeuroLensClient, job_id: int, console: Console, *, interva
         TextColumn("{task.fields[mem]}"),
     )
     with Progress(*columns, console=console, transient=False) as bar:
-        task = bar.add_task(status_label(job), total=None, job_id=job_id, **_fields(job, available, wide))
+        task = bar.add_task(_described(job), total=None, job_id=job_id, **_fields(job, available, wide))
         while True:
             if wide and time.monotonic() - last_system >= SYSTEM_POLL_S:
                 available = client.system().get("memory_available_bytes")
                 last_system = time.monotonic()
             progress = job.get("progress") or {}
-            bar.update(task, description=status_label(job), total=progress.get("total") or None,
+            bar.update(task, description=_described(job), total=progress.get("total") or None,
                        completed=progress.get("step") or 0, **_fields(job, available, wide))
             if job["status"] in TERMINAL_STATUSES:
                 return job
@@ -101,8 +106,8 @@ def _print_lines(client: NeuroLensClient, job_id: int, console: Console, interva
         assert job is not None
         fields = _fields(job, None, wide=False)
         line = ", ".join(part for part in (f"job {job_id} {status_label(job)} {format_progress(job.get('progress'))}",
-                                           fields["loss"], fields["mem"]) if part)
-        seen = (status_label(job), (job.get("progress") or {}).get("step"), fields["loss"])
+                                           busy_phase(job), fields["loss"], fields["mem"]) if part)
+        seen = (status_label(job), busy_phase(job), (job.get("progress") or {}).get("step"), fields["loss"])
         if seen != last:
             console.print(line, soft_wrap=True, markup=False)
             last = seen

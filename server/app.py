@@ -20,6 +20,7 @@ from server.api import artifacts, jobs, system, tus
 from server.api_docs import add_api_docs
 from server.db import make_engine, upgrade_database
 from server.exceptions import NeuroLensServerError
+from server.housekeeping import DiskUsage, finish_deletions
 from server.jobs import create_job
 from server.models import Job, JobCreate
 from server.origin_guard import OriginGuardMiddleware, methods_taken
@@ -102,6 +103,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         upgrade_database(url)
         engine = make_engine(url)
         store = ArtifactStore(settings.artifacts_dir)
+        finish_deletions(engine, settings.jobs_dir, store)  # those a stop cut short, before anything reads
+        app.state.disk = DiskUsage(settings.data_dir, settings.jobs_dir, store)
         scheduler = Scheduler(settings, engine, store)
         app.state.settings, app.state.engine, app.state.store, app.state.scheduler = settings, engine, store, scheduler
         if settings.demo:

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 from collections import OrderedDict
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
 
@@ -29,11 +30,12 @@ from server.exceptions import Conflict, InvalidInput, NotFound
 from server.models import (
     Artifact, Attempt, AttemptOutcome, Job, JobCreate, JobEvent, JobPublic, JobStatus, WaitReason, utcnow,
 )
+from server.eta import eta_seconds, next_step_seconds
 from server.outcomes import MAX_IDLE_ALLOCATIONS, Decision, Facts, decide
 from trainer.artifact_format import ArtifactFormatError, read_header
 from trainer.config import ConfigError, EncoderConfig, TrainConfigBase
 from trainer.memory_prediction import predict_peak_bytes
-from trainer.protocol import SYNTHETIC_DATASETS, ArtifactKind, TrainerEvent, merge_memory
+from trainer.protocol import SYNTHETIC_DATASETS, TRAINING_PHASE, ArtifactKind, TrainerEvent, merge_memory
 from trainer.stages import STAGES, parse_config, stage_names
 
 log = logging.getLogger("neurolens.jobs")
@@ -51,11 +53,14 @@ def get_job(session: Session, job_id: int) -> Job:
     job = session.get(Job, job_id)
     if job is None:
         raise NotFound(f"Job {job_id} not found.")
+    if job.deleting_at is not None:
+        raise NotFound(f"Job {job_id} not found: it is being deleted.")
     return job
 
 
 def job_artifacts(session: Session, job_id: int) -> list[Artifact]:
-    return list(session.exec(select(Artifact).where(Artifact.job_id == job_id).order_by(Artifact.id)))
+    return list(session.exec(select(Artifact).where(Artifact.job_id == job_id, Artifact.deleting_at.is_(None))
+                             .order_by(Artifact.id)))
 
 
 def attempts_of(session: Session, job_id: int) -> list[Attempt]:
@@ -78,7 +83,8 @@ def to_public_many(session: Session, jobs: list[Job]) -> list[JobPublic]:
     artifacts: dict[int, list[Artifact]] = {job_id: [] for job_id in ids}
     attempts: dict[int, list[Attempt]] = {job_id: [] for job_id in ids}
     if ids:
-        for artifact in session.exec(select(Artifact).where(Artifact.job_id.in_(ids)).order_by(Artifact.id)):
+        for artifact in session.exec(select(Artifact).where(Artifact.job_id.in_(ids), Artifact.deleting_at.is_(None))
+                                     .order_by(Artifact.id)):
             artifacts[artifact.job_id].append(artifact)
         for attempt in session.exec(select(Attempt).where(Attempt.job_id.in_(ids)).order_by(Attempt.number)):
             attempts[attempt.job_id].append(attempt)
@@ -89,7 +95,7 @@ def encoder_of(session: Session, job_id: int) -> Artifact | None:
     """The newest encoder artifact a job produced, if any."""
     return session.exec(
         select(Artifact)
-        .where(Artifact.job_id == job_id, Artifact.kind == ArtifactKind.encoder)
+        .where(Artifact.job_id == job_id, Artifact.kind == ArtifactKind.encoder, Artifact.deleting_at.is_(None))
         .order_by(Artifact.id.desc())
     ).first()
 
@@ -151,7 +157,7 @@ def check_resume_checkpoint(session: Session, body: JobCreate, config: TrainConf
     written with; a checkpoint of another preset could only fail later, in the trainer.
     """
     artifact = session.get(Artifact, body.checkpoint_artifact)
-    if artifact is None:
+    if artifact is None or artifact.deleting_at is not None:
         raise NotFound(f"Artifact {body.checkpoint_artifact} named in 'checkpoint_artifact' not found.")
     if artifact.kind != ArtifactKind.checkpoint:
         raise InvalidInput(
@@ -222,7 +228,7 @@ def create_job(session: Session, body: JobCreate, memory_limit_bytes: int | None
                                f"'encoder_artifact'.")
         if body.after is not None:
             after = session.get(Job, body.after)
-            if after is None:
+            if after is None or after.deleting_at is not None:
                 raise NotFound(f"Job {body.after} named in 'after' not found.")
             if after.stage not in STAGES or ArtifactKind.encoder not in STAGES[after.stage].produces:
                 raise InvalidInput(f"Job {body.after} named in 'after' is a {after.stage} job; expected a {producers} job.")
@@ -230,7 +236,7 @@ def create_job(session: Session, body: JobCreate, memory_limit_bytes: int | None
                 raise InvalidInput(f"Job {body.after} named in 'after' is {after.status.value}; it will produce no encoder.")
         if body.encoder_artifact is not None:
             artifact = session.get(Artifact, body.encoder_artifact)
-            if artifact is None:
+            if artifact is None or artifact.deleting_at is not None:
                 raise NotFound(f"Artifact {body.encoder_artifact} named in 'encoder_artifact' not found.")
             if artifact.kind != ArtifactKind.encoder:
                 raise InvalidInput(
@@ -299,9 +305,9 @@ def update_if_status(session: Session, job: Job, expected: JobStatus, *, commit:
     Raises :class:`StaleJob`, having written nothing, when the status changed meanwhile. With
     ``commit=False`` the caller adds its side effects and commits them with this write.
     """
-    result = session.execute(
-        update(Job).where(Job.id == job.id, Job.status == expected).values(**values, version=Job.version + 1)
-    )
+    # A job being deleted changes no more: its deletion is under way (delete_job).
+    result = session.execute(update(Job).where(Job.id == job.id, Job.status == expected, Job.deleting_at.is_(None))
+                             .values(**values, version=Job.version + 1))
     if result.rowcount != 1:
         session.rollback()
         raise StaleJob(f"Job {job.id} changed while it was being updated; try again.")
@@ -316,7 +322,7 @@ def _status_values(status: JobStatus, **values: Any) -> dict[str, Any]:
     now = utcnow()
     values = {"status": status, "reason": None, **values}
     if status != JobStatus.running:
-        values["eta_s"] = None
+        values["eta_s"] = values["phase"] = None
     if status.is_finished:
         values["finished_at"] = now
     return values
@@ -384,28 +390,39 @@ def reattached(session: Session, attempt: Attempt, server_url: str | None = None
 
 def record_event(session: Session, job: Job, attempt: Attempt, event: TrainerEvent, *,
                  reported_rss_is_ground_truth: bool = False,
-                 max_progress_events: int | None = None) -> str | None:
+                 max_progress_events: int | None = None, now: datetime | None = None) -> str | None:
     """Store a trainer report, refresh the job's progress; return the pending stop request.
 
     The trainer's own RSS covers its own process only; where the executor measures the whole
     process tree (``reported_rss_is_ground_truth`` False) that measurement is the one kept.
     A job sends a progress event every few seconds, for days: past ``max_progress_events``
     (``None``: no limit) its progress events are thinned (:func:`_thin_progress`), so its log
-    stays bounded; every other kind of event is kept.
+    stays bounded; every other kind of event is kept. ``now`` is when the report arrived
+    (default: now); the ETA's clock reads it.
     """
-    now = utcnow()
-    session.add(JobEvent(job_id=job.id, **event.model_dump()))
+    now = now or utcnow()
+    session.add(JobEvent(job_id=job.id, created_at=now, **event.model_dump()))
     attempt.last_heartbeat_at = now
     if event.kind == "started":
         # A resumed attempt announces itself before it has loaded its checkpoint, so its step
         # is not news: the job keeps the step its checkpoint holds.
         attempt.eta_from_step = attempt.eta_from_at = None
+    elif event.kind == "phase":
+        # Only training is timed (server.eta): leaving it stops the clock; the first step
+        # reported after entering it again starts it anew.
+        job.phase = event.message
+        attempt.eta_from_step = attempt.eta_from_at = None
     elif event.step is not None:
-        if attempt.eta_from_step is None and event.step > attempt.start_step:
-            # The attempt's first reported step: the ETA's rate is measured from here on. Start-up
-            # (imports, data preparation, building the model) and the first step (warm-up,
-            # allocator growth) are not training speed; counting them made early ETAs far too long.
-            attempt.eta_from_step, attempt.eta_from_at = event.step, now
+        if job.phase in (None, TRAINING_PHASE) and event.step > attempt.start_step:
+            if attempt.eta_from_step is None:
+                # The first step reported since training began: the clock starts here. Start-up
+                # (imports, data, the model) and the first step (warm-up, allocator growth) are
+                # not training speed; counting them made early ETAs far too long.
+                attempt.eta_from_step, attempt.eta_from_at = event.step, now
+            elif event.step > attempt.eta_from_step:
+                attempt.step_s = next_step_seconds(attempt.step_s, (now - attempt.eta_from_at).total_seconds(),
+                                                   event.step - attempt.eta_from_step, event.step - attempt.start_step)
+                attempt.eta_from_step, attempt.eta_from_at = event.step, now
         job.step = event.step
     if event.total is not None:
         job.total = event.total
@@ -422,7 +439,7 @@ def record_event(session: Session, job: Job, attempt: Attempt, event: TrainerEve
         attempt.rss_bytes = rss_now
     if event.kind == "error" and event.message:
         job.error = event.message
-    job.eta_s = _eta_seconds(job, attempt, now)
+    job.eta_s = eta_seconds(attempt.step_s, job.step, job.total)
     touch(job)
     session.add_all([job, attempt])
     if event.kind == "progress" and max_progress_events is not None:
@@ -525,15 +542,6 @@ def report_event(session: Session, backlog: EventBacklog, job: Job, attempt: Att
                     job.id, event.kind, exc.orig)
         backlog.keep(job.id, attempt.id, event)
         return stop
-
-
-def _eta_seconds(job: Job, attempt: Attempt, now) -> float | None:
-    """Remaining steps at the average rate since the attempt's first reported step."""
-    if attempt.eta_from_at is None or attempt.eta_from_step is None or job.step <= attempt.eta_from_step:
-        return None
-    elapsed = (now - attempt.eta_from_at).total_seconds()
-    rate = (job.step - attempt.eta_from_step) / max(elapsed, 1e-6)
-    return round(max(job.total - job.step, 0) / rate, 1)
 
 
 def record_memory_sample(session: Session, attempt: Attempt, rss: int) -> None:
@@ -702,6 +710,9 @@ def _retry(session: Session, job: Job) -> Job:
     if job.status not in (JobStatus.failed, JobStatus.cancelled):
         raise Conflict(f"Job {job.id} is {job.status.value}; only a failed or cancelled job can be retried "
                        f"(resume a paused one).")
+    if STAGES[job.stage].needs_encoder and job.after_job_id is None and job.encoder_artifact_id is None:
+        raise Conflict(f"Job {job.id} cannot be retried: the encoder it started from was deleted; submit a new "
+                       f"job naming another encoder.")
     after = session.get(Job, job.after_job_id) if job.after_job_id is not None else None
     if after is not None and after.status in (JobStatus.failed, JobStatus.cancelled):
         raise Conflict(f"Job {job.id} starts from the encoder of job {after.id}, which is {after.status.value}; "
@@ -720,3 +731,131 @@ def _retry(session: Session, job: Job) -> Job:
     session.commit()
     session.refresh(job)
     return job
+
+
+# --- deleting -------------------------------------------------------------------------------
+#
+# A deletion is marked first (one transaction: the mark, and the rows others keep pointing at
+# rewired), then the files go (server.housekeeping), then the rows. A server that stops between
+# the steps finds the mark at its next start and finishes the deletion; a marked job or
+# artifact is already gone for every reader (get_job, the listings).
+
+# Jobs that may still start a trainer: what they use cannot be deleted under them.
+ACTIVE = (JobStatus.queued, JobStatus.running, JobStatus.paused)
+
+
+def _named(jobs: list[Job]) -> str:
+    return ", ".join(f"{job.id} ({job.status.value})" for job in jobs)
+
+
+def mark_job_deleting(session: Session, job: Job) -> list[int]:
+    """Mark a job for deletion; return the ids of its artifacts that other jobs use, which are
+    kept, detached from it (``job_id`` null, like an imported file).
+
+    Refused (:class:`Conflict`, nothing written) while the job is queued or running, or while
+    a queued, running or paused job waits on its encoder. A finished job that started from
+    this job's encoder names that encoder artifact instead (it is kept), so its record still
+    says what it started from.
+    """
+    if job.status in (JobStatus.queued, JobStatus.running):
+        raise Conflict(f"Job {job.id} is {job.status.value}; cancel it first (a running trainer stops at its next "
+                       f"step), then delete it.")
+    dependents = list(session.exec(select(Job).where(Job.after_job_id == job.id, Job.deleting_at.is_(None))
+                                   .order_by(Job.id)))
+    waiting = [d for d in dependents if d.status in ACTIVE]
+    if waiting:
+        raise Conflict(f"Job {job.id} cannot be deleted: job{'s' if len(waiting) > 1 else ''} {_named(waiting)} "
+                       f"start{'' if len(waiting) > 1 else 's'} from its encoder; cancel or delete "
+                       f"{'them' if len(waiting) > 1 else 'it'} first.")
+    encoder = encoder_of(session, job.id)
+    for dependent in dependents:
+        session.execute(update(Job).where(Job.id == dependent.id).values(
+            after_job_id=None, encoder_artifact_id=encoder.id if encoder is not None else None,
+            version=Job.version + 1))
+    session.flush()
+    own = job_artifacts(session, job.id)
+    own_ids = [a.id for a in own]
+    used = set(session.exec(select(Job.encoder_artifact_id).where(Job.encoder_artifact_id.in_(own_ids),
+                                                                  Job.id != job.id)).all()) if own_ids else set()
+    used |= set(session.exec(select(Job.checkpoint_artifact_id).where(Job.checkpoint_artifact_id.in_(own_ids),
+                                                                      Job.id != job.id)).all()) if own_ids else set()
+    kept = sorted(i for i in used if i is not None)
+    now = utcnow()
+    if kept:
+        session.execute(update(Artifact).where(Artifact.id.in_(kept)).values(job_id=None))
+    if own_ids:
+        session.execute(update(Artifact).where(Artifact.job_id == job.id).values(deleting_at=now))
+    # Compare-and-set like every status change: a retry or resume a moment ago wins.
+    update_if_status(session, job, job.status, commit=False, deleting_at=now)
+    session.commit()
+    return kept
+
+
+def deleting_artifacts_of(session: Session, job_id: int) -> list[Artifact]:
+    """The artifacts a marked job's deletion removes (those not kept)."""
+    return list(session.exec(select(Artifact).where(Artifact.job_id == job_id, Artifact.deleting_at.is_not(None))))
+
+
+def drop_job(session: Session, job_id: int) -> None:
+    """The last step of a job's deletion, its files gone: its rows (events, attempts, the
+    artifacts not kept, the job)."""
+    session.execute(delete(JobEvent).where(JobEvent.job_id == job_id))
+    session.execute(delete(Attempt).where(Attempt.job_id == job_id))
+    session.execute(delete(Artifact).where(Artifact.job_id == job_id, Artifact.deleting_at.is_not(None)))
+    session.execute(delete(Job).where(Job.id == job_id, Job.deleting_at.is_not(None)))
+    session.commit()
+
+
+def get_artifact(session: Session, artifact_id: int) -> Artifact:
+    artifact = session.get(Artifact, artifact_id)
+    if artifact is None or artifact.deleting_at is not None:
+        raise NotFound(f"Artifact {artifact_id} not found.")
+    return artifact
+
+
+def mark_artifact_deleting(session: Session, artifact: Artifact) -> list[int]:
+    """Mark an artifact for deletion; return the finished jobs that named it (their reference is
+    cleared: the row it named is going).
+
+    Refused (:class:`Conflict`) while a queued, running or paused job uses it: as its encoder or
+    checkpoint to start from, or as the newest encoder of the Stage 1 job it waits on.
+    """
+    users = list(session.exec(select(Job).where(
+        (Job.encoder_artifact_id == artifact.id) | (Job.checkpoint_artifact_id == artifact.id),
+        Job.deleting_at.is_(None)).order_by(Job.id)))
+    if artifact.kind == ArtifactKind.encoder and artifact.job_id is not None:
+        newest = encoder_of(session, artifact.job_id)
+        if newest is not None and newest.id == artifact.id:
+            users += list(session.exec(select(Job).where(Job.after_job_id == artifact.job_id,
+                                                         Job.deleting_at.is_(None)).order_by(Job.id)))
+    active = [job for job in users if job.status in ACTIVE]
+    if active:
+        raise Conflict(f"Artifact {artifact.id} cannot be deleted: job{'s' if len(active) > 1 else ''} "
+                       f"{_named(active)} use{'' if len(active) > 1 else 's'} it; cancel or delete "
+                       f"{'them' if len(active) > 1 else 'it'} first.")
+    named = sorted({job.id for job in users if artifact.id in (job.encoder_artifact_id, job.checkpoint_artifact_id)})
+    for column in (Job.encoder_artifact_id, Job.checkpoint_artifact_id):
+        session.execute(update(Job).where(column == artifact.id).values({column: None, Job.version: Job.version + 1}))
+    result = session.execute(update(Artifact).where(Artifact.id == artifact.id, Artifact.deleting_at.is_(None))
+                             .values(deleting_at=utcnow()))
+    if result.rowcount != 1:
+        session.rollback()
+        raise NotFound(f"Artifact {artifact.id} not found: it is being deleted.")
+    if artifact.job_id is not None:
+        _bump(session, artifact.job_id)
+    session.commit()
+    return named
+
+
+def drop_artifact(session: Session, artifact_id: int) -> None:
+    """The last step of an artifact's deletion, its file gone: its row."""
+    session.execute(delete(Artifact).where(Artifact.id == artifact_id, Artifact.deleting_at.is_not(None)))
+    session.commit()
+
+
+def pending_deletions(session: Session) -> tuple[list[int], list[Artifact]]:
+    """Deletions a stopped server left unfinished: marked jobs, and marked artifacts of no marked job."""
+    jobs = list(session.exec(select(Job.id).where(Job.deleting_at.is_not(None))).all())
+    artifacts = [a for a in session.exec(select(Artifact).where(Artifact.deleting_at.is_not(None)))
+                 if a.job_id is None or a.job_id not in jobs]
+    return jobs, artifacts

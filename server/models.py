@@ -124,6 +124,10 @@ class Job(SQLModel, table=True):
     # attempts made so far, which gives the job a fresh budget and keeps its history.
     retry_budget_from: int = 0
     error: str | None = None
+    # The trainer's phase now (trainer.protocol.PHASES); None while no trainer runs.
+    phase: str | None = None
+    # Set when a deletion began: its files go next, then its rows; a restart finishes it.
+    deleting_at: datetime | None = None
     # Bumped on every change, the job's attempts included; the job's ETag.
     version: int = 1
     created_at: datetime = Field(default_factory=utcnow)
@@ -166,6 +170,8 @@ class Attempt(AttemptBase, table=True):
     # The attempt's first reported step and when it came: the ETA's rate is measured from there.
     eta_from_step: int | None = Field(None, sa_type=Int64)
     eta_from_at: datetime | None = None
+    # Seconds per training step, smoothed over the attempt's reports (server.eta); None until measured.
+    step_s: float | None = None
 
 
 class AttemptPublic(AttemptBase):
@@ -208,6 +214,8 @@ class Artifact(SQLModel, table=True):
     # Path of the stored file relative to the artifact store root; never taken from a request.
     storage_path: str
     created_at: datetime = Field(default_factory=utcnow)
+    # Set when a deletion began (see Job.deleting_at).
+    deleting_at: datetime | None = None
 
 
 class ArtifactPublic(SQLModel):
@@ -242,6 +250,10 @@ class JobPublic(SQLModel):
     attempt_history: list[AttemptPublic] = Field(
         default_factory=list, description="Every attempt, oldest first: when it ran, how it ended, its memory.")
     error: str | None
+    phase: str | None = Field(None, description="What the trainer is doing now: 'loading data', 'caching features', "
+                                                "'training', 'evaluating', 'probing' or 'saving'; null when not running.")
+    disk_bytes: int | None = Field(None, description="Bytes the job's directory and artifacts take on disk "
+                                                     "(each file counted once, hard links included).")
     artifacts: list[ArtifactPublic]
     created_at: datetime
     started_at: datetime | None
@@ -265,6 +277,7 @@ class JobPublic(SQLModel):
             attempts=job.attempts,
             attempt_history=[AttemptPublic.model_validate(a, from_attributes=True) for a in attempts],
             error=job.error,
+            phase=job.phase if job.status == JobStatus.running else None,
             artifacts=[ArtifactPublic.model_validate(a, from_attributes=True) for a in artifacts],
             created_at=job.created_at,
             started_at=job.started_at,

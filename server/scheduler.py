@@ -400,7 +400,7 @@ class Scheduler:
             job_dir=str(job_dir), api_url=self.settings.trainer_url, token=token,
             encoder_path=str(encoder_path) if encoder_path else None,
             cache_dir=str(self.settings.cache_dir.resolve()), attempt=job.attempts + 1,
-            resume_from=self._resume_path(session, job),
+            resume_from=self._resume_path(session, job), keep_checkpoints=self.settings.keep_checkpoints,
         )
         spec_path = job_dir / SPEC_FILENAME
         # A name of this attempt's own: another server sharing the job folder may be writing its

@@ -63,6 +63,9 @@ class Settings(BaseSettings):
                                                "Linux); empty allows any path. Required off loopback.")
     dataset_check_timeout_s: float = Field(60.0, gt=0, description="Time allowed to open every recording of a "
                                                                   "dataset (headers only) before a job is queued.")
+    keep_checkpoints: int = Field(3, ge=0, description="Intermediate checkpoints each job keeps, newest first; older "
+                                                        "ones are deleted as new ones are written, except those that "
+                                                        "are artifacts. 0 keeps every one.")
     memory_margin_bytes: int = Field(256 * 1024**2, ge=0, description="Free memory kept back for the OS and the user's other work.")
 
     @field_validator("slurm_extra")

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -11,6 +13,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from typer.testing import CliRunner
 
@@ -179,3 +182,49 @@ def test_download_by_job_and_kind_and_checkpoints_named_by_step(server: RunningS
     assert one_error_line(missing) == f"error: job {job_id} has no model artifact (it has: checkpoint, encoder)"
     both = cli(server.url, "download", "1", "--job", str(job_id), "--kind", "encoder")
     assert both.exit_code == 2 and "not both" in both.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.ci
+def test_delete_asks_unless_yes_and_status_is_labelled_within_80_columns(server: RunningServer) -> None:
+    from tests.test_cli_terminal import neurolens_in_terminal
+
+    with server.client() as http:
+        running = http.post("/api/jobs", json={"stage": "stage1", "config": {
+            "preset": "tiny", "steps": 400, "probe_words": 0, "log_every_s": 0.2}}).json()["id"]
+        waiting = http.post("/api/jobs", json={"stage": "stage2", "after": running,
+                                               "config": {"preset": "tiny"}}).json()["id"]
+        deadline = time.monotonic() + 120
+        while (lambda job: job.get("phase") != "training" or not job["metrics"].get("samples_per_s"))(
+                http.get(f"/api/jobs/{running}").json()):
+            assert time.monotonic() < deadline, "the job never reported its training phase"
+            time.sleep(0.3)
+
+    shown = cli(server.url, "status", str(running))
+    assert shown.exit_code == 0, shown.output
+    assert re.search(r"Phase +training", shown.stdout) and re.search(r"Disk +[\d.]+ KiB", shown.stdout), shown.stdout
+    assert "samples_per_s" not in shown.stdout and "Samples per second" in shown.stdout, shown.stdout
+
+    summary = neurolens_in_terminal(server, "status")
+    assert max(len(line) for line in summary) <= 80, summary
+    text = "\n".join(summary)
+    for label in ("Executor", "local", "Memory", "available of", "Disk", "free; NeuroLens takes", "Jobs"):
+        assert label in text, summary
+    assert "1 queued, 1 running" in text, summary
+    raw = cli(server.url, "status", "--json")
+    assert raw.exit_code == 0 and set(json.loads(raw.stdout)["disk"]) == {
+        "used_bytes", "free_bytes", "jobs_bytes", "artifacts_bytes"}
+
+    refused = cli(server.url, "delete", "job", str(running), "--yes")
+    assert refused.exit_code == 1 and "running; cancel it first" in one_error_line(refused)
+    assert "cancelled" in cli(server.url, "cancel", str(waiting)).stdout
+    kept = runner.invoke(app, ["--server", server.url, "delete", "job", str(waiting)], input="n\n")
+    assert kept.exit_code == 1 and f"Delete job {waiting} (stage2, cancelled)" in kept.stdout, kept.output
+    assert one_error_line(kept) == "error: nothing deleted."
+    deleted = runner.invoke(app, ["--server", server.url, "delete", "job", str(waiting)], input="y\n")
+    assert deleted.exit_code == 0 and f"Job {waiting} deleted;" in deleted.stdout, deleted.output
+    again = cli(server.url, "delete", "job", str(waiting), "--yes")
+    assert again.exit_code == 1 and f"Job {waiting} not found" in one_error_line(again)
+    missing = cli(server.url, "delete", "artifact", "999", "--yes")
+    assert missing.exit_code == 1 and "Artifact 999 not found" in one_error_line(missing)
+    cli(server.url, "cancel", str(running))

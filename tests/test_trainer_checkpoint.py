@@ -47,7 +47,8 @@ def test_layout_rotation_and_state(tmp_path):
         path = save_training_checkpoint(tmp_path, model, optimizer, TrainState(step=step, epoch=1, position=3),
                                         {"mask": generator}, {"stage_config": {"preset": "tiny"}})
     assert path == tmp_path / "checkpoints" / "step-000030" / "checkpoint.safetensors"
-    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step-000020", "step-000030"]
+    # The default retention keeps the newest three (NEUROLENS_KEEP_CHECKPOINTS).
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step-000010", "step-000020", "step-000030"]
     assert sorted(os.listdir(path.parent)) == ["checkpoint.safetensors", "state.json"]
     assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
     state = json.loads((path.parent / "state.json").read_text())

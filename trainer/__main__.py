@@ -22,7 +22,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from trainer.checkpoint import atomic_write_text
+from trainer.checkpoint import RETENTION, atomic_write_text
 from trainer.config import ConfigError
 from trainer.distributed import World, shutdown, world_from_env
 from trainer.exceptions import TrainerError
@@ -84,6 +84,7 @@ def run_job(spec: JobSpec, world: World) -> int:
     if hasattr(signal, "SIGUSR1"):  # not on Windows, where there is no batch system to send it
         signal.signal(signal.SIGUSR1, on_time_warning)
 
+    RETENTION.keep = spec.keep_checkpoints
     with reporter:
         try:
             config = parse_config(spec.stage, spec.config)

@@ -303,9 +303,47 @@ def optimizer_from_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, 
 
 
 # -- checkpoints ------------------------------------------------------------------------------------
+class Retention:
+    """Which checkpoint directories a job keeps: the newest :attr:`keep` (0: all), plus any whose
+    file is also an artifact, plus the one this run resumed from.
+
+    An artifact the server registered is a hard link to the file here (server.storage), so a
+    link count above one marks it, across attempts and restarts, with no list to keep in step.
+    ``keep`` comes from the job spec (the server's NEUROLENS_KEEP_CHECKPOINTS), set once by
+    ``trainer.__main__``; the run's resumed directory is noted by :func:`find_latest_checkpoint`.
+    """
+
+    def __init__(self, keep: int = 3) -> None:
+        self.keep = keep
+        self.protected: set[Path] = set()
+
+    def is_artifact(self, directory: Path) -> bool:
+        try:
+            return (directory / CHECKPOINT_FILENAME).stat().st_nlink > 1
+        except OSError:
+            return False
+
+    def prune(self, job_dir: Path, keep: int | None = None) -> list[Path]:
+        """Delete the checkpoint directories beyond the newest ``keep`` (default :attr:`keep`) that
+        are neither artifacts nor protected; return those deleted."""
+        keep = self.keep if keep is None else keep
+        if keep <= 0:
+            return []
+        removed = []
+        for old in list_checkpoints(job_dir)[:-keep]:
+            if old.resolve() in self.protected or self.is_artifact(old):
+                continue
+            shutil.rmtree(old, ignore_errors=True)
+            removed.append(old)
+        return removed
+
+
+RETENTION = Retention()
+
+
 def save_checkpoint(job_dir: Path, step: int, tensors: dict[str, torch.Tensor],
-                    metadata: dict[str, Any], keep: int = 2) -> Path:
-    """Write ``checkpoints/step-XXXXXX/`` atomically and keep only the newest ``keep``.
+                    metadata: dict[str, Any], keep: int | None = None) -> Path:
+    """Write ``checkpoints/step-XXXXXX/`` atomically, then prune older ones (:class:`Retention`).
 
     Parameters
     ----------
@@ -318,8 +356,8 @@ def save_checkpoint(job_dir: Path, step: int, tensors: dict[str, torch.Tensor],
     metadata : dict of str to object
         Values stored as JSON strings in the safetensors header. ``trainer_state`` is also
         written to ``state.json``.
-    keep : int
-        Number of newest checkpoints to keep.
+    keep : int, optional
+        Number of newest checkpoints to keep; default :data:`RETENTION`'s (the job's setting).
 
     Returns
     -------
@@ -347,8 +385,7 @@ def save_checkpoint(job_dir: Path, step: int, tensors: dict[str, torch.Tensor],
         shutil.rmtree(final)
     os.replace(tmp, final)
     _fsync_dir(root)
-    for old in list_checkpoints(job_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    RETENTION.prune(job_dir, keep)
     return final / CHECKPOINT_FILENAME
 
 
@@ -385,6 +422,7 @@ def find_latest_checkpoint(job_dir: Path) -> Path | None:
     for directory in reversed(list_checkpoints(job_dir)):
         path = directory / CHECKPOINT_FILENAME
         if _readable(path):
+            RETENTION.protected.add(directory.resolve())  # what this run resumes from stays
             return path
         log.warning("removing unreadable checkpoint %s", directory)
         shutil.rmtree(directory, ignore_errors=True)

@@ -19,7 +19,7 @@ from __future__ import annotations
 from enum import Enum
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 from sqlalchemy import BigInteger, Integer
 from sqlmodel import Field as ColumnField, SQLModel
 
@@ -74,6 +74,8 @@ class JobSpec(BaseModel):
     resume_from: str | None = Field(None, description="A checkpoint file (an artifact) to start from while the job "
                                                       "directory has no checkpoint of its own.")
     attempt: int = 1
+    keep_checkpoints: int = Field(3, ge=0, description="Newest intermediate checkpoints kept in the job directory; "
+                                                       "0 keeps every one (NEUROLENS_KEEP_CHECKPOINTS).")
 
     @field_validator("stage")
     @classmethod
@@ -128,10 +130,17 @@ def merge_memory(target: Any, report: Any) -> None:
         setattr(target, name, value)
 
 
-class TrainerEvent(MemoryFigures):
-    """One report from the trainer. ``progress`` events double as heartbeats."""
+# What a trainer can be doing, in the order a job meets them; a ``phase`` event names the one it
+# enters (its message). The server shows the current one and times only ``training`` for the ETA.
+PHASES = ("loading data", "caching features", "training", "evaluating", "probing", "saving")
+TRAINING_PHASE = "training"
 
-    kind: Literal["started", "progress", "log", "checkpoint", "finished", "error"] = "progress"
+
+class TrainerEvent(MemoryFigures):
+    """One report from the trainer. ``progress`` events double as heartbeats; a ``phase`` event's
+    message is one of :data:`PHASES`."""
+
+    kind: Literal["started", "progress", "log", "checkpoint", "finished", "error", "phase"] = "progress"
     step: int | None = Field(None, ge=0, le=INT64_MAX)
     total: int | None = Field(None, ge=0, le=INT64_MAX)
     loss: float | None = None
@@ -139,6 +148,12 @@ class TrainerEvent(MemoryFigures):
     samples_per_s: float | None = None
     metrics: dict[str, Any] = Field(default_factory=dict)
     message: str | None = None
+
+    @model_validator(mode="after")
+    def _known_phase(self) -> "TrainerEvent":
+        if self.kind == "phase" and self.message not in PHASES:
+            raise ValueError(f"Invalid phase {self.message!r}; expected one of {', '.join(map(repr, PHASES))}.")
+        return self
 
 
 class EventReply(BaseModel):

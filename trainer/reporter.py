@@ -111,7 +111,7 @@ class Reporter:
         self.send(TrainerEvent(kind="progress", **latest), retry=False)
 
     def event(self, kind: str, *, retry: bool = True, **fields: Any) -> None:
-        """Send an event of ``kind`` (``started``, ``log``, ``checkpoint``, ``finished``, ``error``)."""
+        """Send an event of ``kind`` (``started``, ``log``, ``checkpoint``, ``phase``, ``finished``, ``error``)."""
         if kind in ("finished", "error"):
             # The last word: no heartbeat may arrive after it (the server reads the last event
             # of a re-attached trainer to learn how it ended).

@@ -106,6 +106,7 @@ def run(spec: JobSpec, config: Stage1Config, reporter: Reporter, world: World) -
     micro_batches = per_process // config.micro_batch_size
 
     # -- data ------------------------------------------------------------------------------------
+    reporter.event("phase", message="loading data")
     with distributed.main_first(world):  # rank 0 fills the shared caches, the others then read them
         recordings = load_dataset(spec.dataset, Path(spec.cache_dir or spec.job_dir), enc_config,
                                   report=lambda message, metrics: reporter.event("log", message=message, metrics=metrics))
@@ -174,6 +175,7 @@ def run(spec: JobSpec, config: Stage1Config, reporter: Reporter, world: World) -
                            publish_paused=True, validate=validate if config.val_windows else None, save_best=save_best)
 
     # -- loop --------------------------------------------------------------------------------------
+    reporter.event("phase", message="training")
     training.begin()
     model.train()
     while training.running:
@@ -222,6 +224,7 @@ def run(spec: JobSpec, config: Stage1Config, reporter: Reporter, world: World) -
         load_best_weights(job_dir, state.best_step, model)
         log.info("the final encoder is the best state, step %d (validation loss %.4f)", state.best_step,
                  state.best_val_loss)
+    reporter.event("phase", message="evaluating")
     metrics: dict[str, float | int | None] = {
         "steps": state.step, **training.best_summary(),
         "train_loss": state.losses[-1] if state.losses else None,
@@ -239,6 +242,7 @@ def run(spec: JobSpec, config: Stage1Config, reporter: Reporter, world: World) -
                                       f"words: it is held to a tenth of the training's compute")
     probe = (word_probe_start(encoder, recordings, device, probe_words, batch=config.micro_batch_size)
              if config.probe_words else None)
+    reporter.event("phase", message="saving")
     training.register(ArtifactKind.encoder, export.save_encoder(encoder, job_dir / FINAL_DIRNAME / ENCODER_FILENAME))
     training.register_checkpoint()
     if probe is not None:
@@ -247,5 +251,6 @@ def run(spec: JobSpec, config: Stage1Config, reporter: Reporter, world: World) -
         # its random-init encoder, so a large run never holds two encoders at once.
         del model, encoder, head, optimizer
         gc.collect()
+        reporter.event("phase", message="probing")
         metrics.update(word_probe_finish(probe, device))
     return training.finish(metrics, "stage 1")

@@ -151,6 +151,7 @@ def run(spec: JobSpec, config: Stage2Config, reporter: Reporter, world: World) -
     encoder_config = export.check_encoder_file(encoder_path)  # before any data work
 
     # -- data: sentences, splits, cached features ----------------------------------------------------
+    reporter.event("phase", message="loading data")
     recordings = load_dataset(spec.dataset, Path(spec.cache_dir or spec.job_dir), encoder_config,
                               report=lambda message, metrics: reporter.event("log", message=message, metrics=metrics))
     x, mask, texts, subjects = sentence_windows(recordings, encoder_config)
@@ -173,6 +174,7 @@ def run(spec: JobSpec, config: Stage2Config, reporter: Reporter, world: World) -
                                       f"training sentences in batches of {config.batch_size}, within "
                                       f"{config.AUTO_STEPS[0]} to {config.AUTO_STEPS[1]} (config steps 0)")
     reporter.update(total=config.steps)
+    reporter.event("phase", message="caching features")
     cache = cached_features(job_dir, encoder_path, x, mask, device)
     reporter.event("log", message=f"split by {split['split']}: " + "; ".join(
         f"{name} {split[name]['sentences']} sentences ({split[name]['texts']} texts) of "
@@ -226,6 +228,7 @@ def run(spec: JobSpec, config: Stage2Config, reporter: Reporter, world: World) -
         return torch.from_numpy(x[rows]).to(device), torch.from_numpy(mask[rows]).to(device)
 
     # -- loop -----------------------------------------------------------------------------------------
+    reporter.event("phase", message="training")
     training.begin()
     model.train()
     while training.running:
@@ -255,6 +258,7 @@ def run(spec: JobSpec, config: Stage2Config, reporter: Reporter, world: World) -
 
     # -- the best state by validation loss, then evaluation: free-running generation on the test
     # split, EEG vs noise vs shuffled EEG ----------------------------------------------------------------
+    reporter.event("phase", message="evaluating")
     if isinstance(optimizer, FusedOptimizer):
         optimizer.remove_hooks()
     del optimizer  # its state is in the checkpoint; evaluation and export do not need it
@@ -289,6 +293,7 @@ def run(spec: JobSpec, config: Stage2Config, reporter: Reporter, world: World) -
     }
 
     # -- export ---------------------------------------------------------------------------------------
+    reporter.event("phase", message="saving")
     final = job_dir / FINAL_DIRNAME
     model_path = export.save_model(final / MODEL_FILENAME, encoder_path, encoder_config, model,
                                    tokenizer_json(tokenizer))

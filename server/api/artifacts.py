@@ -34,12 +34,15 @@ from fastapi.responses import FileResponse, JSONResponse
 from pydantic import BaseModel, Field
 from sqlmodel import func, select
 from starlette.concurrency import run_in_threadpool
+from starlette.convertors import StringConvertor, register_url_convertor
 from starlette.datastructures import Headers
 from starlette.requests import ClientDisconnect
 from starlette.responses import MalformedRangeHeader, RangeNotSatisfiable
 from starlette.types import Receive, Scope, Send
 
-from server.api.deps import ArtifactId, SettingsDep, StoreDep
+from server import housekeeping
+from server import jobs as job_rules
+from server.api.deps import ArtifactId, DiskDep, SettingsDep, StoreDep
 from server.artifacts import add_artifact, check_filename, check_sha256, check_size, verify
 from server.db import SessionDep
 from server.exceptions import Conflict, InvalidInput, NotFound, PayloadTooLarge
@@ -101,6 +104,13 @@ class UploadCreate(BaseModel):
     filename: str | None = Field(None, description="Stored file name; defaults to the kind's usual name.")
 
 
+class ArtifactDeleted(BaseModel):
+    deleted: int = Field(description="The artifact id deleted.")
+    freed_bytes: int = Field(description="Disk bytes freed: 0 when its job's directory still holds the file "
+                                         "(a hard link).")
+    message: str = Field(description="What was deleted, in words.")
+
+
 class UploadPublic(BaseModel):
     id: str
     kind: ArtifactKind
@@ -131,10 +141,7 @@ def get_uploads(request: Request) -> UploadStore:
 
 
 def get_artifact(session: SessionDep, artifact_id: int) -> Artifact:
-    artifact = session.get(Artifact, artifact_id)
-    if artifact is None:
-        raise NotFound(f"Artifact {artifact_id} not found.")
-    return artifact
+    return job_rules.get_artifact(session, artifact_id)
 
 
 def _public_upload(upload: UploadSession) -> UploadPublic:
@@ -305,8 +312,8 @@ def list_artifacts(
     limit: Annotated[int, Query(ge=1, le=1000)] = 500,
     offset: Annotated[int, Query(ge=0, le=DB_INT_MAX, description="Artifacts to skip (paging); `count` is all that match.")] = 0,
 ) -> ArtifactsPublic:
-    query = select(Artifact)
-    count_query = select(func.count()).select_from(Artifact)
+    query = select(Artifact).where(Artifact.deleting_at.is_(None))
+    count_query = select(func.count()).select_from(Artifact).where(Artifact.deleting_at.is_(None))
     if job_id is not None:
         query = query.where(Artifact.job_id == job_id)
         count_query = count_query.where(Artifact.job_id == job_id)
@@ -325,6 +332,24 @@ def list_artifacts(
 @router.get("/{artifact_id}", response_model=ArtifactPublic)
 def read_artifact(artifact_id: ArtifactId, session: SessionDep) -> ArtifactPublic:
     return ArtifactPublic.model_validate(get_artifact(session, artifact_id), from_attributes=True)
+
+
+class _NotUploads(StringConvertor):
+    """Any path segment but ``uploads``: ``/api/artifacts/uploads`` has no DELETE, and ``Allow``
+    there must not list this route's; any other bad id still reaches validation (a 422)."""
+
+    regex = "(?!uploads$)[^/]+"
+
+
+register_url_convertor("artifact_id", _NotUploads())
+
+
+@router.delete("/{artifact_id:artifact_id}", response_model=ArtifactDeleted)
+def delete_artifact(artifact_id: ArtifactId, session: SessionDep, store: StoreDep, disk: DiskDep) -> ArtifactDeleted:
+    """Delete an artifact's file and record; 409 names the queued, running or paused jobs that use it."""
+    answer = housekeeping.delete_artifact(session, artifact_id, store)
+    disk.forget()  # the totals change; a job's figure follows its version, which the deletion bumped
+    return ArtifactDeleted(**answer)
 
 
 # HEAD (length, ETag, digest without the body) is the same handler; kept out of the schema so

@@ -9,6 +9,7 @@ from fastapi import Depends, Header, Path, Request
 
 from server.db import SessionDep
 from server.exceptions import Unauthorized
+from server.housekeeping import DiskUsage
 from server.jobs import get_job, hash_token, open_attempt
 from server.models import DB_INT_MAX, Attempt, Job
 from server.scheduler import Scheduler
@@ -28,6 +29,10 @@ def get_store(request: Request) -> ArtifactStore:
     return request.app.state.store
 
 
+def get_disk(request: Request) -> DiskUsage:
+    return request.app.state.disk
+
+
 # Ids beyond the database's integer range are refused by validation (422), not by a crash.
 JobId = Annotated[int, Path(ge=1, le=DB_INT_MAX, description="A job id.")]
 ArtifactId = Annotated[int, Path(ge=1, le=DB_INT_MAX, description="An artifact id.")]
@@ -35,6 +40,7 @@ ArtifactId = Annotated[int, Path(ge=1, le=DB_INT_MAX, description="An artifact i
 SettingsDep = Annotated[Settings, Depends(get_app_settings)]
 SchedulerDep = Annotated[Scheduler, Depends(get_scheduler)]
 StoreDep = Annotated[ArtifactStore, Depends(get_store)]
+DiskDep = Annotated[DiskUsage, Depends(get_disk)]
 
 
 def trainer_attempt(job_id: JobId, session: SessionDep,

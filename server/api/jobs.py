@@ -9,10 +9,12 @@ import psutil
 from fastapi import APIRouter, Header, Query, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import PlainTextResponse
+from pydantic import BaseModel, Field
 from sqlmodel import func, select
 
 from server import jobs as job_rules
-from server.api.deps import JobId, SchedulerDep, SettingsDep, StoreDep, TrainerAttemptDep, TrainerJobDep
+from server import housekeeping
+from server.api.deps import DiskDep, JobId, SchedulerDep, SettingsDep, StoreDep, TrainerAttemptDep, TrainerJobDep
 from server.artifacts import add_artifact
 from server.db import SessionDep
 from server.exceptions import InvalidInput, NotFound
@@ -33,6 +35,13 @@ REGISTRABLE_DIRS = (CHECKPOINT_DIRNAME, FINAL_DIRNAME)
 
 def etag_of(job: Job) -> str:
     return f'"job-{job.id}-v{job.version}"'
+
+
+def with_disk(disk: DiskDep, job: Job, public: JobPublic) -> JobPublic:
+    """The public job with its ``disk_bytes`` (cached: see server.housekeeping.DiskUsage)."""
+    public.disk_bytes = disk.job_bytes(job.id, job.version, [a.id for a in public.artifacts],
+                                       running=job.status == JobStatus.running)
+    return public
 
 
 @router.post("", status_code=201, response_model=JobPublic)
@@ -58,14 +67,15 @@ def list_jobs(
     session: SessionDep,
     response: Response,
     scheduler: SchedulerDep,
+    disk: DiskDep,
     status: JobStatus | None = None,
     stage: Annotated[str | None, Query(json_schema_extra={"enum": list(STAGES)})] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 200,
     offset: Annotated[int, Query(ge=0, le=DB_INT_MAX, description="Jobs to skip (paging); `count` is all that match.")] = 0,
     if_none_match: Annotated[str | None, Header()] = None,
 ):
-    query = select(Job)
-    count_query = select(func.count()).select_from(Job)
+    query = select(Job).where(Job.deleting_at.is_(None))
+    count_query = select(func.count()).select_from(Job).where(Job.deleting_at.is_(None))
     if status is not None:
         query = query.where(Job.status == status)
         count_query = count_query.where(Job.status == status)
@@ -85,12 +95,12 @@ def list_jobs(
     if if_none_match and etag in [tag.strip() for tag in if_none_match.split(",")]:
         return Response(status_code=304, headers={"ETag": etag})
     response.headers["ETag"] = etag
-    return JobsPublic(data=[scheduler.backlog.show(job) for job in job_rules.to_public_many(session, found)],
-                      count=count)
+    return JobsPublic(data=[scheduler.backlog.show(with_disk(disk, job, public))
+                            for job, public in zip(found, job_rules.to_public_many(session, found))], count=count)
 
 
 @router.get("/{job_id}", response_model=JobPublic, responses={304: {"description": "Unchanged since the ETag given"}})
-def read_job(job_id: JobId, session: SessionDep, response: Response, scheduler: SchedulerDep,
+def read_job(job_id: JobId, session: SessionDep, response: Response, scheduler: SchedulerDep, disk: DiskDep,
              if_none_match: Annotated[str | None, Header()] = None):
     job = job_rules.get_job(session, job_id)
     # Events the database has not taken yet (a full disk) change what the job shows.
@@ -98,7 +108,24 @@ def read_job(job_id: JobId, session: SessionDep, response: Response, scheduler: 
     if if_none_match and etag in [tag.strip() for tag in if_none_match.split(",")]:
         return Response(status_code=304, headers={"ETag": etag})
     response.headers["ETag"] = etag
-    return scheduler.backlog.show(job_rules.to_public(session, job))
+    return scheduler.backlog.show(with_disk(disk, job, job_rules.to_public(session, job)))
+
+
+class Deleted(BaseModel):
+    deleted: int = Field(description="The id deleted.")
+    freed_bytes: int = Field(description="Disk bytes the deletion freed (a file still linked elsewhere frees none).")
+    kept_artifacts: list[int] = Field(default_factory=list, description="Artifacts of the job kept because other "
+                                                                        "jobs use them; they now have no job.")
+    message: str = Field(description="What was deleted and kept, in words.")
+
+
+@router.delete("/{job_id}", response_model=Deleted)
+def delete_job(job_id: JobId, session: SessionDep, settings: SettingsDep, store: StoreDep, disk: DiskDep) -> Deleted:
+    """Delete a job that is not queued or running (409 names what stops it): its directory,
+    events and attempts, and its artifacts but those other jobs use (kept, without a job)."""
+    answer = housekeeping.delete_job(session, job_rules.get_job(session, job_id), settings.jobs_dir, store)
+    disk.forget(job_id)
+    return Deleted(**answer)
 
 
 @router.post("/{job_id}/cancel", response_model=JobPublic)

@@ -9,6 +9,7 @@ from fastapi import APIRouter
 from sqlmodel import func, select
 
 from server import __version__
+from server.api.deps import DiskDep, SettingsDep
 from server.db import SessionDep
 from server.gpus import list_gpus
 from server.models import Job, JobStatus
@@ -24,11 +25,14 @@ def health() -> dict:
 
 
 @router.get("/system")
-def system(session: SessionDep) -> dict:
+def system(session: SessionDep, disk: DiskDep, settings: SettingsDep) -> dict:
+    """The machine (memory, CPUs, GPUs, disk), the jobs by status and the executor running them."""
     memory = psutil.virtual_memory()
+    by_status = dict(session.exec(select(Job.status, func.count()).where(Job.deleting_at.is_(None))
+                                  .group_by(Job.status)).all())
 
     def count(status: JobStatus) -> int:
-        return session.exec(select(func.count()).select_from(Job).where(Job.status == status)).one()
+        return by_status.get(status, 0)
 
     return {
         "memory_total_bytes": memory.total,
@@ -38,6 +42,9 @@ def system(session: SessionDep) -> dict:
                   "memory_used_bytes": g.used_bytes} for g in list_gpus()],
         "running_jobs": count(JobStatus.running),
         "queued_jobs": count(JobStatus.queued),
+        "jobs_by_status": {status.value: count(status) for status in JobStatus},
+        "executor": settings.executor,
+        "disk": disk.totals(),
         "version": __version__,
     }
 
