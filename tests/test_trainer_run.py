@@ -51,7 +51,8 @@ def test_stage1_writes_checkpoints_and_a_standalone_encoder(stage1):
     assert kinds[0] == "started" and kinds[-1] == "finished"
     assert [e["message"] for e in result.events if e["kind"] == "checkpoint"] == [
         f"checkpoints/step-0000{s}/checkpoint.safetensors" for s in (10, 20, 30)]
-    assert sorted(p.name for p in (job_dir / "checkpoints").iterdir()) == ["step-000020", "step-000030"]
+    # The spec's default keep_checkpoints is 3: all three are kept (tests/test_housekeeping.py prunes).
+    assert sorted(p.name for p in (job_dir / "checkpoints").iterdir()) == ["step-000010", "step-000020", "step-000030"]
     progress = [e for e in result.events if e["kind"] == "progress"]
     assert progress and all(e["rss_bytes"] > 0 and e["peak_rss_bytes"] >= e["rss_bytes"] for e in progress)
 

@@ -21,6 +21,7 @@ const ACTIONS_ALLOWED = {
   resume: ["paused"],
   cancel: ["queued", "running", "paused"],
   retry: ["failed", "cancelled"],
+  delete: ["paused", "succeeded", "failed", "cancelled"], // the server refuses a queued or running job
 };
 
 const state = {
@@ -38,6 +39,7 @@ const state = {
   viewShown: false,   // whether selectFromHash has shown a view yet
   configOpen: false,  // the job page's config stays unfolded across redraws once opened
   timer: null,
+  noticeTimer: null,
   polling: false,
   pollAgain: false,
 };
@@ -267,7 +269,14 @@ function renderSystem() {
   const gpus = (s.gpus || []).map((g) => `${g.name} (${formatBytes(g.memory_total_bytes - g.memory_used_bytes)} free)`);
   target.textContent = `Server ${s.version} · ${formatBytes(s.memory_available_bytes)} free of ` +
     `${formatBytes(s.memory_total_bytes)} RAM · ${s.cpu_count} CPUs` + (gpus.length ? ` · ${gpus.join(", ")}` : "") +
-    ` · ${s.running_jobs} running, ${s.queued_jobs} queued`;
+    ` · ${s.running_jobs} running, ${s.queued_jobs} queued` + diskText(s.disk);
+}
+
+// What NeuroLens takes on disk (job folders and artifacts, each file once) and what is left.
+function diskText(disk) {
+  if (!disk) return "";
+  return ` · disk: ${formatBytes(disk.jobs_bytes + disk.artifacts_bytes)} used by NeuroLens, ` +
+    `${formatBytes(disk.free_bytes)} free`;
 }
 
 function setConnection(message) {
@@ -409,6 +418,7 @@ function renderPanel() {
     ...(gpuText(job) ? [["GPU", gpuText(job).replace(/^ · GPU /, "")]] : []),
     ["Machine", machineText()],
     ["Attempts", String(job.attempts ?? 0)],
+    ["Disk", job.disk_bytes == null ? "–" : formatBytes(job.disk_bytes), "job-page-disk"],
     ["Created", formatTime(job.created_at)],
     ["Started", formatTime(job.started_at)],
     ["Finished", formatTime(job.finished_at)],
@@ -507,7 +517,8 @@ function renderArtifacts(artifacts) {
     el("td", { "data-label": "Kind", text: art.kind }),
     el("td", { "data-label": "File" }, downloadLink(art)),
     el("td", { "data-label": "Size", text: formatBytes(art.size_bytes) }),
-    el("td", { "data-label": "sha256" }, el("code", { className: "sha", text: art.sha256, title: art.sha256 }))));
+    el("td", { "data-label": "sha256" }, el("code", { className: "sha", text: art.sha256, title: art.sha256 })),
+    el("td", { "data-label": "" }, deleteArtifactButton(art))));
   document.getElementById("artifacts-body").replaceChildren(...rows);
   document.querySelector('[data-testid="artifacts-table"]').hidden = artifacts.length === 0;
   const empty = document.getElementById("artifacts-empty");
@@ -519,6 +530,44 @@ function renderArtifacts(artifacts) {
   empty.textContent = "No artifacts yet: a job publishes its outputs when it finishes (a Stage 1 job " +
     "also its checkpoint when paused)." + (newest != null
     ? ` Its newest checkpoint, step ${newest}, is in the job's folder; it is not an artifact.` : "");
+}
+
+function deleteArtifactButton(art) {
+  const button = el("button", {
+    type: "button", className: "danger small", text: "Delete", "data-testid": "artifact-delete",
+    "aria-label": `Delete artifact ${art.id} (${art.filename})`,
+  });
+  button.addEventListener("click", () => deleteThing(`artifact ${art.id} (${art.filename})`,
+    `api/artifacts/${art.id}`, () => poll()));
+  return button;
+}
+
+// DELETE after the user confirms; the answer (or the refusal, which names what holds the
+// thing) is shown in the job page's message line.
+async function deleteThing(what, path, done) {
+  const box = document.querySelector('[data-testid="job-action-error"]');
+  if (!window.confirm(`Delete ${what}? Its files are removed; this cannot be undone.`)) return;
+  box.hidden = true;
+  try {
+    const { data } = await api(path, { method: "DELETE" });
+    // The server's message opens with the same figure in bytes; keep only what follows it.
+    const more = (data.message || "").replace(/^[^.]*\.\s*/, "");
+    showNotice(`Deleted ${what}: ${formatBytes(data.freed_bytes)} freed.` + (more ? ` ${more}` : ""));
+    state.jobsEtag = null;
+    state.selectedEtag = null;
+    done(data);
+  } catch (error) {
+    box.textContent = `⚠ delete failed: ${error.message}`;
+    box.hidden = false;
+  }
+}
+
+function showNotice(message) {
+  const notice = document.querySelector('[data-testid="notice"]');
+  notice.textContent = message;
+  notice.hidden = !message;
+  clearTimeout(state.noticeTimer);
+  if (message) state.noticeTimer = setTimeout(() => showNotice(""), 30000);
 }
 
 function describeEvent(ev) {
@@ -782,6 +831,10 @@ function toggleNewJob(open) {
 // Actions and forms
 
 async function runAction(action) {
+  if (action === "delete") {
+    const id = state.selectedId;
+    return deleteThing(`job ${id}`, `api/jobs/${id}`, () => { location.hash = "#/"; poll(); });
+  }
   const box = document.querySelector('[data-testid="job-action-error"]');
   box.hidden = true;
   try {
