@@ -16,7 +16,7 @@ import pytest
 from tests.conftest import REPO_ROOT, RunningServer
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed (pip install -e '.[test]')")
-from tests.test_dashboard_browser import DESKTOP, PHONE, Watched  # noqa: E402  (skips without chromium)
+from tests.test_dashboard_browser import DESKTOP, PHONE, Watched, new_watched_page  # noqa: E402  (skips without chromium)
 
 SCREENS = REPO_ROOT / "docs" / "screens"
 WIDTHS = pytest.mark.parametrize("viewport", [DESKTOP, PHONE], ids=["desktop", "phone"])
@@ -52,14 +52,8 @@ def stage1_then_stage2(server: RunningServer, stage1: dict | None = None) -> tup
 def page_at(browser: sync_api.Browser, server: RunningServer, viewport: dict, path: str = "/",
             on_dialog=None) -> Iterator[Watched]:
     """A new page at ``path`` on ``server``; on leaving, it must have logged no error."""
-    context = browser.new_context(viewport=viewport, base_url=server.url)
+    context, watched = new_watched_page(browser, server, viewport, path, on_dialog)
     try:
-        page = context.new_page()
-        page.set_default_timeout(30_000)
-        if on_dialog is not None:  # before the first request: a server with a token asks at once
-            page.on("dialog", on_dialog)
-        watched = Watched(page, server.url)
-        page.goto(path)
         yield watched
         assert not watched.errors, f"the page reported errors: {watched.errors}"
     finally:

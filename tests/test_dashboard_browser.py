@@ -89,21 +89,28 @@ class Watched:
         return [r for r in self.responses if r["method"] == "GET" and r["url"].endswith(f"/api/jobs/{job_id}")]
 
 
+def new_watched_page(browser: sync_api.Browser, server: RunningServer, viewport: dict, path: str = "/",
+                     on_dialog=None) -> tuple[sync_api.BrowserContext, Watched]:
+    """A fresh browser context and a watched page in it, opened at ``path`` on ``server``."""
+    context = browser.new_context(viewport=viewport, accept_downloads=True, base_url=server.url)
+    page = context.new_page()
+    page.set_default_timeout(30_000)
+    if on_dialog is not None:  # before the first request: a server with a token asks at once
+        page.on("dialog", on_dialog)
+    watched = Watched(page, server.url)
+    page.goto(path)
+    return context, watched
+
+
 @pytest.fixture
 def open_page(browser, tmp_path) -> Iterator:
     contexts = []
     watched: list[Watched] = []
 
     def _open(server: RunningServer, viewport: dict = DESKTOP, on_dialog=None) -> Watched:
-        context = browser.new_context(viewport=viewport, accept_downloads=True, base_url=server.url)
+        context, w = new_watched_page(browser, server, viewport, on_dialog=on_dialog)
         contexts.append(context)
-        page = context.new_page()
-        page.set_default_timeout(30_000)
-        if on_dialog is not None:  # before the first request: a server with a token asks at once
-            page.on("dialog", on_dialog)
-        w = Watched(page, server.url)
         watched.append(w)
-        page.goto("/")
         return w
 
     try:
