@@ -21,6 +21,7 @@ import pytest
 from safetensors import safe_open
 
 from tests.conftest import REPO_ROOT, RunningServer
+from trainer.protocol import PHASES
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed (pip install -e '.[test]')")
 
@@ -587,10 +588,11 @@ def test_every_view_fits_both_widths_with_readable_charts(tmp_path, open_page):
         wait_for_status(page, "running", timeout_s=30)
         sync_api.expect(page.get_by_test_id("job-page-memory")).to_contain_text("now, peak", timeout=30_000)
         sync_api.expect(page.get_by_test_id("job-summary")).to_contain_text("Predicted peak")
+        # The trainer's phase (it reports each as it enters it), beside the status.
         with server.client() as client:
-            phase = client.get(f"/api/jobs/{running}").json().get("phase")
-        if phase:  # the trainer reports phases (a server that has them): shown beside the status
-            sync_api.expect(page.get_by_test_id("job-phase")).to_be_visible()
+            assert client.get(f"/api/jobs/{running}").json()["phase"] in PHASES
+        shown = page.get_by_test_id("job-panel-status").get_by_test_id("job-phase")
+        sync_api.expect(shown).to_have_text(re.compile("|".join(PHASES)))
         sync_api.expect(page.locator("#loss-chart .series.train path")).to_have_count(1, timeout=30_000)
         for chart in ("loss-chart", "memory-chart"):
             xs, ys = chart_ticks(page, chart)
