@@ -915,6 +915,10 @@ async function submitJob(event, stage) {
   try {
     const result = await api("api/jobs", { method: "POST", body });
     toggleNewJob(false);
+    // In the list at once, newest first: going back to it before the next poll shows the job.
+    state.jobs = [result.data, ...state.jobs.filter((job) => job.id !== result.data.id)];
+    state.jobsEtag = null;
+    renderJobs();
     location.hash = jobHref(result.data.id);
   } catch (error) {
     if (error instanceof ApiError) showFormError(form, stage, error);
